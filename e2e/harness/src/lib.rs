@@ -1,0 +1,1 @@
+//! Real broker processes and the Celery virtualenv for tests.
