@@ -1,0 +1,155 @@
+//! The controllers: WorkerPool → Deployments, TaskQueue → broker checks. Each reconcile follows
+//! dereference → validate → build (pure) → apply (only what changed) → status (only when changed).
+
+pub mod apply;
+pub mod taskqueue;
+pub mod workerpool;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Client, Resource, ResourceExt};
+use tracing::warn;
+
+use crate::conditions;
+use crate::metrics::Metrics;
+
+/// Shared by every reconcile.
+pub struct Context {
+    /// Kubernetes client.
+    pub client: Client,
+    /// Publishes Events on the reconciled objects.
+    pub recorder: Recorder,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// Consecutive transient failures per object, for exponential backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// A context for one operator instance.
+    pub fn new(client: Client, metrics: Arc<Metrics>, instance: Option<String>) -> Self {
+        let reporter = Reporter { controller: crate::labels::MANAGER.into(), instance };
+        Self { recorder: Recorder::new(client.clone(), reporter), client, metrics, failures: Mutex::default() }
+    }
+
+    fn backoff(&self, key: String) -> Duration {
+        let mut failures = self.failures.lock().expect("failure map lock");
+        let n = failures.entry(key).or_default();
+        *n = n.saturating_add(1);
+        // 1 s, 2 s, 4 s … capped at 5 minutes.
+        Duration::from_secs(1u64 << (*n - 1).min(8)).min(Duration::from_secs(300))
+    }
+
+    fn succeeded(&self, key: &str) {
+        self.failures.lock().expect("failure map lock").remove(key);
+    }
+
+    /// Publishes an Event for each condition that changed; failures to publish are logged, never fatal.
+    pub async fn publish_transitions(
+        &self,
+        reference: &ObjectReference,
+        old: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+        new: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    ) {
+        for c in conditions::transitions(old, new) {
+            // Reconciling=True is progress, not news; Ready is reported through its reason.
+            if c.type_ == conditions::kind::RECONCILING {
+                continue;
+            }
+            let type_ = if conditions::is_warning(c) { EventType::Warning } else { EventType::Normal };
+            self.publish(reference, type_, &c.reason, &c.message, &c.type_).await;
+        }
+    }
+
+    /// Publishes one Event.
+    pub async fn publish(&self, reference: &ObjectReference, type_: EventType, reason: &str, note: &str, action: &str) {
+        let event =
+            Event { type_, reason: reason.into(), note: Some(note.into()), action: action.into(), secondary: None };
+        if let Err(e) = self.recorder.publish(&event, reference).await {
+            warn!(error = %e, reason, "could not publish event");
+        }
+    }
+}
+
+/// Transient failures: the reconcile is retried with backoff. Mistakes in the user's spec are not
+/// errors: they become conditions and the reconcile waits for a change.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The API server refused or failed a request.
+    #[error("Kubernetes API request failed: {0}")]
+    Kube(#[from] kube::Error),
+    /// An object could not be converted (a bug, not a user error).
+    #[error("cannot serialize object: {0}")]
+    Serialize(#[from] serde_json::Error),
+}
+
+impl Error {
+    /// Label of the `celery_operator_reconcile_errors_total` metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Kube(kube::Error::Api(_)) => "api",
+            Self::Kube(_) => "client",
+            Self::Serialize(_) => "serialize",
+        }
+    }
+}
+
+/// Why an object cannot be reconciled until the user changes something: becomes Ready=False and
+/// Stalled=True with this reason and message, and the reconcile waits for a change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Blocked {
+    /// CamelCase reason for the Stalled and Ready conditions.
+    pub reason: &'static str,
+    /// Message naming the field and what is allowed.
+    pub message: String,
+}
+
+impl Blocked {
+    /// Blocked by these field errors.
+    pub fn new(reason: &'static str, errors: &[crate::validate::FieldError]) -> Self {
+        Self { reason, message: crate::validate::describe(errors) }
+    }
+
+    /// The Ready=False and Stalled=True conditions that say so.
+    pub fn conditions(&self) -> Vec<conditions::Wanted> {
+        use conditions::{Wanted, kind};
+        vec![
+            Wanted::no(kind::READY, self.reason, self.message.clone()),
+            Wanted::yes(kind::STALLED, self.reason, self.message.clone()),
+        ]
+    }
+}
+
+/// Result of a reconcile.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Requeue with exponential backoff per object, and count the error.
+pub fn error_policy<K>(obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action
+where
+    K: Resource<DynamicType = ()>,
+{
+    let key = ObjectRef::from_obj(&*obj).to_string();
+    ctx.metrics.reconcile_failure(K::kind(&()).as_ref(), error.metric_label());
+    let delay = ctx.backoff(key.clone());
+    warn!(object = %key, error = %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// Marks the object as reconciled successfully (resets its backoff).
+pub fn reconciled<K: Resource<DynamicType = ()>>(obj: &K, ctx: &Context) {
+    ctx.succeeded(&ObjectRef::from_obj(obj).to_string());
+}
+
+/// How often a healthy object is reconciled again to repair drift nobody told us about.
+pub const RESYNC: Duration = Duration::from_secs(300);
+
+/// `namespace/name` of an object, for logs and messages.
+pub fn display_name<K: ResourceExt>(obj: &K) -> String {
+    format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
+}

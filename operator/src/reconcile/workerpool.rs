@@ -1,0 +1,241 @@
+//! WorkerPool reconcile: resolve the pool's TaskQueues, decide who runs beat, apply the worker and
+//! beat Deployments when they differ, and write status when it changed.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+use tracing::{info, instrument};
+
+use super::apply::apply_if_changed;
+use super::{Blocked, Context, Result, display_name, reconciled};
+use crate::conditions::{self, Wanted, kind};
+use crate::crd::{TaskQueue, WorkerPool, WorkerPoolStatus};
+use crate::deployment::{self, BrokerUrlSource, PoolInputs};
+use crate::labels;
+use crate::validate::{self, FieldError};
+
+/// Where the worker replica count comes from. The autoscaler owns `spec.replicas` of the worker
+/// Deployment under its own field manager when autoscaling is set; otherwise the pool's
+/// spec.replicas (what `kubectl scale workerpool` sets) is applied by the reconciler.
+pub fn replicas_from_spec(pool: &WorkerPool) -> Option<i32> {
+    pool.spec.autoscaling.is_none().then_some(pool.spec.replicas)
+}
+
+/// Resolves the pool's TaskQueues (`found[i]` is the TaskQueue named by `spec.queues[i]`, if any)
+/// into the builders' inputs. All queues must share one broker.
+pub fn resolve_inputs(pool: &WorkerPool, found: &[Option<TaskQueue>]) -> Result<PoolInputs, Blocked> {
+    let ns = pool.namespace().unwrap_or_default();
+    let missing: Vec<FieldError> = pool
+        .spec
+        .queues
+        .iter()
+        .zip(found)
+        .enumerate()
+        .filter(|(_, (_, q))| q.is_none())
+        .map(|(i, (name, _))| {
+            FieldError::new(
+                format!("spec.queues[{i}]"),
+                format!("TaskQueue \"{name}\" not found in namespace \"{ns}\"; create it or remove it from the list"),
+            )
+        })
+        .collect();
+    if !missing.is_empty() {
+        return Err(Blocked::new("QueueNotFound", &missing));
+    }
+    let queues: Vec<&TaskQueue> = found.iter().flatten().collect();
+    let first = &queues[0].spec.broker;
+    if let Some((i, other)) = queues.iter().enumerate().find(|(_, q)| {
+        let b = &q.spec.broker;
+        (&b.url, &b.url_from) != (&first.url, &first.url_from)
+    }) {
+        let message = format!(
+            "TaskQueue \"{}\" uses a different broker than \"{}\"; a pool's workers connect to one broker, so split the queues into separate pools",
+            other.name_any(),
+            queues[0].name_any()
+        );
+        return Err(Blocked::new("QueuesOnDifferentBrokers", &[FieldError::new(format!("spec.queues[{i}]"), message)]));
+    }
+    let broker = match (&first.url, &first.url_from) {
+        (_, Some(from)) => BrokerUrlSource::Secret(from.secret_key_ref.clone()),
+        (Some(url), None) => BrokerUrlSource::Literal(url.clone()),
+        (None, None) => {
+            let field = FieldError::new(
+                format!("TaskQueue {}: spec.broker", queues[0].name_any()),
+                "exactly one of url or urlFrom must be set",
+            );
+            return Err(Blocked::new("InvalidQueue", &[field]));
+        }
+    };
+    Ok(PoolInputs {
+        queue_names: queues.iter().map(|q| q.queue_name().to_string()).collect(),
+        broker,
+        replicas: replicas_from_spec(pool),
+    })
+}
+
+/// If another pool in the namespace already holds beat for the same app, its name. The holder is the
+/// oldest such pool (ties broken by name), so every reconcile of every pool agrees on it.
+pub fn beat_holder(pool: &WorkerPool, pools: &[WorkerPool]) -> Option<String> {
+    if !pool.spec.beat.enabled {
+        return None;
+    }
+    let key = |p: &WorkerPool| (p.creation_timestamp().map(|t| t.0), p.name_any());
+    pools
+        .iter()
+        .filter(|p| p.spec.beat.enabled && p.spec.app == pool.spec.app && p.uid() != pool.uid())
+        .filter(|p| p.meta().deletion_timestamp.is_none())
+        .filter(|p| key(p) < key(pool))
+        .min_by_key(|p| key(p))
+        .map(ResourceExt::name_any)
+}
+
+/// Reconciles one WorkerPool.
+#[instrument(skip_all, fields(pool = %display_name(&*pool)))]
+pub async fn reconcile(pool: Arc<WorkerPool>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile_timer("WorkerPool");
+    let ns = pool.namespace().unwrap_or_default();
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let worker = deployments.get_opt(&pool.worker_deployment_name()).await?;
+    let beat = deployments.get_opt(&pool.beat_deployment_name()).await?;
+
+    let mut wanted = Vec::new();
+    let outcome = plan(&pool, &ctx, &ns).await?;
+    let action = match outcome {
+        Err(blocked) => {
+            wanted = blocked.conditions();
+            Action::await_change()
+        }
+        Ok((inputs, holder)) => {
+            let desired = deployment::worker_deployment(&pool, &inputs);
+            apply_if_changed(&deployments, &desired, worker.as_ref(), labels::FIELD_MANAGER).await?;
+            let beat_condition = reconcile_beat(&pool, &deployments, &inputs, holder, beat.as_ref()).await?;
+            wanted.extend(rollout_conditions(&pool, worker.as_ref()));
+            wanted.extend(beat_condition);
+            Action::requeue(super::RESYNC)
+        }
+    };
+    write_status(&pool, &ctx, worker.as_ref(), wanted).await?;
+    reconciled(&*pool, &ctx);
+    Ok(action)
+}
+
+/// Dereference and validate: the inputs to build from and the beat holder, or why we cannot.
+async fn plan(pool: &WorkerPool, ctx: &Context, ns: &str) -> Result<Result<(PoolInputs, Option<String>), Blocked>> {
+    let errors = validate::check_worker_pool(pool);
+    if !errors.is_empty() {
+        return Ok(Err(Blocked::new("InvalidSpec", &errors)));
+    }
+    let queues: Api<TaskQueue> = Api::namespaced(ctx.client.clone(), ns);
+    let mut found = Vec::with_capacity(pool.spec.queues.len());
+    for name in &pool.spec.queues {
+        found.push(queues.get_opt(name).await?);
+    }
+    let inputs = match resolve_inputs(pool, &found) {
+        Ok(inputs) => inputs,
+        Err(blocked) => return Ok(Err(blocked)),
+    };
+    let holder = if pool.spec.beat.enabled {
+        let pools: Api<WorkerPool> = Api::namespaced(ctx.client.clone(), ns);
+        beat_holder(pool, &pools.list(&ListParams::default()).await?.items)
+    } else {
+        None
+    };
+    Ok(Ok((inputs, holder)))
+}
+
+/// Applies or removes the beat Deployment; returns the BeatSingleton condition (if beat is enabled).
+async fn reconcile_beat(
+    pool: &WorkerPool,
+    deployments: &Api<Deployment>,
+    inputs: &PoolInputs,
+    holder: Option<String>,
+    live: Option<&Deployment>,
+) -> Result<Option<Wanted>> {
+    let run_here = pool.spec.beat.enabled && holder.is_none();
+    if run_here {
+        apply_if_changed(deployments, &deployment::beat_deployment(pool, inputs), live, labels::FIELD_MANAGER).await?;
+    } else if let Some(live) = live
+        && live.owner_references().iter().any(|o| Some(&o.uid) == pool.uid().as_ref())
+    {
+        deployments.delete(&live.name_any(), &DeleteParams::foreground()).await?;
+        info!(deployment = %live.name_any(), "deleted beat Deployment");
+    }
+    Ok(match (pool.spec.beat.enabled, holder) {
+        (false, _) => None,
+        (true, None) => Some(Wanted::yes(
+            kind::BEAT_SINGLETON,
+            "BeatRunning",
+            format!(
+                "beat runs as Deployment {} with one replica and the Recreate strategy",
+                pool.beat_deployment_name()
+            ),
+        )),
+        (true, Some(holder)) => {
+            let message = format!(
+                "spec.beat.enabled: WorkerPool \"{holder}\" already runs beat for app \"{}\" in this namespace; a second beat would fire every periodic task twice, so none is started here. Disable beat on one of the pools.",
+                pool.spec.app
+            );
+            Some(Wanted::no(kind::BEAT_SINGLETON, "BeatConflict", message))
+        }
+    })
+}
+
+/// Ready / Reconciling from the worker Deployment's rollout.
+fn rollout_conditions(pool: &WorkerPool, worker: Option<&Deployment>) -> Vec<Wanted> {
+    let name = pool.worker_deployment_name();
+    let Some(d) = worker else {
+        return vec![
+            Wanted::no(kind::READY, "Creating", format!("creating Deployment {name}")),
+            Wanted::yes(kind::RECONCILING, "Creating", format!("creating Deployment {name}")),
+        ];
+    };
+    let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let status = d.status.clone().unwrap_or_default();
+    let current = status.observed_generation >= d.metadata.generation;
+    let updated = status.updated_replicas.unwrap_or(0);
+    let ready = status.ready_replicas.unwrap_or(0);
+    let total = status.replicas.unwrap_or(0);
+    if current && updated >= want && ready >= want && total == want {
+        vec![Wanted::yes(kind::READY, "Available", format!("{ready}/{want} workers ready"))]
+    } else {
+        let message = format!("{ready}/{want} workers ready, {updated} updated, {total} running");
+        vec![
+            Wanted::no(kind::READY, "RollingOut", message.clone()),
+            Wanted::yes(kind::RECONCILING, "RollingOut", message),
+        ]
+    }
+}
+
+/// Writes status when it differs from the live status, and publishes Events for transitions.
+async fn write_status(
+    pool: &WorkerPool,
+    ctx: &Context,
+    worker: Option<&Deployment>,
+    wanted: Vec<Wanted>,
+) -> Result<()> {
+    let old = pool.status.clone().unwrap_or_default();
+    let generation = pool.meta().generation;
+    let deployment_status = worker.and_then(|d| d.status.clone()).unwrap_or_default();
+    let new = WorkerPoolStatus {
+        observed_generation: generation,
+        replicas: deployment_status.replicas.unwrap_or(0),
+        ready_replicas: deployment_status.ready_replicas.unwrap_or(0),
+        desired_replicas: replicas_from_spec(pool).or(old.desired_replicas),
+        selector: Some(deployment::worker_selector(pool)),
+        conditions: conditions::merge(&old.conditions, &wanted, generation, Timestamp::now()),
+        ..old.clone()
+    };
+    if new == old {
+        return Ok(());
+    }
+    let api: Api<WorkerPool> = Api::namespaced(ctx.client.clone(), &pool.namespace().unwrap_or_default());
+    let patch = json!({ "status": new });
+    api.patch_status(&pool.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    ctx.publish_transitions(&pool.object_ref(&()), &old.conditions, &new.conditions).await;
+    Ok(())
+}
