@@ -162,7 +162,7 @@ pub struct WorkerSettings {
     pub max_tasks_per_child: i32,
 
     /// `--max-memory-per-child` in KiB: recycle a pool process above this resident memory.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "maxMemoryPerChildKiB")]
     #[schemars(range(min = 1))]
     pub max_memory_per_child_kib: Option<i64>,
 

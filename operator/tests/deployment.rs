@@ -1,0 +1,252 @@
+//! Spec → Deployment, as table tests over representative pools.
+
+use celery_operator::crd::{SecretKeyRef, WorkerPool};
+use celery_operator::deployment::{
+    BrokerUrlSource, PoolInputs, beat_args, beat_deployment, termination_grace_period, worker_args, worker_deployment,
+};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Container;
+
+fn pool(spec_yaml: &str) -> WorkerPool {
+    let doc = format!(
+        "apiVersion: celery-operator.dev/v1alpha1\nkind: WorkerPool\nmetadata: {{name: mail, namespace: prod, uid: 0d1e-uid}}\nspec:\n{}",
+        spec_yaml.lines().map(|l| format!("  {l}\n")).collect::<String>()
+    );
+    serde_saphyr::from_str(&doc).expect("fixture parses")
+}
+
+fn inputs(replicas: Option<i32>) -> PoolInputs {
+    PoolInputs {
+        queue_names: vec!["emails".into(), "celery".into()],
+        broker: BrokerUrlSource::Secret(SecretKeyRef { name: "redis".into(), key: "url".into() }),
+        replicas,
+    }
+}
+
+fn words(s: &str) -> Vec<String> {
+    s.split_whitespace().map(String::from).collect()
+}
+
+const MINIMAL: &str = "app: proj.celery_app\nimage: reg/proj:1\nqueues: [emails, default]\n";
+
+#[test]
+fn worker_args_for_representative_specs() {
+    let cases = [
+        (
+            MINIMAL.to_string(),
+            "celery -A proj.celery_app worker -Q emails,celery -c 1 -P prefork --prefetch-multiplier 1 \
+             --max-tasks-per-child 1000 --without-mingle --without-gossip -n mail@$(POD_NAME) --loglevel INFO",
+        ),
+        (
+            format!("{MINIMAL}concurrency: 8\npool: threads\nworker: {{prefetchMultiplier: 4, maxTasksPerChild: 50}}\n"),
+            "celery -A proj.celery_app worker -Q emails,celery -c 8 -P threads --prefetch-multiplier 4 \
+             --max-tasks-per-child 50 --without-mingle --without-gossip -n mail@$(POD_NAME) --loglevel INFO",
+        ),
+        (
+            format!(
+                "{MINIMAL}worker: {{maxMemoryPerChildKiB: 200000, softTimeLimitSeconds: 50, timeLimitSeconds: 60, extraArgs: ['-Ofair', '-E']}}\n"
+            ),
+            "celery -A proj.celery_app worker -Q emails,celery -c 1 -P prefork --prefetch-multiplier 1 \
+             --max-tasks-per-child 1000 --max-memory-per-child 200000 --time-limit 60 --soft-time-limit 50 \
+             --without-mingle --without-gossip -n mail@$(POD_NAME) --loglevel INFO -Ofair -E",
+        ),
+        (
+            format!("{MINIMAL}pool: solo\n"),
+            "celery -A proj.celery_app worker -Q emails,celery -c 1 -P solo --prefetch-multiplier 1 \
+             --max-tasks-per-child 1000 --without-mingle --without-gossip -n mail@$(POD_NAME) --loglevel INFO",
+        ),
+    ];
+    for (spec, expected) in cases {
+        let p = pool(&spec);
+        assert_eq!(worker_args(&p, &inputs(None).queue_names), words(expected), "spec:\n{spec}");
+    }
+}
+
+#[test]
+fn beat_args_with_and_without_scheduler() {
+    let p = pool(&format!("{MINIMAL}beat: {{enabled: true}}\n"));
+    assert_eq!(
+        beat_args(&p),
+        words("celery -A proj.celery_app beat --schedule /var/run/celery-beat/celerybeat-schedule --loglevel INFO")
+    );
+    let p = pool(&format!("{MINIMAL}beat: {{enabled: true, scheduler: redbeat.RedBeatScheduler}}\n"));
+    assert_eq!(beat_args(&p).last().map(String::as_str), Some("redbeat.RedBeatScheduler"));
+}
+
+#[test]
+fn defaults_are_production_safe() {
+    let p = pool(MINIMAL);
+    assert_eq!(p.spec.concurrency, 1);
+    assert_eq!(p.spec.worker.prefetch_multiplier, 1);
+    assert_eq!(p.spec.worker.max_tasks_per_child, 1000);
+    assert_eq!(p.spec.replicas, 1);
+    assert!(!p.spec.beat.enabled);
+}
+
+#[test]
+fn grace_period_derives_from_time_limits() {
+    let cases = [
+        ("", 30),
+        ("worker: {timeLimitSeconds: 600}\n", 630),
+        ("worker: {softTimeLimitSeconds: 100}\n", 130),
+        ("worker: {timeLimitSeconds: 5}\n", 35),
+        ("worker: {timeLimitSeconds: 600}\nterminationGracePeriodSeconds: 10\n", 10),
+    ];
+    for (extra, expected) in cases {
+        let p = pool(&format!("{MINIMAL}{extra}"));
+        assert_eq!(termination_grace_period(&p), expected, "{extra}");
+        let d = worker_deployment(&p, &inputs(Some(1)));
+        assert_eq!(pod_spec(&d).termination_grace_period_seconds, Some(expected));
+    }
+}
+
+fn pod_spec(d: &Deployment) -> &k8s_openapi::api::core::v1::PodSpec {
+    d.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+}
+
+fn container(d: &Deployment) -> &Container {
+    &pod_spec(d).containers[0]
+}
+
+fn all_args(d: &Deployment) -> Vec<String> {
+    let c = container(d);
+    c.command.iter().chain(c.args.iter()).flatten().cloned().collect()
+}
+
+#[test]
+fn worker_deployment_has_labels_owner_and_no_beat_flag() {
+    let p = pool(&format!("{MINIMAL}beat: {{enabled: true}}\n"));
+    let d = worker_deployment(&p, &inputs(Some(3)));
+    assert_eq!(d.metadata.name.as_deref(), Some("mail-worker"));
+    assert_eq!(d.metadata.namespace.as_deref(), Some("prod"));
+    let labels = d.metadata.labels.as_ref().unwrap();
+    assert_eq!(labels["app.kubernetes.io/name"], "celery");
+    assert_eq!(labels["app.kubernetes.io/instance"], "mail");
+    assert_eq!(labels["app.kubernetes.io/component"], "worker");
+    assert_eq!(labels["app.kubernetes.io/managed-by"], "celery-operator");
+    let owner = &d.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.controller), ("WorkerPool", "mail", Some(true)));
+    assert_eq!(d.spec.as_ref().unwrap().replicas, Some(3));
+    for forbidden in ["-B", "--beat", "--purge", "beat"] {
+        assert!(!all_args(&d).iter().any(|a| a == forbidden), "{forbidden} in {:?}", all_args(&d));
+    }
+    let c = container(&d);
+    assert_eq!(c.command.as_deref(), Some(&["celery-entrypoint".to_string()][..]));
+    let probe = |p: &Option<k8s_openapi::api::core::v1::Probe>| p.as_ref().unwrap().exec.as_ref().unwrap().command.clone();
+    assert_eq!(probe(&c.liveness_probe), Some(vec!["celery-probe".into(), "liveness".into()]));
+    assert_eq!(probe(&c.readiness_probe), Some(vec!["celery-probe".into(), "readiness".into()]));
+}
+
+#[test]
+fn replicas_are_left_out_when_the_autoscaler_owns_them() {
+    let d = worker_deployment(&pool(MINIMAL), &inputs(None));
+    assert_eq!(d.spec.unwrap().replicas, None);
+}
+
+#[test]
+fn broker_url_reaches_pods_by_secret_reference_or_plain_value() {
+    let d = worker_deployment(&pool(MINIMAL), &inputs(Some(1)));
+    let env = container(&d).env.clone().unwrap();
+    let broker = env.iter().find(|e| e.name == "CELERY_BROKER_URL").unwrap();
+    assert_eq!(broker.value, None);
+    let secret = broker.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+    assert_eq!((secret.name.as_str(), secret.key.as_str()), ("redis", "url"));
+
+    let plain = PoolInputs { broker: BrokerUrlSource::Literal("redis://redis:6379/0".into()), ..inputs(Some(1)) };
+    let d = worker_deployment(&pool(MINIMAL), &plain);
+    let env = container(&d).env.clone().unwrap();
+    assert_eq!(
+        env.iter().find(|e| e.name == "CELERY_BROKER_URL").unwrap().value.as_deref(),
+        Some("redis://redis:6379/0")
+    );
+}
+
+#[test]
+fn template_overrides_are_merged_and_cannot_replace_operator_settings() {
+    let spec = format!(
+        "{MINIMAL}template:
+  labels: {{team: mail, app.kubernetes.io/instance: hijack}}
+  annotations: {{prometheus.io/scrape: 'true'}}
+  resources: {{requests: {{cpu: '2', memory: 1Gi}}}}
+  env: [{{name: FEATURE, value: 'on'}}, {{name: CELERY_BROKER_URL, value: 'redis://elsewhere'}}]
+  envFrom: [{{configMapRef: {{name: settings}}}}]
+  volumes: [{{name: certs, secret: {{secretName: certs}}}}]
+  volumeMounts: [{{name: certs, mountPath: /certs}}]
+  nodeSelector: {{pool: celery}}
+  tolerations: [{{key: dedicated, operator: Exists}}]
+  affinity: {{podAntiAffinity: {{preferredDuringSchedulingIgnoredDuringExecution: []}}}}
+  serviceAccountName: mail-sa
+  imagePullSecrets: [{{name: regcred}}]
+  imagePullPolicy: Always
+  priorityClassName: batch
+  securityContext: {{runAsUser: 1000, runAsNonRoot: true}}
+"
+    );
+    let d = worker_deployment(&pool(&spec), &inputs(Some(1)));
+    let template = &d.spec.as_ref().unwrap().template;
+    let labels = template.metadata.as_ref().unwrap().labels.as_ref().unwrap();
+    assert_eq!(labels["team"], "mail");
+    assert_eq!(labels["app.kubernetes.io/instance"], "mail", "operator labels win");
+    assert_eq!(template.metadata.as_ref().unwrap().annotations.as_ref().unwrap()["prometheus.io/scrape"], "true");
+    let pod = pod_spec(&d);
+    let c = container(&d);
+    assert_eq!(c.resources.as_ref().unwrap().requests.as_ref().unwrap()["cpu"].0, "2");
+    let env = c.env.as_ref().unwrap();
+    assert!(env.iter().any(|e| e.name == "FEATURE"));
+    assert_eq!(env.iter().filter(|e| e.name == "CELERY_BROKER_URL").count(), 1, "operator env wins");
+    assert!(env.iter().find(|e| e.name == "CELERY_BROKER_URL").unwrap().value_from.is_some());
+    assert_eq!(c.env_from.as_ref().unwrap().len(), 1);
+    assert!(pod.volumes.as_ref().unwrap().iter().any(|v| v.name == "certs"));
+    assert!(c.volume_mounts.as_ref().unwrap().iter().any(|m| m.mount_path == "/certs"));
+    assert_eq!(pod.node_selector.as_ref().unwrap()["pool"], "celery");
+    assert_eq!(pod.tolerations.as_ref().unwrap().len(), 1);
+    assert!(pod.affinity.is_some());
+    assert_eq!(pod.service_account_name.as_deref(), Some("mail-sa"));
+    assert_eq!(pod.image_pull_secrets.as_ref().unwrap()[0].name, "regcred");
+    assert_eq!(c.image_pull_policy.as_deref(), Some("Always"));
+    assert_eq!(pod.priority_class_name.as_deref(), Some("batch"));
+    assert_eq!(pod.security_context.as_ref().unwrap().run_as_user, Some(1000));
+}
+
+#[test]
+fn pods_meet_restricted_pod_security_by_default() {
+    for d in [
+        worker_deployment(&pool(MINIMAL), &inputs(Some(1))),
+        beat_deployment(&pool(&format!("{MINIMAL}beat: {{enabled: true}}\n")), &inputs(None)),
+    ] {
+        let pod = pod_spec(&d).security_context.clone().unwrap();
+        assert_eq!(pod.run_as_non_root, Some(true));
+        assert_eq!(pod.seccomp_profile.unwrap().type_, "RuntimeDefault");
+        let c = container(&d).security_context.clone().unwrap();
+        assert_eq!(c.allow_privilege_escalation, Some(false));
+        assert_eq!(c.read_only_root_filesystem, Some(true));
+        assert_eq!(c.capabilities.unwrap().drop, Some(vec!["ALL".to_string()]));
+    }
+}
+
+#[test]
+fn beat_deployment_is_a_recreate_singleton_with_a_writable_schedule() {
+    let p = pool(&format!("{MINIMAL}beat: {{enabled: true}}\nautoscaling: {{maxReplicas: 5}}\n"));
+    // Whatever the worker replica source says, beat is always exactly one.
+    for replicas in [None, Some(0), Some(7)] {
+        let d = beat_deployment(&p, &inputs(replicas));
+        let spec = d.spec.as_ref().unwrap();
+        assert_eq!(d.metadata.name.as_deref(), Some("mail-beat"));
+        assert_eq!(spec.replicas, Some(1));
+        assert_eq!(spec.strategy.as_ref().unwrap().type_.as_deref(), Some("Recreate"));
+        assert!(spec.strategy.as_ref().unwrap().rolling_update.is_none());
+        assert_eq!(d.metadata.labels.as_ref().unwrap()["app.kubernetes.io/component"], "beat");
+        let mount = container(&d)
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.mount_path == "/var/run/celery-beat")
+            .expect("schedule dir mounted")
+            .clone();
+        let volume = pod_spec(&d).volumes.as_ref().unwrap().iter().find(|v| v.name == mount.name).unwrap().clone();
+        assert!(volume.empty_dir.is_some());
+        assert!(mount.read_only != Some(true));
+        assert!(!all_args(&d).iter().any(|a| a == "-B" || a == "--beat" || a == "worker"));
+    }
+}
