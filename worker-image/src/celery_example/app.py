@@ -1,0 +1,100 @@
+"""The example app: a few tasks with realistic production settings.
+
+Environment:
+
+``CELERY_BROKER_URL``            broker (the operator injects it from a Secret)
+``CELERY_RESULT_BACKEND``        result backend, e.g. ``redis://host:6379/1`` (default: none)
+``CELERY_ACKS_LATE=1``           ack after the task ran, redeliver if the worker is lost
+``CELERY_EXAMPLE_TICK_SECONDS``  beat interval of the ``tick`` task (default 5)
+``CELERY_EXAMPLE_TICK_QUEUE``    queue the ticks go to (default: ``celery``)
+``CELERY_EXAMPLE_REDIS_URL``     Redis that ``hold`` watches for its release key
+                                 (default: the result backend or broker, if Redis)
+
+Prefetch, concurrency and time limits come from the worker command line the
+operator generates, not from here.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Dict, Optional
+
+from celery import Celery
+
+RELEASE_KEY_PREFIX = "celery-example:release:"
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+app = Celery("celery_example")
+app.conf.update(
+    broker_url=os.environ.get("CELERY_BROKER_URL", "redis://localhost:6379/0"),
+    result_backend=os.environ.get("CELERY_RESULT_BACKEND") or None,
+    broker_connection_retry_on_startup=True,
+    task_acks_late=_flag("CELERY_ACKS_LATE"),
+    task_reject_on_worker_lost=_flag("CELERY_ACKS_LATE"),
+    task_track_started=True,
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    timezone="UTC",
+)
+
+_tick_seconds = float(os.environ.get("CELERY_EXAMPLE_TICK_SECONDS", "5"))
+_tick_options: Dict[str, Any] = {"expires": _tick_seconds}  # a stale tick is useless
+if os.environ.get("CELERY_EXAMPLE_TICK_QUEUE"):
+    _tick_options["queue"] = os.environ["CELERY_EXAMPLE_TICK_QUEUE"]
+app.conf.beat_schedule = {
+    "tick": {"task": "celery_example.tick", "schedule": _tick_seconds, "options": _tick_options},
+}
+
+
+def _identity(task: Any) -> Dict[str, Any]:
+    return {"hostname": task.request.hostname, "task_id": task.request.id, "pid": os.getpid()}
+
+
+@app.task(name="celery_example.add")
+def add(x: float, y: float) -> float:
+    return x + y
+
+
+@app.task(bind=True, name="celery_example.sleep")
+def sleep(self: Any, seconds: float) -> Dict[str, Any]:
+    time.sleep(float(seconds))
+    return {**_identity(self), "slept": float(seconds)}
+
+
+@app.task(bind=True, name="celery_example.hold")
+def hold(self: Any, name: str, timeout: float = 300.0) -> Dict[str, Any]:
+    """Keep a worker slot busy until ``SET celery-example:release:<name> 1`` (or timeout)."""
+    client = _hold_redis()
+    started = time.monotonic()
+    deadline = started + float(timeout)
+    released = False
+    while time.monotonic() < deadline:
+        if client is not None and client.exists(RELEASE_KEY_PREFIX + name):
+            released = True
+            break
+        time.sleep(0.1)
+    return {**_identity(self), "name": name, "released": released, "held_seconds": time.monotonic() - started}
+
+
+@app.task(bind=True, name="celery_example.tick")
+def tick(self: Any) -> Dict[str, Any]:
+    return {**_identity(self), "at": time.time()}
+
+
+def _hold_redis() -> Optional[Any]:
+    for url in (
+        os.environ.get("CELERY_EXAMPLE_REDIS_URL"),
+        os.environ.get("CELERY_RESULT_BACKEND"),
+        os.environ.get("CELERY_BROKER_URL"),
+    ):
+        if url and url.startswith(("redis://", "rediss://")):
+            import redis
+
+            return redis.Redis.from_url(url)
+    return None

@@ -1,0 +1,83 @@
+"""``celery-entrypoint``: the container ENTRYPOINT of worker and beat pods.
+
+``celery-entrypoint celery ...`` runs the Celery CLI in this very process (no
+shell, no child): as PID 1 the SIGTERM from kubelet reaches Celery's main
+process, whose handler starts a warm shutdown. Before Celery loads the app it
+installs the probe hooks and the serialization policy.
+
+Anything else is exec'd as-is, so ``kubectl debug``-style commands and
+one-off scripts work through the same image.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import List, Optional, Sequence
+
+from .probe_files import ProbeConfigError, ProbeFiles, heartbeat_interval
+
+USAGE = "usage: celery-entrypoint celery [-A APP] worker|beat|... [ARGS...]  |  celery-entrypoint COMMAND [ARGS...]"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        print(USAGE, file=sys.stderr)
+        return 2
+    if os.path.basename(args[0]) == "celery":
+        return run_celery(args[1:])
+    return exec_command(args)
+
+
+def exec_command(args: List[str]) -> int:
+    try:
+        os.execvp(args[0], args)
+    except OSError as err:
+        print(f"celery-entrypoint: cannot exec {args[0]!r}: {err.strerror}", file=sys.stderr)
+        return 127 if isinstance(err, FileNotFoundError) else 126
+    raise AssertionError("unreachable: execvp returned")
+
+
+def run_celery(celery_args: List[str]) -> int:
+    """Run the ``celery`` CLI in-process with probe hooks and safe serialization."""
+    try:
+        files = ProbeFiles.from_env()
+        interval = heartbeat_interval()
+        if files is not None:
+            files.start_process()
+    except (ProbeConfigError, OSError) as err:
+        # Fail fast with the cause instead of a liveness restart loop later.
+        print(f"celery-entrypoint: probe directory unusable: {err}", file=sys.stderr)
+        return 1
+
+    sys.argv = ["celery", *celery_args]
+    import celery
+
+    # Exactly what `python -m celery` does first: gevent/eventlet pools must
+    # monkey-patch before anything else imports socket or threading.
+    if "multi" not in sys.argv:
+        celery.maybe_patch_concurrency()
+
+    from kombu.exceptions import SerializerNotInstalled
+
+    from . import serialization
+
+    try:
+        allowed = serialization.allowed_content()
+    except SerializerNotInstalled as err:
+        print(f"celery-entrypoint: {serialization.ACCEPT_CONTENT_ENV}: {err}", file=sys.stderr)
+        return 2
+    serialization.install(allowed)
+    if files is not None:
+        from . import hooks
+
+        hooks.install(files, interval)
+
+    from celery.bin.celery import main as celery_main
+
+    return celery_main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Fixtures: a real redis-server on a free port, and workers run through the real entrypoint."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, TypeVar
+
+import pytest
+import redis
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+BIN = Path(sys.executable).parent
+ENTRYPOINT = str(BIN / "celery-entrypoint")
+PROBE = str(BIN / "celery-probe")
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A private redis-server process in a temp dir; never the machine's 6379."""
+
+    def __init__(self, workdir: Path, port: Optional[int] = None) -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not installed")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with open(self.workdir / "redis.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--dir", str(self.workdir)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        wait_until(lambda: self._pings(client), 10, f"redis-server on port {self.port}")
+        return self
+
+    def _pings(self, client: redis.Redis) -> bool:
+        assert self.proc is not None and self.proc.poll() is None, "redis-server exited early"
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server this test alone may stop and restart."""
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+@dataclass
+class Worker:
+    """A process started through ``celery-entrypoint`` in its own process group."""
+
+    proc: subprocess.Popen
+    log: Path
+    env: Dict[str, str]
+    probe_dir: Path
+    queue: str
+
+    def probe(self, check: str, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([PROBE, check, *extra], env=self.env, capture_output=True, text=True, timeout=30)
+
+    def passes(self, check: str) -> bool:
+        return self.probe(check).returncode == 0
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def signal_group(self, sig: int) -> None:
+        os.killpg(self.proc.pid, sig)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        wait_until(lambda: self._alive_and(self.passes("readiness")), timeout, "readiness to pass")
+
+    def _alive_and(self, value: bool) -> bool:
+        assert self.proc.poll() is None, f"worker exited with {self.proc.returncode}:\n{self.output()}"
+        return value
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.signal_group(signal.SIGCONT)
+                self.signal_group(signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=30)
+
+
+@dataclass
+class Spawner:
+    tmp_path: Path
+    workers: List[Worker] = field(default_factory=list)
+
+    def __call__(self, broker_url: str, *, app: str = "celery_example", command: Optional[List[str]] = None,
+                 env: Optional[Dict[str, str]] = None, concurrency: int = 1, pool: str = "prefork",
+                 probe_dir: Optional[Path] = None) -> Worker:
+        name = uuid.uuid4().hex[:8]
+        queue = f"q-{name}"
+        probe_dir = probe_dir or self.tmp_path / f"probe-{name}"
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("CELERY")}
+        full_env.update(
+            CELERY_BROKER_URL=broker_url,
+            CELERY_RESULT_BACKEND=broker_url,
+            CELERY_PROBE_DIR=str(probe_dir),
+            POD_NAME=f"pod-{name}",
+            POD_NAMESPACE="default",
+            PYTHONUNBUFFERED="1",
+        )
+        full_env.update(env or {})
+        if command is None:
+            # Exactly the shape of the operator's generated worker args.
+            command = ["celery", "-A", app, "worker", "-Q", queue, "-c", str(concurrency), "-P", pool,
+                       "--prefetch-multiplier", "1", "--max-tasks-per-child", "1000", "--without-mingle",
+                       "--without-gossip", "-n", f"pool@{full_env['POD_NAME']}", "--loglevel", "INFO"]
+        argv = [ENTRYPOINT, *command]
+        log = self.tmp_path / f"worker-{name}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(argv, env=full_env, cwd=self.tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        worker = Worker(proc=proc, log=log, env=full_env, probe_dir=probe_dir, queue=queue)
+        self.workers.append(worker)
+        return worker
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Spawner]:
+    spawner = Spawner(tmp_path)
+    yield spawner
+    for worker in spawner.workers:
+        worker.stop()
+
+
+@pytest.fixture
+def client_app() -> Iterator[Callable[..., "Celery"]]:
+    """Plain Celery client apps (no entrypoint, no example module) that send tasks by name."""
+    from celery import Celery
+
+    apps: List[Celery] = []
+
+    def make(url: str, **conf: object) -> Celery:
+        app = Celery(f"client-{len(apps)}", broker=url, backend=url)
+        app.conf.update(conf)
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.close()
