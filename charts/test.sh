@@ -8,11 +8,11 @@ venv="${CHART_VENV:-$root/target/chart-venv}"
 python="${PYTHON:-python3}"
 
 # helm-sdkpy declares Python >= 3.12 but its lint and install bindings work on 3.11 (this machine's).
-packages=("helm-sdkpy>=0.1.32,<0.2" cffi "jsonschema>=4" pyyaml pytest "kubernetes-validate>=1.33")
+packages=("helm-sdkpy>=0.1.32,<0.2" cffi "jsonschema>=4" pyyaml pytest "kubernetes-validate>=1.33" lupa)
 if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
-if ! "$venv/bin/python" -c "import helm_sdkpy, cffi, jsonschema, yaml, pytest, kubernetes_validate" 2>/dev/null; then
+if ! "$venv/bin/python" -c "import helm_sdkpy, cffi, jsonschema, yaml, pytest, kubernetes_validate, lupa" 2>/dev/null; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check --ignore-requires-python "${packages[@]}"
 fi
 

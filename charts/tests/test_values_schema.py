@@ -102,3 +102,10 @@ def test_bad_values_are_rejected_by_helm(chart_dir: Path, values_file: Path) -> 
         helm.render(chart_dir, yaml.safe_load(values_file.read_text()))
     assert "schema" in str(failure.value).lower(), str(failure.value)
     assert _expected_path(values_file) in str(failure.value), str(failure.value)
+
+
+def test_readme_documents_every_value(schema: dict, chart_dir: Path) -> None:
+    readme = (chart_dir / "README.md").read_text()
+    leaves = [p for p, n in _walk_schema(schema) if p and p != "global" and not n.get("properties")]
+    missing = [p for p in leaves if f"| `{p}` |" not in readme]
+    assert not missing, f"README values table lacks {missing}"
