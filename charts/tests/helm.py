@@ -10,7 +10,6 @@ helm-sdkpy 0.1.x exposes Lint, Show, Package, Install, Upgrade and friends, but 
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -97,8 +96,3 @@ def render(chart_dir: Path, values: dict | None = None) -> Rendered:
     objects = [doc for doc in yaml.safe_load_all(manifest) if doc]
     return Rendered(objects, manifest, release.get("info", {}).get("notes", ""))
 
-
-def isolate_helm_home(path: Path) -> None:
-    """Keep Helm's cache/config/data out of the user's home (repository and registry files)."""
-    for var, sub in (("HELM_CACHE_HOME", "cache"), ("HELM_CONFIG_HOME", "config"), ("HELM_DATA_HOME", "data")):
-        os.environ.setdefault(var, str(path / sub))
