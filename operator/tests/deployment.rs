@@ -38,7 +38,9 @@ fn worker_args_for_representative_specs() {
              --max-tasks-per-child 1000 --without-mingle --without-gossip -n mail@$(POD_NAME) --loglevel INFO",
         ),
         (
-            format!("{MINIMAL}concurrency: 8\npool: threads\nworker: {{prefetchMultiplier: 4, maxTasksPerChild: 50}}\n"),
+            format!(
+                "{MINIMAL}concurrency: 8\npool: threads\nworker: {{prefetchMultiplier: 4, maxTasksPerChild: 50}}\n"
+            ),
             "celery -A proj.celery_app worker -Q emails,celery -c 8 -P threads --prefetch-multiplier 4 \
              --max-tasks-per-child 50 --without-mingle --without-gossip -n mail@$(POD_NAME) --loglevel INFO",
         ),
@@ -132,7 +134,8 @@ fn worker_deployment_has_labels_owner_and_no_beat_flag() {
     }
     let c = container(&d);
     assert_eq!(c.command.as_deref(), Some(&["celery-entrypoint".to_string()][..]));
-    let probe = |p: &Option<k8s_openapi::api::core::v1::Probe>| p.as_ref().unwrap().exec.as_ref().unwrap().command.clone();
+    let probe =
+        |p: &Option<k8s_openapi::api::core::v1::Probe>| p.as_ref().unwrap().exec.as_ref().unwrap().command.clone();
     assert_eq!(probe(&c.liveness_probe), Some(vec!["celery-probe".into(), "liveness".into()]));
     assert_eq!(probe(&c.readiness_probe), Some(vec!["celery-probe".into(), "readiness".into()]));
 }

@@ -3,6 +3,10 @@
 //!
 //! Doc comments on spec fields are user documentation: they become `kubectl explain` text.
 
+// Several printcolumn(...) entries share `type_ = "integer"`, which clippy mistakes for a
+// duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
 mod taskqueue;
 mod workerpool;
 

@@ -39,25 +39,25 @@ fn is_empty(v: &Value) -> bool {
 }
 
 /// Applies `desired` under `manager` (with force: the operator owns these fields) unless `live`
-/// already matches it. Returns whether a write happened.
-pub async fn apply_if_changed<K>(api: &Api<K>, desired: &K, live: Option<&K>, manager: &str) -> Result<bool>
+/// already matches it. Returns the object as it now stands in the cluster.
+pub async fn apply_if_changed<K>(api: &Api<K>, desired: &K, live: Option<K>, manager: &str) -> Result<K>
 where
     K: Resource + Clone + Serialize + DeserializeOwned + Debug,
     K::DynamicType: Default,
 {
     let desired_value = serde_json::to_value(desired)?;
     if let Some(live) = live
-        && is_subset(&desired_value, &serde_json::to_value(live)?)
+        && is_subset(&desired_value, &serde_json::to_value(&live)?)
     {
-        return Ok(false);
+        return Ok(live);
     }
     let name = desired.name_any();
     let mut body = desired_value;
     body["apiVersion"] = K::api_version(&Default::default()).into();
     body["kind"] = K::kind(&Default::default()).into();
-    api.patch(&name, &PatchParams::apply(manager).force(), &Patch::Apply(&body)).await?;
+    let applied = api.patch(&name, &PatchParams::apply(manager).force(), &Patch::Apply(&body)).await?;
     info!(kind = %K::kind(&Default::default()), name, "applied");
-    Ok(true)
+    Ok(applied)
 }
 
 #[cfg(test)]

@@ -100,7 +100,7 @@ pub async fn reconcile(pool: Arc<WorkerPool>, ctx: Arc<Context>) -> Result<Actio
     let _timer = ctx.metrics.reconcile_timer("WorkerPool");
     let ns = pool.namespace().unwrap_or_default();
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let worker = deployments.get_opt(&pool.worker_deployment_name()).await?;
+    let mut worker = deployments.get_opt(&pool.worker_deployment_name()).await?;
     let beat = deployments.get_opt(&pool.beat_deployment_name()).await?;
 
     let mut wanted = Vec::new();
@@ -112,9 +112,10 @@ pub async fn reconcile(pool: Arc<WorkerPool>, ctx: Arc<Context>) -> Result<Actio
         }
         Ok((inputs, holder)) => {
             let desired = deployment::worker_deployment(&pool, &inputs);
-            apply_if_changed(&deployments, &desired, worker.as_ref(), labels::FIELD_MANAGER).await?;
-            let beat_condition = reconcile_beat(&pool, &deployments, &inputs, holder, beat.as_ref()).await?;
-            wanted.extend(rollout_conditions(&pool, worker.as_ref()));
+            let applied = apply_if_changed(&deployments, &desired, worker, labels::FIELD_MANAGER).await?;
+            let beat_condition = reconcile_beat(&pool, &deployments, &inputs, holder, beat).await?;
+            wanted.extend(rollout_conditions(&applied));
+            worker = Some(applied);
             wanted.extend(beat_condition);
             Action::requeue(super::RESYNC)
         }
@@ -154,12 +155,12 @@ async fn reconcile_beat(
     deployments: &Api<Deployment>,
     inputs: &PoolInputs,
     holder: Option<String>,
-    live: Option<&Deployment>,
+    live: Option<Deployment>,
 ) -> Result<Option<Wanted>> {
     let run_here = pool.spec.beat.enabled && holder.is_none();
     if run_here {
         apply_if_changed(deployments, &deployment::beat_deployment(pool, inputs), live, labels::FIELD_MANAGER).await?;
-    } else if let Some(live) = live
+    } else if let Some(live) = &live
         && live.owner_references().iter().any(|o| Some(&o.uid) == pool.uid().as_ref())
     {
         deployments.delete(&live.name_any(), &DeleteParams::foreground()).await?;
@@ -186,14 +187,7 @@ async fn reconcile_beat(
 }
 
 /// Ready / Reconciling from the worker Deployment's rollout.
-fn rollout_conditions(pool: &WorkerPool, worker: Option<&Deployment>) -> Vec<Wanted> {
-    let name = pool.worker_deployment_name();
-    let Some(d) = worker else {
-        return vec![
-            Wanted::no(kind::READY, "Creating", format!("creating Deployment {name}")),
-            Wanted::yes(kind::RECONCILING, "Creating", format!("creating Deployment {name}")),
-        ];
-    };
+fn rollout_conditions(d: &Deployment) -> Vec<Wanted> {
     let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
     let status = d.status.clone().unwrap_or_default();
     let current = status.observed_generation >= d.metadata.generation;
