@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, List, Mapping
+from typing import Any, List, Mapping, Set
 
 from celery import Celery, signals
 from celery._state import connect_on_app_finalize
@@ -44,7 +44,7 @@ def allowed_content(env: Mapping[str, str] = os.environ) -> List[str]:
 
 
 def enforce(app: Celery, allowed: List[str]) -> None:
-    """Restrict ``app`` to the ``allowed`` content types; idempotent."""
+    """Restrict ``app``'s settings to the ``allowed`` content types; idempotent."""
     conf = app.conf
     allowed_types = prepare_accept_content(allowed)
     changes: dict[str, Any] = {}
@@ -52,11 +52,9 @@ def enforce(app: Celery, allowed: List[str]) -> None:
         current = conf.get(key)
         if current is None or prepare_accept_content(current) != allowed_types:
             changes[key] = list(allowed)
-    fallback = "json" if "application/json" in allowed_types else allowed[0]
     for key in SERIALIZER_SETTINGS:
-        name = conf.get(key)
-        if registry.name_to_type.get(name, name) not in allowed_types:
-            changes[key] = fallback
+        if not _is_allowed(conf.get(key), allowed_types):
+            changes[key] = _fallback(allowed, allowed_types)
     if not changes:
         return
     overridden = {k: conf.get(k) for k in changes if conf.get(k) is not None}
@@ -73,17 +71,44 @@ def enforce(app: Celery, allowed: List[str]) -> None:
         )
 
 
+def enforce_on_tasks(app: Celery, allowed: List[str]) -> None:
+    """Move bound tasks whose ``serializer`` is not allowed to the fallback.
+
+    Tasks copy ``task_serializer`` when they bind; Celery's own finalizers
+    may bind them before ours has changed the setting (they run in set
+    order), and a task may name its own serializer.
+    """
+    allowed_types = prepare_accept_content(allowed)
+    for task in app.tasks.values():
+        if not _is_allowed(task.serializer, allowed_types):
+            logger.warning("celery-entrypoint: task %s: serializer %r not allowed, using %r",
+                           task.name, task.serializer, _fallback(allowed, allowed_types))
+            type(task).serializer = _fallback(allowed, allowed_types)
+
+
+def _is_allowed(serializer: Any, allowed_types: Set[str]) -> bool:
+    return registry.name_to_type.get(serializer, serializer) in allowed_types
+
+
+def _fallback(allowed: List[str], allowed_types: Set[str]) -> str:
+    return "json" if "application/json" in allowed_types else allowed[0]
+
+
 def install(allowed: List[str]) -> None:
     """Enforce the allow-list on every app this process loads.
 
-    ``connect_on_app_finalize`` runs before tasks bind their serializer (so
-    beat and other commands send JSON); ``celeryd_init`` runs before the
-    worker checks privileges and builds its consumer, for an app that was
-    finalized early by user code.
+    At finalize (every command: beat must send JSON too) the settings are
+    changed, and once all tasks are bound, their serializers. ``celeryd_init``
+    repeats the settings check before the worker checks privileges and
+    builds its consumer, for an app finalized before ours could run.
     """
 
     def on_finalize(app: Celery) -> None:
         enforce(app, allowed)
+        app.on_after_finalize.connect(on_after_finalize, weak=False)
+
+    def on_after_finalize(sender: Celery, **_: Any) -> None:
+        enforce_on_tasks(sender, allowed)
 
     def on_celeryd_init(sender: Any = None, instance: Any = None, **_: Any) -> None:
         enforce(instance.app, allowed)
