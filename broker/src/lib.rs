@@ -1,1 +1,143 @@
+//! Celery broker probes: queue depth read straight from Redis (kombu's layout) or RabbitMQ, and
+//! broker safety checks. No Kubernetes in here.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), celery_broker::ProbeError> {
+//! use celery_broker::{Broker, BrokerConfig};
+//!
+//! let broker = Broker::new(BrokerConfig::new("redis://:secret@redis:6379/0"))?;
+//! let seen = broker.probe(&["emails", "celery"]).await?;
+//! let emails = &seen.queues["emails"];
+//! println!("{} waiting, {:?} in flight", emails.ready, emails.unacked);
+//! for finding in &seen.findings {
+//!     println!("{finding}");
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! One [`Broker`] per endpoint holds one connection (a Redis `ConnectionManager`, one AMQP
+//! connection) shared by every probe; create it once and probe all of the endpoint's queues in one
+//! call — for Redis that is one round trip (see [`redis`](crate::redis) module docs).
 
+mod audit;
+mod error;
+pub mod kombu;
+mod observation;
+mod rabbitmq;
+mod redis;
+pub mod safety;
+mod secret;
+
+use std::time::Duration;
+
+pub use audit::{AuditReport, audit};
+pub use error::ProbeError;
+pub use kombu::TransportOptions;
+pub use observation::{BrokerInfo, BrokerKind, BrokerObservation, QueueObservation};
+pub use safety::{Finding, Reason, SafetyMode, Severity};
+pub use secret::{SecretUrl, redact_url};
+
+/// Default bound on one probe (connect + round trip).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default largest Redis unacked hash scanned in full; larger ones are sampled.
+pub const DEFAULT_UNACKED_SCAN_LIMIT: u64 = 20_000;
+
+/// How to reach and judge one broker endpoint.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// `redis://`, `rediss://`, `redis+socket://`, `amqp://`, `amqps://` or `pyamqp://`, as in
+    /// Celery's `broker_url`.
+    pub url: SecretUrl,
+    /// Kombu's Redis transport options (ignored for RabbitMQ).
+    pub transport: TransportOptions,
+    /// RabbitMQ management API root, e.g. `http://user:pass@rabbit:15672`; without credentials
+    /// the AMQP ones are used.
+    pub management_url: Option<SecretUrl>,
+    /// PEM CA certificate(s) to trust for `rediss://`, `amqps://` and an `https://` management API,
+    /// instead of the system roots. For Redis, `?ssl_ca_certs=/path` in the URL works too.
+    pub ca_cert_pem: Option<String>,
+    pub safety: SafetyMode,
+    /// Bound on one probe.
+    pub timeout: Duration,
+    /// Redis: unacked hashes larger than this are estimated from a sample (the scan runs inside
+    /// Redis and blocks it while it runs).
+    pub unacked_scan_limit: u64,
+}
+
+impl BrokerConfig {
+    pub fn new(url: impl Into<SecretUrl>) -> Self {
+        Self {
+            url: url.into(),
+            transport: TransportOptions::default(),
+            management_url: None,
+            ca_cert_pem: None,
+            safety: SafetyMode::default(),
+            timeout: DEFAULT_TIMEOUT,
+            unacked_scan_limit: DEFAULT_UNACKED_SCAN_LIMIT,
+        }
+    }
+}
+
+/// A probe of one broker endpoint. Cheap to share (`Arc<Broker>`); connects lazily on the first
+/// probe and reconnects after failures.
+pub struct Broker {
+    inner: Inner,
+}
+
+enum Inner {
+    Redis(redis::RedisBroker),
+    Rabbitmq(rabbitmq::RabbitBroker),
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker").field("kind", &self.kind()).field("endpoint", &self.endpoint()).finish()
+    }
+}
+
+impl Broker {
+    /// Validates the URL (and CA) and prepares the client; no network I/O.
+    pub fn new(config: BrokerConfig) -> Result<Self, ProbeError> {
+        let scheme =
+            config.url.expose().split_once("://").map(|(scheme, _)| scheme.to_ascii_lowercase()).unwrap_or_default();
+        let inner = match scheme.as_str() {
+            "redis" | "rediss" | "redis+socket" | "socket" | "unix" | "redis+unix" => {
+                Inner::Redis(redis::RedisBroker::new(&config)?)
+            }
+            "amqp" | "amqps" | "pyamqp" => Inner::Rabbitmq(rabbitmq::RabbitBroker::new(&config)?),
+            _ => {
+                return Err(ProbeError::invalid_url(
+                    &config.url,
+                    "expected a redis://, rediss://, amqp:// or amqps:// URL",
+                ));
+            }
+        };
+        Ok(Self { inner })
+    }
+
+    pub fn kind(&self) -> BrokerKind {
+        match self.inner {
+            Inner::Redis(_) => BrokerKind::Redis,
+            Inner::Rabbitmq(_) => BrokerKind::Rabbitmq,
+        }
+    }
+
+    /// The broker URL with its password redacted.
+    pub fn endpoint(&self) -> String {
+        match &self.inner {
+            Inner::Redis(b) => b.url().redacted(),
+            Inner::Rabbitmq(b) => b.url().redacted(),
+        }
+    }
+
+    /// Reads every queue in `queues` (Celery queue names) in one go. A failure of the whole probe
+    /// (unreachable, timeout, refused) is an error; a missing queue or an unavailable part
+    /// (management API, unacked counts) is a finding.
+    pub async fn probe<Q: AsRef<str>>(&self, queues: &[Q]) -> Result<BrokerObservation, ProbeError> {
+        let queues: Vec<&str> = queues.iter().map(AsRef::as_ref).collect();
+        match &self.inner {
+            Inner::Redis(b) => b.probe(&queues).await,
+            Inner::Rabbitmq(b) => b.probe(&queues).await,
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! The RabbitMQ probe: passive `queue.declare` over AMQP for real-time ready and consumer counts,
+//! plus (optionally) the management API for unacked counts, queue type, arguments and policies.
+//!
+//! A passive declare of a missing queue fails with channel error 404 NOT_FOUND, which closes the
+//! channel: the probe reports the queue as missing (it never declares it actively — mismatched
+//! arguments would raise PRECONDITION_FAILED, and creating queues is the application's business)
+//! and continues on a fresh channel. The management API's statistics lag by its collection
+//! interval (5 s by default), so it is used only for what AMQP cannot tell.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::QueueDeclareOptions;
+use lapin::tcp::OwnedTLSConfig;
+use lapin::types::FieldTable;
+use lapin::uri::AMQPUri;
+use lapin::{Channel, Connection, ConnectionProperties};
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use serde_json::Value;
+use tokio::sync::Mutex;
+
+use crate::observation::{BrokerInfo, BrokerKind, BrokerObservation, QueueObservation};
+use crate::safety::{Finding, Reason, SafetyMode, Severity, rabbitmq_queue_findings};
+use crate::secret::SecretUrl;
+use crate::{BrokerConfig, ProbeError};
+
+const NOT_FOUND: u16 = 404;
+const QUEUE_COLUMNS: &str = "name,type,arguments,policy,effective_policy_definition,messages_unacknowledged,consumers";
+
+pub(crate) struct RabbitBroker {
+    url: SecretUrl,
+    uri: AMQPUri,
+    tls: OwnedTLSConfig,
+    vhost: String,
+    management: Option<Management>,
+    connection: Mutex<Option<Arc<Connection>>>,
+    safety: SafetyMode,
+    timeout: Duration,
+}
+
+struct Management {
+    url: SecretUrl,
+    /// Scheme, host, port and any path prefix, without credentials or trailing slash.
+    base: String,
+    user: String,
+    password: String,
+    client: reqwest::Client,
+}
+
+/// Kombu's reading of the AMQP URL path: `amqp://h`, `amqp://h/` and `amqp://h//` all mean vhost
+/// `/`; otherwise the percent-decoded path after the first `/`.
+fn vhost_of(uri: &AMQPUri) -> String {
+    if uri.vhost.is_empty() { "/".to_owned() } else { uri.vhost.clone() }
+}
+
+impl RabbitBroker {
+    pub(crate) fn new(config: &BrokerConfig) -> Result<Self, ProbeError> {
+        let url = &config.url;
+        // Celery's `pyamqp://` is plain AMQP 0-9-1.
+        let text = url.expose().replacen("pyamqp://", "amqp://", 1);
+        let mut uri: AMQPUri = text.parse().map_err(|e: String| ProbeError::invalid_url(url, e))?;
+        let vhost = vhost_of(&uri);
+        uri.vhost.clone_from(&vhost);
+        let management = config.management_url.as_ref().map(|m| Management::new(m, &uri, config)).transpose()?;
+        Ok(Self {
+            url: url.clone(),
+            uri,
+            tls: OwnedTLSConfig { identity: None, cert_chain: config.ca_cert_pem.clone() },
+            vhost,
+            management,
+            connection: Mutex::new(None),
+            safety: config.safety,
+            timeout: config.timeout,
+        })
+    }
+
+    pub(crate) fn url(&self) -> &SecretUrl {
+        &self.url
+    }
+
+    pub(crate) async fn probe(&self, queues: &[&str]) -> Result<BrokerObservation, ProbeError> {
+        let amqp = async {
+            tokio::time::timeout(self.timeout, self.declare_passively(queues))
+                .await
+                .map_err(|_| ProbeError::timeout(&self.url, self.timeout))?
+        };
+        let management = async {
+            match &self.management {
+                Some(m) => Some(m.read(&self.vhost, self.timeout).await),
+                None => None,
+            }
+        };
+        let (declared, management) = futures::join!(amqp, management);
+        let declared = declared?;
+
+        let mut findings = Vec::new();
+        let mut info = BrokerInfo::new(BrokerKind::Rabbitmq);
+        let mut details: HashMap<String, Value> = HashMap::new();
+        match management {
+            Some(Ok((version, listed))) => {
+                info.version = version;
+                details = listed;
+            }
+            Some(Err(e)) => findings.push(Finding::new(
+                Reason::ManagementUnavailable,
+                Severity::Warning,
+                format!("{e}; unacked counts and queue policies are unknown"),
+            )),
+            None => {}
+        }
+        let major = info.version.as_deref().and_then(major_version);
+        let reachable = self.management.is_some() && findings.is_empty();
+        let mut observed = BTreeMap::new();
+        for (queue, declared) in queues.iter().zip(declared) {
+            let detail = details.get(*queue);
+            let Some((ready, consumers)) = declared else {
+                findings.push(
+                    Finding::new(
+                        Reason::QueueMissing,
+                        Severity::Warning,
+                        format!(
+                            "queue {queue} does not exist in vhost {}: tasks sent to it before a \
+                             worker declares it are dropped by RabbitMQ; start a worker for it or \
+                             declare it",
+                            self.vhost
+                        ),
+                    )
+                    .for_queue(queue),
+                );
+                observed.insert((*queue).to_owned(), QueueObservation::default());
+                continue;
+            };
+            if let (Some(detail), true) = (detail, self.safety != SafetyMode::Off) {
+                findings.extend(rabbitmq_queue_findings(detail, major));
+            }
+            let unacked = match detail {
+                Some(d) => d["messages_unacknowledged"].as_u64(),
+                // Declared a moment ago, not yet in the management statistics.
+                None if reachable => Some(0),
+                None => None,
+            };
+            observed.insert(
+                (*queue).to_owned(),
+                QueueObservation { ready, unacked, orphaned_unacked: None, consumers: Some(consumers) },
+            );
+        }
+        Ok(BrokerObservation { queues: observed, info, findings })
+    }
+
+    /// `(ready, consumers)` per queue, `None` for a queue that does not exist.
+    async fn declare_passively(&self, queues: &[&str]) -> Result<Vec<Option<(u64, u32)>>, ProbeError> {
+        let connection = self.connection().await?;
+        let mut channel = self.channel(&connection).await?;
+        let mut out = Vec::with_capacity(queues.len());
+        for queue in queues {
+            let options = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+            match channel.queue_declare((*queue).into(), options, FieldTable::default()).await {
+                Ok(q) => out.push(Some((u64::from(q.message_count()), q.consumer_count()))),
+                Err(e) if is_not_found(&e) => {
+                    out.push(None);
+                    // NOT_FOUND closed the channel.
+                    channel = self.channel(&connection).await?;
+                }
+                Err(e) => {
+                    *self.connection.lock().await = None;
+                    return Err(ProbeError::broker(&self.url, e));
+                }
+            }
+        }
+        let _ = channel.close(200, "probe done".into()).await;
+        Ok(out)
+    }
+
+    async fn channel(&self, connection: &Connection) -> Result<Channel, ProbeError> {
+        connection.create_channel().await.map_err(|e| ProbeError::broker(&self.url, e))
+    }
+
+    /// The endpoint's one AMQP connection, reopened when it was lost.
+    async fn connection(&self) -> Result<Arc<Connection>, ProbeError> {
+        let mut slot = self.connection.lock().await;
+        if let Some(connection) = slot.as_ref().filter(|c| c.status().connected()) {
+            return Ok(connection.clone());
+        }
+        let properties = ConnectionProperties::default().with_connection_name("celery-operator probe".into());
+        let connection = lapin::ConnectionBuilder::new()
+            .map_err(|e| ProbeError::connect(&self.url, e))?
+            .with_uri(self.uri.clone())
+            .with_properties(properties)
+            .with_tls_config(self.tls.clone())
+            .connect()
+            .await
+            .map_err(|e| ProbeError::connect(&self.url, e))?;
+        let connection = Arc::new(connection);
+        *slot = Some(connection.clone());
+        Ok(connection)
+    }
+}
+
+fn is_not_found(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == NOT_FOUND)
+}
+
+fn major_version(version: &str) -> Option<u32> {
+    version.split('.').next()?.parse().ok()
+}
+
+impl Management {
+    fn new(url: &SecretUrl, amqp: &AMQPUri, config: &BrokerConfig) -> Result<Self, ProbeError> {
+        let parsed = url::Url::parse(url.expose()).map_err(|e| ProbeError::invalid_url(url, e))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(ProbeError::invalid_url(url, "the management URL must be http(s)://"));
+        }
+        let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+        // Without credentials of its own, the management API is called with the AMQP ones.
+        let (user, password) = if parsed.username().is_empty() {
+            let info = &amqp.authority.userinfo;
+            (info.username.clone(), info.password.clone())
+        } else {
+            (decode(parsed.username()), decode(parsed.password().unwrap_or_default()))
+        };
+        let mut base = parsed.clone();
+        let _ = base.set_username("");
+        let _ = base.set_password(None);
+        base.set_query(None);
+        let mut builder = reqwest::Client::builder().timeout(config.timeout);
+        if let Some(pem) = &config.ca_cert_pem {
+            let ca = reqwest::Certificate::from_pem(pem.as_bytes())
+                .map_err(|e| ProbeError::CaCertificate { detail: e.to_string() })?;
+            builder = builder.add_root_certificate(ca);
+        }
+        let client = builder.build().map_err(|e| ProbeError::management(url, e))?;
+        Ok(Self { url: url.clone(), base: base.as_str().trim_end_matches('/').to_owned(), user, password, client })
+    }
+
+    async fn get(&self, path: &str) -> Result<Value, ProbeError> {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .basic_auth(&self.user, Some(&self.password))
+            .send()
+            .await
+            .map_err(|e| ProbeError::management(&self.url, e.without_url()))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(ProbeError::management(&self.url, format!("GET {path}: HTTP {status}")));
+        }
+        response.json().await.map_err(|e| ProbeError::management(&self.url, e.without_url()))
+    }
+
+    /// The server version and the vhost's queues by name, in two concurrent requests.
+    async fn read(
+        &self,
+        vhost: &str,
+        timeout: Duration,
+    ) -> Result<(Option<String>, HashMap<String, Value>), ProbeError> {
+        let vhost = utf8_percent_encode(vhost, NON_ALPHANUMERIC);
+        let overview = self.get("/api/overview?columns=rabbitmq_version");
+        let queues_path = format!("/api/queues/{vhost}?columns={QUEUE_COLUMNS}");
+        let queues = self.get(&queues_path);
+        let both = async { futures::try_join!(overview, queues) };
+        let (overview, queues) =
+            tokio::time::timeout(timeout, both).await.map_err(|_| ProbeError::timeout(&self.url, timeout))??;
+        let version = overview["rabbitmq_version"].as_str().map(str::to_owned);
+        let by_name = match queues {
+            Value::Array(list) => list.into_iter().filter_map(|q| Some((q["name"].as_str()?.to_owned(), q))).collect(),
+            other => {
+                return Err(ProbeError::management(&self.url, format!("unexpected reply to {queues_path}: {other}")));
+            }
+        };
+        Ok((version, by_name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vhosts_are_read_the_way_kombu_reads_them() {
+        let cases = [
+            ("amqp://h", "/"),
+            ("amqp://h/", "/"),
+            ("amqp://h//", "/"),
+            ("amqp://h/%2F", "/"),
+            ("amqp://h/prod", "prod"),
+            ("amqp://h/team%2Fa", "team/a"),
+        ];
+        for (url, expected) in cases {
+            let uri: AMQPUri = url.parse().unwrap();
+            assert_eq!(vhost_of(&uri), expected, "{url}");
+        }
+    }
+
+    #[test]
+    fn major_versions_parse() {
+        assert_eq!(major_version("3.10.8"), Some(3));
+        assert_eq!(major_version("4.1.0"), Some(4));
+        assert_eq!(major_version("garbage"), None);
+    }
+}

@@ -1,0 +1,312 @@
+//! The Redis probe: ONE pipelined round trip per poll for all queues of an endpoint.
+//!
+//! The pipeline holds, in order:
+//! 1. `LLEN` of every priority list of every queue (kombu's `_size`, see [`crate::kombu`]);
+//! 2. `EVALSHA` of `unacked.lua`, which walks the shared `unacked` hash *server-side* and returns
+//!    only counts per (exchange, routing key), the orphaned share (older than the visibility
+//!    timeout), and the binding sets of the exchanges it saw;
+//! 3. `INFO server|memory|persistence|stats` for the safety checks.
+//!
+//! Trade-off of step 2: the unacked hash holds whole task messages (often kilobytes each), so
+//! downloading it (`HGETALL`/`HVALS`) every second would cost O(unacked × message size) bandwidth
+//! and client CPU. The script costs the server O(unacked) CPU instead — it reads only the tail of
+//! each value, where kombu writes the exchange and routing key — and returns a few hundred bytes.
+//! Lua blocks Redis while it runs, so above `unacked_scan_limit` entries it estimates from a random
+//! sample (`HRANDFIELD`, Redis ≥ 6.2) and says so with an `UnackedSampled` finding.
+//!
+//! Extra round trips happen only on the first poll after a server restart (`NOSCRIPT`: the script
+//! is loaded and re-run), when `INFO` lacks the eviction policy (`CONFIG GET` fallback), and in Fix
+//! mode when the policy is being fixed.
+
+mod connect;
+mod info;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::{RedisError, RedisResult, Script, Value};
+use tokio::sync::OnceCell;
+
+use crate::kombu::{TransportOptions, UnackedGroup, attribute_unacked};
+use crate::observation::{BrokerInfo, BrokerObservation, QueueObservation};
+use crate::safety::{Finding, Reason, SafetyMode, Severity, redis_findings};
+use crate::secret::SecretUrl;
+use crate::{BrokerConfig, ProbeError};
+
+const UNACKED_SCRIPT: &str = include_str!("unacked.lua");
+
+#[derive(Default)]
+struct History {
+    /// `evicted_keys` at the previous probe.
+    evicted_keys: Option<u64>,
+    /// The policy a Fix attempt failed for, and why; not retried while the policy stays the same.
+    fix_failure: Option<(String, String)>,
+}
+
+pub(crate) struct RedisBroker {
+    url: SecretUrl,
+    client: ::redis::Client,
+    connection: OnceCell<ConnectionManager>,
+    options: TransportOptions,
+    safety: SafetyMode,
+    timeout: Duration,
+    unacked_scan_limit: u64,
+    script: Script,
+    history: Mutex<History>,
+}
+
+/// The script's reply: `(hlen, examined, groups, bindings)`.
+type UnackedReply = (u64, u64, Vec<(String, String, u64, u64)>, Vec<(String, Vec<String>)>);
+
+impl RedisBroker {
+    pub(crate) fn new(config: &BrokerConfig) -> Result<Self, ProbeError> {
+        Ok(Self {
+            client: connect::client(&config.url, config.ca_cert_pem.as_deref())?,
+            url: config.url.clone(),
+            connection: OnceCell::new(),
+            options: config.transport.clone(),
+            safety: config.safety,
+            timeout: config.timeout,
+            unacked_scan_limit: config.unacked_scan_limit,
+            script: Script::new(UNACKED_SCRIPT),
+            history: Mutex::default(),
+        })
+    }
+
+    pub(crate) fn url(&self) -> &SecretUrl {
+        &self.url
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager, ProbeError> {
+        self.connection
+            .get_or_try_init(|| async {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(self.timeout))
+                    .set_response_timeout(Some(self.timeout))
+                    .set_number_of_retries(1);
+                ConnectionManager::new_lazy_with_config(self.client.clone(), config)
+            })
+            .await
+            .cloned()
+            .map_err(|e| ProbeError::connect(&self.url, e))
+    }
+
+    fn error(&self, e: &RedisError) -> ProbeError {
+        if e.is_io_error() || e.is_connection_refusal() || e.is_connection_dropped() {
+            ProbeError::connect(&self.url, e)
+        } else {
+            ProbeError::broker(&self.url, e)
+        }
+    }
+
+    pub(crate) async fn probe(&self, queues: &[&str]) -> Result<BrokerObservation, ProbeError> {
+        tokio::time::timeout(self.timeout, self.probe_once(queues))
+            .await
+            .map_err(|_| ProbeError::timeout(&self.url, self.timeout))?
+    }
+
+    async fn probe_once(&self, queues: &[&str]) -> Result<BrokerObservation, ProbeError> {
+        let mut con = self.connection().await?;
+        let steps = self.options.priority_steps.len();
+        let orphaned_before = now_secs() - self.options.visibility_timeout.as_secs_f64();
+
+        let mut pipe = ::redis::pipe();
+        pipe.ignore_errors();
+        for queue in queues {
+            for key in self.options.priority_keys(queue) {
+                pipe.cmd("LLEN").arg(key);
+            }
+        }
+        let mut invocation = self.script.prepare_invoke();
+        invocation
+            .key(self.options.unacked_key())
+            .key(self.options.unacked_index_key())
+            .arg(format!("{orphaned_before:.6}"))
+            .arg(self.unacked_scan_limit)
+            .arg(self.options.binding_key(""));
+        pipe.invoke_script(&invocation);
+        for section in info::SECTIONS {
+            pipe.cmd("INFO").arg(section);
+        }
+        let mut replies: Vec<RedisResult<Value>> = pipe.query_async(&mut con).await.map_err(|e| self.error(&e))?;
+
+        let info_replies: Vec<String> = replies
+            .split_off(queues.len() * steps + 1)
+            .into_iter()
+            .filter_map(|r| r.ok().and_then(|v| ::redis::from_redis_value(v).ok()))
+            .collect();
+        let script_reply = match replies.pop().expect("script reply") {
+            Err(e) if e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) => {
+                invocation.invoke_async::<Value>(&mut con).await
+            }
+            other => other,
+        };
+        let mut ready = Vec::with_capacity(queues.len());
+        for chunk in replies.chunks(steps.max(1)) {
+            let mut sum = 0u64;
+            for reply in chunk {
+                let value = reply.as_ref().map_err(|e| self.error(e))?;
+                sum += ::redis::from_redis_value_ref::<u64>(value).map_err(|e| ProbeError::broker(&self.url, e))?;
+            }
+            ready.push(sum);
+        }
+
+        let mut findings = Vec::new();
+        let unacked = self.unacked(script_reply, queues, &mut findings);
+        let mut info = info::broker_info(info_replies.iter().map(String::as_str));
+        if info.eviction_policy.is_none() {
+            self.read_policy_from_config(&mut con, &mut info).await;
+        }
+        if self.safety != SafetyMode::Off {
+            findings.extend(self.safety_findings(&mut con, &mut info).await);
+        }
+        let queues = queues
+            .iter()
+            .zip(ready)
+            .map(|(queue, ready)| {
+                let (unacked, orphaned) = match &unacked {
+                    Some(map) => map.get(*queue).map_or((Some(0), Some(0)), |(u, o)| (Some(*u), Some(*o))),
+                    None => (None, None),
+                };
+                let observation = QueueObservation { ready, unacked, orphaned_unacked: orphaned, consumers: None };
+                ((*queue).to_owned(), observation)
+            })
+            .collect();
+        Ok(BrokerObservation { queues, info, findings })
+    }
+
+    /// Per-queue `(unacked, orphaned)` from the script's reply; `None` (with a finding) when the
+    /// script could not run.
+    fn unacked(
+        &self,
+        reply: RedisResult<Value>,
+        queues: &[&str],
+        findings: &mut Vec<Finding>,
+    ) -> Option<BTreeMap<String, (u64, u64)>> {
+        let parsed = reply.and_then(|v| ::redis::from_redis_value::<UnackedReply>(v).map_err(RedisError::from));
+        let (total, examined, groups, bindings) = match parsed {
+            Ok(reply) => reply,
+            Err(e) => {
+                findings.push(Finding::new(
+                    Reason::UnackedUnavailable,
+                    Severity::Info,
+                    format!(
+                        "cannot count unacked (prefetched or running) messages: {}; scaling sees \
+                         only waiting tasks — allow EVALSHA for the operator's Redis user",
+                        self.url.scrub(&e.to_string())
+                    ),
+                ));
+                return None;
+            }
+        };
+        let scale = |n: u64| {
+            if examined < total && examined > 0 { n * total / examined } else { n }
+        };
+        if examined < total {
+            findings.push(Finding::new(
+                Reason::UnackedSampled,
+                Severity::Info,
+                format!(
+                    "the unacked hash holds {total} messages, more than unackedScanLimit {}: \
+                     per-queue unacked counts are estimated from a sample of {examined}",
+                    self.unacked_scan_limit
+                ),
+            ));
+        }
+        let groups: Vec<UnackedGroup> = groups
+            .into_iter()
+            .map(|(exchange, routing_key, count, orphaned)| UnackedGroup {
+                exchange,
+                routing_key,
+                count: scale(count),
+                orphaned: scale(orphaned),
+            })
+            .collect();
+        let bindings: HashMap<String, Vec<String>> = bindings.into_iter().collect();
+        Some(attribute_unacked(&groups, &bindings, &self.options, queues))
+    }
+
+    /// Fills the eviction policy and maxmemory from `CONFIG GET` when `INFO` lacked them.
+    async fn read_policy_from_config(&self, con: &mut ConnectionManager, info: &mut BrokerInfo) {
+        let reply: RedisResult<(HashMap<String, String>, HashMap<String, String>)> = ::redis::pipe()
+            .cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory-policy")
+            .cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory")
+            .query_async(con)
+            .await;
+        if let Ok((policy, maxmemory)) = reply {
+            info.eviction_policy = policy.get("maxmemory-policy").cloned();
+            info.maxmemory_bytes = maxmemory.get("maxmemory").and_then(|v| v.parse().ok());
+        }
+    }
+
+    async fn safety_findings(&self, con: &mut ConnectionManager, info: &mut BrokerInfo) -> Vec<Finding> {
+        let evicted_before = {
+            let mut history = self.history.lock().expect("history lock");
+            std::mem::replace(&mut history.evicted_keys, info.evicted_keys)
+        };
+        let mut findings = redis_findings(info, evicted_before);
+        let unsafe_policy =
+            findings.iter().any(|f| f.reason == Reason::EvictionPolicyUnsafe && f.severity == Severity::Critical);
+        if self.safety == SafetyMode::Fix && unsafe_policy {
+            let policy = info.eviction_policy.clone().unwrap_or_default();
+            match self.fix_policy(con, &policy).await {
+                Ok(()) => {
+                    findings.retain(|f| f.reason != Reason::EvictionPolicyUnsafe);
+                    findings.push(Finding::new(
+                        Reason::EvictionPolicyFixed,
+                        Severity::Info,
+                        format!(
+                            "switched maxmemory-policy from {policy} to noeviction with CONFIG SET; \
+                             this does not survive a Redis restart: also set it in redis.conf or \
+                             your provider's parameter group"
+                        ),
+                    ));
+                    info.eviction_policy = Some("noeviction".to_owned());
+                }
+                Err(why) => findings.push(Finding::new(
+                    Reason::EvictionPolicyFixFailed,
+                    Severity::Warning,
+                    format!(
+                        "could not switch maxmemory-policy from {policy} to noeviction: {why}; \
+                         change it in redis.conf or your provider's settings"
+                    ),
+                )),
+            }
+        }
+        findings
+    }
+
+    /// `CONFIG SET maxmemory-policy noeviction`, verified with `CONFIG GET`. Tried once per
+    /// observed policy: a refusal (CONFIG renamed, ACL) is remembered, not retried every poll.
+    async fn fix_policy(&self, con: &mut ConnectionManager, policy: &str) -> Result<(), String> {
+        if let Some((failed_for, why)) = &self.history.lock().expect("history lock").fix_failure {
+            if failed_for == policy {
+                return Err(why.clone());
+            }
+        }
+        let result: RedisResult<HashMap<String, String>> = async {
+            ::redis::cmd("CONFIG").arg("SET").arg("maxmemory-policy").arg("noeviction").query_async::<()>(con).await?;
+            ::redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy").query_async(con).await
+        }
+        .await;
+        let outcome = match result {
+            Ok(now) if now.get("maxmemory-policy").map(String::as_str) == Some("noeviction") => Ok(()),
+            Ok(now) => Err(format!("CONFIG GET still reports {now:?}")),
+            Err(e) => Err(format!("CONFIG SET refused ({})", self.url.scrub(&e.to_string()))),
+        };
+        if let Err(why) = &outcome {
+            self.history.lock().expect("history lock").fix_failure = Some((policy.to_owned(), why.clone()));
+        }
+        outcome
+    }
+}
+
+fn now_secs() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}

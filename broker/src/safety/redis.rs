@@ -1,0 +1,175 @@
+//! Redis rules: eviction policy, memory pressure, evictions, failing persistence.
+
+use super::{Finding, Reason, Severity};
+use crate::observation::BrokerInfo;
+
+/// Used memory at or above this share of `maxmemory` raises `MemoryPressure`.
+pub const MEMORY_PRESSURE_PERCENT: u64 = 80;
+
+/// Findings for a Redis broker. `evicted_before` is `evicted_keys` from the previous probe of the
+/// same server (`None` on the first probe).
+pub fn redis_findings(info: &BrokerInfo, evicted_before: Option<u64>) -> Vec<Finding> {
+    let maxmemory = info.maxmemory_bytes.unwrap_or(0);
+    let mut findings = Vec::new();
+    findings.extend(eviction_policy(info.eviction_policy.as_deref(), maxmemory));
+    if let (Some(used), true) = (info.used_memory_bytes, maxmemory > 0) {
+        let percent = used.saturating_mul(100) / maxmemory;
+        if percent >= MEMORY_PRESSURE_PERCENT {
+            findings.push(Finding::new(
+                Reason::MemoryPressure,
+                Severity::Warning,
+                format!(
+                    "Redis uses {used} of {maxmemory} bytes of maxmemory ({percent} %): when full it \
+                     refuses new tasks (noeviction) or evicts them (allkeys-*); raise maxmemory or \
+                     drain the queues"
+                ),
+            ));
+        }
+    }
+    findings.extend(evictions(info.evicted_keys, evicted_before));
+    if info.persistence_ok == Some(false) {
+        findings.push(Finding::new(
+            Reason::PersistenceFailing,
+            Severity::Warning,
+            "the last Redis RDB save or AOF write failed: with stop-writes-on-bgsave-error (the \
+             default) Redis refuses new tasks; check disk space and the Redis log",
+        ));
+    }
+    findings
+}
+
+fn eviction_policy(policy: Option<&str>, maxmemory: u64) -> Option<Finding> {
+    let Some(policy) = policy else {
+        return Some(Finding::new(
+            Reason::EvictionPolicyUnknown,
+            Severity::Info,
+            "could not read maxmemory-policy (neither INFO memory nor CONFIG GET reported it); make \
+             sure it is noeviction",
+        ));
+    };
+    if !policy.starts_with("allkeys-") {
+        // noeviction refuses writes when full; volatile-* only evicts keys with a TTL, and kombu's
+        // queue lists, unacked hash and binding sets have none.
+        return None;
+    }
+    Some(if maxmemory == 0 {
+        Finding::new(
+            Reason::EvictionPolicyUnsafe,
+            Severity::Info,
+            format!(
+                "maxmemory-policy is {policy} but maxmemory is 0 (no limit), so nothing is evicted \
+                 today; set maxmemory-policy noeviction before setting a memory limit"
+            ),
+        )
+    } else {
+        Finding::new(
+            Reason::EvictionPolicyUnsafe,
+            Severity::Critical,
+            format!(
+                "maxmemory-policy is {policy}: Redis may silently evict queued tasks, unacked \
+                 messages and kombu's binding tables when memory is full; set maxmemory-policy \
+                 noeviction and alert at {MEMORY_PRESSURE_PERCENT} % of maxmemory"
+            ),
+        )
+    })
+}
+
+fn evictions(now: Option<u64>, before: Option<u64>) -> Option<Finding> {
+    let now = now?;
+    match before {
+        // A restart resets the counter; only growth counts.
+        Some(before) if now > before => Some(Finding::new(
+            Reason::KeysEvicted,
+            Severity::Critical,
+            format!(
+                "Redis evicted {} keys since the last probe: queued tasks may have been lost; set \
+                 maxmemory-policy noeviction",
+                now - before
+            ),
+        )),
+        None if now > 0 => Some(Finding::new(
+            Reason::KeysEvicted,
+            Severity::Warning,
+            format!(
+                "Redis has evicted {now} keys since it started: queued tasks may have been lost; \
+                 set maxmemory-policy noeviction"
+            ),
+        )),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observation::BrokerKind;
+
+    fn info(policy: &str, maxmemory: u64, used: u64, evicted: u64) -> BrokerInfo {
+        BrokerInfo {
+            eviction_policy: Some(policy.into()),
+            maxmemory_bytes: Some(maxmemory),
+            used_memory_bytes: Some(used),
+            evicted_keys: Some(evicted),
+            aof_enabled: Some(false),
+            persistence_ok: Some(true),
+            ..BrokerInfo::new(BrokerKind::Redis)
+        }
+    }
+
+    fn reasons(findings: &[Finding]) -> Vec<(Reason, Severity)> {
+        findings.iter().map(|f| (f.reason, f.severity)).collect()
+    }
+
+    #[test]
+    fn eviction_policies_are_judged_by_what_they_can_evict() {
+        use Reason::*;
+        use Severity::*;
+        let cases: &[(&str, u64, &[(Reason, Severity)])] = &[
+            ("noeviction", 10 << 20, &[]),
+            ("volatile-lru", 10 << 20, &[]),
+            ("volatile-ttl", 0, &[]),
+            ("allkeys-lru", 10 << 20, &[(EvictionPolicyUnsafe, Critical)]),
+            ("allkeys-lfu", 10 << 20, &[(EvictionPolicyUnsafe, Critical)]),
+            ("allkeys-random", 1, &[(EvictionPolicyUnsafe, Critical)]),
+            ("allkeys-lru", 0, &[(EvictionPolicyUnsafe, Info)]),
+        ];
+        for (policy, maxmemory, expected) in cases {
+            let found = redis_findings(&info(policy, *maxmemory, 0, 0), Some(0));
+            assert_eq!(reasons(&found), *expected, "{policy} maxmemory={maxmemory}");
+        }
+        let found = redis_findings(&info("allkeys-lru", 1 << 20, 0, 0), None);
+        assert!(found[0].message.contains("allkeys-lru") && found[0].message.contains("noeviction"));
+    }
+
+    #[test]
+    fn memory_pressure_starts_at_eighty_percent_of_maxmemory() {
+        let at = |used| reasons(&redis_findings(&info("noeviction", 1000, used, 0), Some(0)));
+        assert_eq!(at(799), vec![]);
+        assert_eq!(at(800), vec![(Reason::MemoryPressure, Severity::Warning)]);
+        assert_eq!(at(1200), vec![(Reason::MemoryPressure, Severity::Warning)]);
+        // No limit, no pressure.
+        let unlimited = redis_findings(&info("noeviction", 0, u64::MAX, 0), Some(0));
+        assert_eq!(reasons(&unlimited), vec![]);
+    }
+
+    #[test]
+    fn evictions_count_when_they_grow_between_probes() {
+        let probe = |evicted, before| reasons(&redis_findings(&info("noeviction", 0, 0, evicted), before));
+        assert_eq!(probe(5, Some(5)), vec![]);
+        assert_eq!(probe(7, Some(5)), vec![(Reason::KeysEvicted, Severity::Critical)]);
+        // The server restarted: the counter went down, nothing new.
+        assert_eq!(probe(0, Some(5)), vec![]);
+        assert_eq!(probe(3, None), vec![(Reason::KeysEvicted, Severity::Warning)]);
+        assert_eq!(probe(0, None), vec![]);
+    }
+
+    #[test]
+    fn failing_persistence_and_unknown_policy_are_reported() {
+        let mut failing = info("noeviction", 0, 0, 0);
+        failing.persistence_ok = Some(false);
+        assert_eq!(reasons(&redis_findings(&failing, Some(0))), vec![(Reason::PersistenceFailing, Severity::Warning)]);
+        let mut unknown = info("noeviction", 0, 0, 0);
+        unknown.eviction_policy = None;
+        assert_eq!(reasons(&redis_findings(&unknown, Some(0))), vec![(Reason::EvictionPolicyUnknown, Severity::Info)]);
+    }
+}
