@@ -1,1 +1,12 @@
+//! End-to-end test support for celery-operator without a cluster.
+//!
+//! - [`apiserver`]: the control-plane double, a stateful fake Kubernetes API server
+//!   ([`ApiServer`]) usable in-process through a `kube::Client` or over HTTP for `kubectl`.
+//! - [`admission`]: CRD schema + CEL admission as a plain function, for CRD tests.
+//!
+//! See `e2e/README.md` for how the double differs from a real API server.
 
+pub mod admission;
+pub mod apiserver;
+
+pub use apiserver::{ApiError, ApiServer, Fault, FaultEffect, RequestMatch, RequestRecord, ServedApi, Verb};
