@@ -15,6 +15,7 @@ use tracing::{debug, info};
 
 use crate::crd::{TaskQueue, WorkerPool};
 use crate::labels;
+use crate::leader::{self, LeaseOptions, Shutdown};
 use crate::reconcile::{self, Context};
 
 fn scoped<K>(client: Client, namespace: Option<&str>) -> Api<K>
@@ -24,6 +25,29 @@ where
     match namespace {
         Some(ns) => Api::namespaced(client, ns),
         None => Api::all(client),
+    }
+}
+
+/// Runs the controllers for every namespace in `namespaces` (None = all namespaces) until
+/// `shutdown`; with `lease`, only while this replica holds the Lease.
+pub async fn run_all(
+    ctx: Arc<Context>,
+    namespaces: Vec<Option<String>>,
+    lease: Option<LeaseOptions>,
+    shutdown: Shutdown,
+) -> kube_lease_manager::Result<()> {
+    let work = |signal: Shutdown| {
+        let runs = namespaces.iter().map(|ns| run(ctx.clone(), ns.clone(), signal.clone())).collect::<Vec<_>>();
+        async move {
+            futures::future::join_all(runs).await;
+        }
+    };
+    match lease {
+        Some(lease) => leader::run_while_leader(ctx.client.clone(), lease, shutdown, work).await,
+        None => {
+            work(shutdown).await;
+            Ok(())
+        }
     }
 }
 

@@ -6,6 +6,7 @@ pub mod crd;
 pub mod deployment;
 pub mod http;
 pub mod labels;
+pub mod leader;
 pub mod metrics;
 pub mod reconcile;
 pub mod redact;

@@ -3,8 +3,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use celery_operator::leader::{LeaseOptions, Shutdown};
 use celery_operator::{controller, crd, http, metrics::Metrics, reconcile::Context, render};
 use clap::{Parser, Subcommand, ValueEnum};
+use futures::FutureExt;
 use tracing::{error, info};
 
 /// Kubernetes operator and autoscaler for Celery worker fleets.
@@ -42,6 +44,18 @@ struct RunArgs {
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
+    /// Elect a leader through a Lease so several replicas can run with one active.
+    #[arg(long, env = "LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Name of the Lease.
+    #[arg(long, env = "LEASE_NAME", default_value = "celery-operator")]
+    lease_name: String,
+    /// Namespace of the Lease (default: the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Seconds a leader's claim lasts without renewal: the longest a failover takes.
+    #[arg(long, env = "LEASE_DURATION_SECONDS", default_value_t = 15)]
+    lease_duration_seconds: u64,
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -117,18 +131,43 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let version = client.apiserver_version().await?;
     info!(server = %version.git_version, "connected to the API server");
 
-    let ctx = Arc::new(Context::new(client, metrics, std::env::var("POD_NAME").ok()));
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
-    let namespaces: Vec<Option<String>> = match args.watch_namespaces.iter().filter(|n| !n.is_empty()).count() {
-        0 => vec![None],
-        _ => args.watch_namespaces.into_iter().filter(|n| !n.is_empty()).map(Some).collect(),
-    };
+    let identity = std::env::var("POD_NAME").unwrap_or_else(|_| format!("{}-{}", hostname(), std::process::id()));
+    let ctx = Arc::new(Context::new(client, metrics, Some(identity.clone())));
+    let mut namespaces: Vec<Option<String>> =
+        args.watch_namespaces.into_iter().filter(|n| !n.is_empty()).map(Some).collect();
+    if namespaces.is_empty() {
+        namespaces.push(None); // all namespaces
+    }
+    let lease = args.leader_election.then(|| LeaseOptions {
+        name: args.lease_name,
+        namespace: args.lease_namespace,
+        identity,
+        duration_seconds: args.lease_duration_seconds,
+        grace_seconds: (args.lease_duration_seconds / 3).max(1),
+    });
+    // Every replica serves /metrics and is ready; only the leader reconciles.
     health.set_ready(true);
-    futures::future::join_all(namespaces.into_iter().map(|ns| controller::run(ctx.clone(), ns, shutdown.clone())))
-        .await;
+    controller::run_all(ctx, namespaces, lease, termination()).await?;
     info!("controllers stopped");
     Ok(())
+}
+
+/// Completes on SIGTERM (what the kubelet sends) or SIGINT.
+fn termination() -> Shutdown {
+    let signal = async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        info!("shutting down");
+    };
+    (Box::pin(signal) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>).shared()
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "celery-operator".into())
 }
