@@ -24,14 +24,16 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 
-# Reinstall the pins only when requirements.txt changed.
-stamp="$venv/.worker-image-requirements"
-if ! cmp -s "$here/requirements.txt" "$stamp"; then
+# (Re)install only when the pins or the package metadata changed. The package
+# is installed in editable mode, so later runs test the current sources with no
+# network access at all.
+stamp="$venv/.worker-image-stamp"
+wanted="$(cat "$here/requirements.txt" "$here/pyproject.toml")"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
     "${pip[@]}" install -r "$here/requirements.txt" pytest
-    cp "$here/requirements.txt" "$stamp"
+    "${pip[@]}" install --no-deps --editable "$here"
+    printf '%s' "$wanted" > "$stamp"
 fi
-# Always reinstall the package itself: it is what is under test.
-"${pip[@]}" install --no-deps --force-reinstall "$here"
 
 cd "$here"
 exec "$venv/bin/python" -m pytest -p no:cacheprovider -ra "$@"

@@ -10,9 +10,10 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import pytest
 import redis
@@ -48,24 +49,35 @@ def free_port() -> int:
 class RedisServer:
     """A private redis-server process in a temp dir; never the machine's 6379."""
 
-    def __init__(self, workdir: Path, port: Optional[int] = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
         self.workdir = workdir
         self.port = port or free_port()
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.skip("redis-server is not installed")
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.workdir / "redis.log", "ab") as log:
             self.proc = subprocess.Popen(
-                [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                 "--dir", str(self.workdir)],
+                [
+                    binary,
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(self.workdir),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -111,7 +123,7 @@ class Worker:
 
     proc: subprocess.Popen
     log: Path
-    env: Dict[str, str]
+    env: dict[str, str]
     probe_dir: Path
     queue: str
 
@@ -147,11 +159,19 @@ class Worker:
 @dataclass
 class Spawner:
     tmp_path: Path
-    workers: List[Worker] = field(default_factory=list)
+    workers: list[Worker] = field(default_factory=list)
 
-    def __call__(self, broker_url: str, *, app: str = "celery_example", command: Optional[List[str]] = None,
-                 env: Optional[Dict[str, str]] = None, concurrency: int = 1, pool: str = "prefork",
-                 probe_dir: Optional[Path] = None) -> Worker:
+    def __call__(
+        self,
+        broker_url: str,
+        *,
+        app: str = "celery_example.app",
+        command: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        concurrency: int = 1,
+        pool: str = "prefork",
+        probe_dir: Path | None = None,
+    ) -> Worker:
         name = uuid.uuid4().hex[:8]
         queue = f"q-{name}"
         probe_dir = probe_dir or self.tmp_path / f"probe-{name}"
@@ -167,14 +187,34 @@ class Spawner:
         full_env.update(env or {})
         if command is None:
             # Exactly the shape of the operator's generated worker args.
-            command = ["celery", "-A", app, "worker", "-Q", queue, "-c", str(concurrency), "-P", pool,
-                       "--prefetch-multiplier", "1", "--max-tasks-per-child", "1000", "--without-mingle",
-                       "--without-gossip", "-n", f"pool@{full_env['POD_NAME']}", "--loglevel", "INFO"]
+            command = [
+                "celery",
+                "-A",
+                app,
+                "worker",
+                "-Q",
+                queue,
+                "-c",
+                str(concurrency),
+                "-P",
+                pool,
+                "--prefetch-multiplier",
+                "1",
+                "--max-tasks-per-child",
+                "1000",
+                "--without-mingle",
+                "--without-gossip",
+                "-n",
+                f"pool@{full_env['POD_NAME']}",
+                "--loglevel",
+                "INFO",
+            ]
         argv = [ENTRYPOINT, *command]
         log = self.tmp_path / f"worker-{name}.log"
         with open(log, "wb") as out:
-            proc = subprocess.Popen(argv, env=full_env, cwd=self.tmp_path, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                argv, env=full_env, cwd=self.tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         worker = Worker(proc=proc, log=log, env=full_env, probe_dir=probe_dir, queue=queue)
         self.workers.append(worker)
         return worker
@@ -189,11 +229,11 @@ def spawn(tmp_path: Path) -> Iterator[Spawner]:
 
 
 @pytest.fixture
-def client_app() -> Iterator[Callable[..., "Celery"]]:
+def client_app() -> Iterator[Callable[..., Celery]]:
     """Plain Celery client apps (no entrypoint, no example module) that send tasks by name."""
     from celery import Celery
 
-    apps: List[Celery] = []
+    apps: list[Celery] = []
 
     def make(url: str, **conf: object) -> Celery:
         app = Celery(f"client-{len(apps)}", broker=url, backend=url)

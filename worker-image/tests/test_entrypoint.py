@@ -12,8 +12,9 @@ from conftest import ENTRYPOINT, RedisServer, Spawner, wait_until
 
 
 def test_other_commands_are_execed_in_place() -> None:
-    proc = subprocess.Popen([ENTRYPOINT, sys.executable, "-c", "import os; print(os.getpid())"],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [ENTRYPOINT, sys.executable, "-c", "import os; print(os.getpid())"], stdout=subprocess.PIPE, text=True
+    )
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0
     assert int(out) == proc.pid, "exec, not a child process"
@@ -52,8 +53,16 @@ def test_beat_is_ready_sends_ticks_and_stops_on_sigterm(
         redis_server.url,
         env={"CELERY_EXAMPLE_TICK_SECONDS": "0.5", "CELERY_EXAMPLE_TICK_QUEUE": tick_queue},
         # The operator's beat args, with the schedule on a writable volume.
-        command=["celery", "-A", "celery_example", "beat", "--schedule", str(tmp_path / "celerybeat-schedule"),
-                 "--loglevel", "INFO"],
+        command=[
+            "celery",
+            "-A",
+            "celery_example",
+            "beat",
+            "--schedule",
+            str(tmp_path / "celerybeat-schedule"),
+            "--loglevel",
+            "INFO",
+        ],
     )
     beat.wait_ready()
     assert beat.probe("readiness").stdout.startswith("ready: beat")

@@ -29,8 +29,12 @@ def test_probes_answer_with_celery_broker_clients_and_app_unimportable(tmp_path:
     files = ProbeFiles(tmp_path / "probe")
     files.start_process()
     files.mark_ready("pool@pod")
-    env = {**os.environ, "PYTHONPATH": str(poisoned_path(tmp_path)), "CELERY_PROBE_DIR": str(files.directory),
-           "CELERY_BROKER_URL": "redis://127.0.0.1:1/0"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(poisoned_path(tmp_path)),
+        "CELERY_PROBE_DIR": str(files.directory),
+        "CELERY_BROKER_URL": "redis://127.0.0.1:1/0",
+    }
     control = subprocess.run([sys.executable, "-c", "import celery"], env=env, timeout=30)
     assert control.returncode == 97, "the poisoned celery package must shadow the real one"
     for check, expected in (("liveness", "alive:"), ("readiness", "ready: pool@pod")):
@@ -50,8 +54,9 @@ def test_probe_imports_only_the_standard_library_and_its_own_modules(tmp_path: P
         "probe.run(['readiness', '--dir', sys.argv[1]])\n"
         "print(json.dumps(sorted(sys.modules)))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code, str(files.directory)], capture_output=True, text=True,
-                            timeout=30, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(files.directory)], capture_output=True, text=True, timeout=30, check=True
+    )
     loaded = json.loads(result.stdout)
     third_party = [m for m in loaded if m.split(".")[0] in POISONED]
     assert third_party == []
@@ -77,6 +82,7 @@ def test_max_age_flag_overrides_env(tmp_path: Path) -> None:
     env = {**os.environ, "CELERY_PROBE_DIR": str(files.directory), "CELERY_PROBE_LIVENESS_MAX_AGE": "1"}
     stale = subprocess.run([PROBE, "liveness"], env=env, capture_output=True, text=True, timeout=30)
     assert stale.returncode == 1 and stale.stdout.startswith("not alive:")
-    forever = subprocess.run([PROBE, "liveness", "--max-age", "1e12"], env=env, capture_output=True, text=True,
-                             timeout=30)
+    forever = subprocess.run(
+        [PROBE, "liveness", "--max-age", "1e12"], env=env, capture_output=True, text=True, timeout=30
+    )
     assert forever.returncode == 0, forever.stdout

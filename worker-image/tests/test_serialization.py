@@ -15,7 +15,7 @@ from kombu.exceptions import SerializerNotInstalled
 from celery_worker_base.serialization import allowed_content, enforce, enforce_on_tasks
 
 # An app that trusts pickle, as plenty of legacy projects do.
-PICKLE_APP = '''
+PICKLE_APP = """
 import os
 from celery import Celery
 
@@ -27,7 +27,7 @@ app.conf.update(accept_content=["pickle", "json"], result_accept_content=["pickl
 @app.task(name="pickly.add")
 def add(x, y):
     return x + y
-'''
+"""
 
 
 @pytest.fixture
@@ -38,8 +38,12 @@ def pickle_app(tmp_path: Path) -> str:
 
 def send_pickle_then_json(client_app, url: str, queue: str, result_serializer: str):
     # Redis stores results without a content type: the client must decode with the worker's serializer.
-    client = client_app(url, accept_content=["json", "pickle"], result_accept_content=["json", "pickle"],
-                        result_serializer=result_serializer)
+    client = client_app(
+        url,
+        accept_content=["json", "pickle"],
+        result_accept_content=["json", "pickle"],
+        result_serializer=result_serializer,
+    )
     pickled = client.send_task("pickly.add", (1, 2), queue=queue, serializer="pickle")
     jsoned = client.send_task("pickly.add", (2, 3), queue=queue, serializer="json")
     return pickled, jsoned
@@ -54,15 +58,16 @@ def test_worker_refuses_pickle_even_when_the_app_accepts_it(
 
     # One slot, prefetch 1, FIFO: the pickle message was handled first.
     assert jsoned.get(timeout=60) == 5
-    wait_until(lambda: "Refusing to deserialize untrusted content of type pickle" in worker.output(), 30,
-               "the worker to refuse the pickle message")
+    wait_until(
+        lambda: "Refusing to deserialize untrusted content of type pickle" in worker.output(),
+        30,
+        "the worker to refuse the pickle message",
+    )
     assert pickled.state == "PENDING"
     assert "serialization restricted to json; overrode app settings" in worker.output()
 
 
-def test_pickle_runs_when_opted_in(
-    spawn: Spawner, redis_server: RedisServer, client_app, pickle_app: str
-) -> None:
+def test_pickle_runs_when_opted_in(spawn: Spawner, redis_server: RedisServer, client_app, pickle_app: str) -> None:
     # C_FORCE_ROOT: Celery itself refuses pickle as root, and CI runs as root.
     worker = spawn(redis_server.url, app=pickle_app, env={"CELERY_ALLOW_PICKLE": "1", "C_FORCE_ROOT": "1"})
     worker.wait_ready()
@@ -79,8 +84,20 @@ def test_beat_sends_json_even_when_the_app_configures_pickle(
         '"args": (1, 1), "options": {"queue": os.environ["BEAT_QUEUE"]}}}\n'
     )
     queue = f"beat-json-{uuid.uuid4().hex[:8]}"
-    beat = spawn(redis_server.url, env={"BEAT_QUEUE": queue}, command=[
-        "celery", "-A", pickle_app, "beat", "--schedule", str(tmp_path / "celerybeat-schedule"), "--loglevel", "INFO"])
+    beat = spawn(
+        redis_server.url,
+        env={"BEAT_QUEUE": queue},
+        command=[
+            "celery",
+            "-A",
+            pickle_app,
+            "beat",
+            "--schedule",
+            str(tmp_path / "celerybeat-schedule"),
+            "--loglevel",
+            "INFO",
+        ],
+    )
     client = redis_server.client()
     raw = wait_until(lambda: client.lindex(queue, 0), 60, "beat to send a message")
     assert json.loads(raw)["content-type"] == "application/json"
@@ -141,7 +158,12 @@ def test_allowed_content_from_env() -> None:
 
 
 def test_entrypoint_refuses_to_start_with_an_unknown_accept_content(tmp_path: Path) -> None:
-    result = subprocess.run([ENTRYPOINT, "celery", "--version"], env={"CELERY_ACCEPT_CONTENT": "jsno", "PATH": ""},
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [ENTRYPOINT, "celery", "--version"],
+        env={"CELERY_ACCEPT_CONTENT": "jsno", "PATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "CELERY_ACCEPT_CONTENT" in result.stderr and "jsno" in result.stderr

@@ -18,8 +18,9 @@ def parent_pid(pid: int) -> int:
 def test_sigterm_lets_the_running_task_finish_then_exits_zero(
     spawn: Spawner, redis_server: RedisServer, client_app
 ) -> None:
-    worker = spawn(redis_server.url, env={"CELERY_PROBE_LIVENESS_MAX_AGE": "2",
-                                          "CELERY_PROBE_HEARTBEAT_INTERVAL": "0.2"})
+    worker = spawn(
+        redis_server.url, env={"CELERY_PROBE_LIVENESS_MAX_AGE": "2", "CELERY_PROBE_HEARTBEAT_INTERVAL": "0.2"}
+    )
     worker.wait_ready()
     app = client_app(redis_server.url)
     held = app.send_task("celery_example.hold", (worker.queue, 120), queue=worker.queue)
@@ -32,8 +33,9 @@ def test_sigterm_lets_the_running_task_finish_then_exits_zero(
     assert "shutting down" in worker.probe("readiness").stdout
     # Liveness keeps passing for the whole drain, whatever the pool does with
     # its heartbeat meanwhile: kubelet must not kill the worker mid-task.
-    wait_until(lambda: "warm shutdown in progress" in worker.probe("liveness").stdout, 30,
-               "liveness to report the drain")
+    wait_until(
+        lambda: "warm shutdown in progress" in worker.probe("liveness").stdout, 30, "liveness to report the drain"
+    )
     assert worker.proc.poll() is None, "the worker must wait for its running task"
 
     redis_server.client().set(RELEASE_KEY_PREFIX + worker.queue, 1)

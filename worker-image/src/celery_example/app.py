@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any
 
 from celery import Celery
 
@@ -44,7 +44,7 @@ app.conf.update(
 )
 
 _tick_seconds = float(os.environ.get("CELERY_EXAMPLE_TICK_SECONDS", "5"))
-_tick_options: Dict[str, Any] = {"expires": _tick_seconds}  # a stale tick is useless
+_tick_options: dict[str, Any] = {"expires": _tick_seconds}  # a stale tick is useless
 if os.environ.get("CELERY_EXAMPLE_TICK_QUEUE"):
     _tick_options["queue"] = os.environ["CELERY_EXAMPLE_TICK_QUEUE"]
 app.conf.beat_schedule = {
@@ -52,7 +52,7 @@ app.conf.beat_schedule = {
 }
 
 
-def _identity(task: Any) -> Dict[str, Any]:
+def _identity(task: Any) -> dict[str, Any]:
     return {"hostname": task.request.hostname, "task_id": task.request.id, "pid": os.getpid()}
 
 
@@ -62,13 +62,13 @@ def add(x: float, y: float) -> float:
 
 
 @app.task(bind=True, name="celery_example.sleep")
-def sleep(self: Any, seconds: float) -> Dict[str, Any]:
+def sleep(self: Any, seconds: float) -> dict[str, Any]:
     time.sleep(float(seconds))
     return {**_identity(self), "slept": float(seconds)}
 
 
 @app.task(bind=True, name="celery_example.hold")
-def hold(self: Any, name: str, timeout: float = 300.0) -> Dict[str, Any]:
+def hold(self: Any, name: str, timeout: float = 300.0) -> dict[str, Any]:
     """Keep a worker slot busy until ``SET celery-example:release:<name> 1`` (or timeout)."""
     client = _hold_redis()
     started = time.monotonic()
@@ -83,11 +83,11 @@ def hold(self: Any, name: str, timeout: float = 300.0) -> Dict[str, Any]:
 
 
 @app.task(bind=True, name="celery_example.tick")
-def tick(self: Any) -> Dict[str, Any]:
+def tick(self: Any) -> dict[str, Any]:
     return {**_identity(self), "at": time.time()}
 
 
-def _hold_redis() -> Optional[Any]:
+def _hold_redis() -> Any | None:
     for url in (
         os.environ.get("CELERY_EXAMPLE_REDIS_URL"),
         os.environ.get("CELERY_RESULT_BACKEND"),

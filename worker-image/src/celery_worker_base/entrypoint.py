@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 from .probe_files import ProbeConfigError, ProbeFiles, heartbeat_interval
 
 USAGE = "usage: celery-entrypoint celery [-A APP] worker|beat|... [ARGS...]  |  celery-entrypoint COMMAND [ARGS...]"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
         print(USAGE, file=sys.stderr)
@@ -30,7 +30,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return exec_command(args)
 
 
-def exec_command(args: List[str]) -> int:
+def exec_command(args: list[str]) -> int:
     try:
         os.execvp(args[0], args)
     except OSError as err:
@@ -39,7 +39,7 @@ def exec_command(args: List[str]) -> int:
     raise AssertionError("unreachable: execvp returned")
 
 
-def run_celery(celery_args: List[str]) -> int:
+def run_celery(celery_args: list[str]) -> int:
     """Run the ``celery`` CLI in-process with probe hooks and safe serialization."""
     try:
         files = ProbeFiles.from_env()

@@ -23,7 +23,7 @@ from __future__ import annotations
 import atexit
 import logging
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from celery import bootsteps, signals
 from celery.concurrency.solo import TaskPool as SoloPool
@@ -82,7 +82,7 @@ def heartbeat_step(heartbeat: Heartbeat, interval: float) -> type:
         def __init__(self, parent: Any, **kwargs: Any) -> None:
             super().__init__(parent, **kwargs)
             self.tref: Any = None
-            self.thread: Optional[ThreadHeartbeat] = None
+            self.thread: ThreadHeartbeat | None = None
 
         def start(self, worker: Any) -> None:
             if isinstance(worker.pool_cls, type) and issubclass(worker.pool_cls, SoloPool):

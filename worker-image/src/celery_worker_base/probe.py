@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from .probe_files import (
     LIVENESS_MAX_AGE_ENV,
@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(argv: Optional[Sequence[str]] = None) -> Verdict:
+def run(argv: Sequence[str] | None = None) -> Verdict:
     args = _parser().parse_args(argv)
     files = ProbeFiles(args.dir) if args.dir else ProbeFiles.from_env()
     if files is None:
@@ -56,7 +56,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Verdict:
     return check_liveness(files, max_age)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     verdict = run(argv)
     print(verdict.reason, flush=True)
     return 0 if verdict.ok else 1

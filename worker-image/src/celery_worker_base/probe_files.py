@@ -20,11 +20,12 @@ Layout of ``$CELERY_PROBE_DIR`` (an emptyDir in the pod):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
 
 PROBE_DIR_ENV = "CELERY_PROBE_DIR"
 LIVENESS_MAX_AGE_ENV = "CELERY_PROBE_LIVENESS_MAX_AGE"
@@ -74,7 +75,7 @@ class ProbeFiles:
     directory: Path
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> Optional["ProbeFiles"]:
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> ProbeFiles | None:
         """The probe directory named by ``CELERY_PROBE_DIR``, or None if unset."""
         raw = env.get(PROBE_DIR_ENV, "").strip()
         return cls(Path(raw)) if raw else None
@@ -125,7 +126,7 @@ class Verdict:
     reason: str
 
 
-def check_liveness(files: ProbeFiles, max_age: float, now: Optional[float] = None) -> Verdict:
+def check_liveness(files: ProbeFiles, max_age: float, now: float | None = None) -> Verdict:
     """Alive while the heartbeat is fresh, or while a warm shutdown drains."""
     now = time.time() if now is None else now
     draining = _read_line(files.draining)
@@ -136,15 +137,13 @@ def check_liveness(files: ProbeFiles, max_age: float, now: Optional[float] = Non
     except FileNotFoundError:
         return Verdict(
             False,
-            f"not alive: no heartbeat file {files.alive} "
-            "(was the container started through celery-entrypoint?)",
+            f"not alive: no heartbeat file {files.alive} (was the container started through celery-entrypoint?)",
         )
     age = now - mtime
     if age > max_age:
         return Verdict(
             False,
-            f"not alive: last heartbeat {age:.1f}s ago, max age {max_age:g}s "
-            "(worker main loop is stuck or frozen)",
+            f"not alive: last heartbeat {age:.1f}s ago, max age {max_age:g}s (worker main loop is stuck or frozen)",
         )
     return Verdict(True, f"alive: last heartbeat {max(age, 0.0):.1f}s ago, max age {max_age:g}s")
 
@@ -160,7 +159,7 @@ def check_readiness(files: ProbeFiles) -> Verdict:
     return Verdict(True, f"ready: {nodename or 'worker'} is consuming")
 
 
-def _read_line(path: Path) -> Optional[str]:
+def _read_line(path: Path) -> str | None:
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
@@ -176,7 +175,5 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def _remove(path: Path) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         path.unlink()
-    except FileNotFoundError:
-        pass

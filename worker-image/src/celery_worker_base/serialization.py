@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, List, Mapping, Set
+from collections.abc import Mapping
+from typing import Any
 
 from celery import Celery, signals
 from celery._state import connect_on_app_finalize
@@ -33,7 +34,7 @@ SERIALIZER_SETTINGS = ("task_serializer", "result_serializer", "event_serializer
 logger = logging.getLogger(__name__)
 
 
-def allowed_content(env: Mapping[str, str] = os.environ) -> List[str]:
+def allowed_content(env: Mapping[str, str] = os.environ) -> list[str]:
     """The allow-list from the environment; raises if a name is unknown to kombu."""
     names = [n.strip() for n in env.get(ACCEPT_CONTENT_ENV, "json").split(",") if n.strip()]
     if _truthy(env.get(ALLOW_PICKLE_ENV, "")):
@@ -43,7 +44,7 @@ def allowed_content(env: Mapping[str, str] = os.environ) -> List[str]:
     return allowed
 
 
-def enforce(app: Celery, allowed: List[str]) -> None:
+def enforce(app: Celery, allowed: list[str]) -> None:
     """Restrict ``app``'s settings to the ``allowed`` content types; idempotent."""
     conf = app.conf
     allowed_types = prepare_accept_content(allowed)
@@ -71,7 +72,7 @@ def enforce(app: Celery, allowed: List[str]) -> None:
         )
 
 
-def enforce_on_tasks(app: Celery, allowed: List[str]) -> None:
+def enforce_on_tasks(app: Celery, allowed: list[str]) -> None:
     """Move bound tasks whose ``serializer`` is not allowed to the fallback.
 
     Tasks copy ``task_serializer`` when they bind; Celery's own finalizers
@@ -81,20 +82,24 @@ def enforce_on_tasks(app: Celery, allowed: List[str]) -> None:
     allowed_types = prepare_accept_content(allowed)
     for task in app.tasks.values():
         if not _is_allowed(task.serializer, allowed_types):
-            logger.warning("celery-entrypoint: task %s: serializer %r not allowed, using %r",
-                           task.name, task.serializer, _fallback(allowed, allowed_types))
+            logger.warning(
+                "celery-entrypoint: task %s: serializer %r not allowed, using %r",
+                task.name,
+                task.serializer,
+                _fallback(allowed, allowed_types),
+            )
             type(task).serializer = _fallback(allowed, allowed_types)
 
 
-def _is_allowed(serializer: Any, allowed_types: Set[str]) -> bool:
+def _is_allowed(serializer: Any, allowed_types: set[str]) -> bool:
     return registry.name_to_type.get(serializer, serializer) in allowed_types
 
 
-def _fallback(allowed: List[str], allowed_types: Set[str]) -> str:
+def _fallback(allowed: list[str], allowed_types: set[str]) -> str:
     return "json" if "application/json" in allowed_types else allowed[0]
 
 
-def install(allowed: List[str]) -> None:
+def install(allowed: list[str]) -> None:
     """Enforce the allow-list on every app this process loads.
 
     At finalize (every command: beat must send JSON too) the settings are
