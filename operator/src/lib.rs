@@ -2,6 +2,7 @@
 
 pub mod conditions;
 pub mod controller;
+pub mod autoscale;
 pub mod crd;
 pub mod deployment;
 pub mod http;
