@@ -1,0 +1,116 @@
+//! Shared by the integration tests: real Celery publishing, kombu's own counts, async polling.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use celery_broker::TransportOptions;
+use e2e_harness::python;
+
+/// A Celery app module: `tasks.block` waits on the Redis list `release` (in `CONTROL`, a plain
+/// Redis URL) so a worker can be held mid-task; `tasks.noop` does nothing.
+pub const TASKS_PY: &str = r#"
+import json, os
+from celery import Celery
+
+app = Celery("tasks", broker=os.environ["BROKER"])
+app.conf.broker_transport_options = json.loads(os.environ.get("TRANSPORT", "{}"))
+app.conf.broker_connection_retry_on_startup = True
+
+@app.task(name="tasks.block")
+def block():
+    import redis
+    redis.Redis.from_url(os.environ["CONTROL"]).blpop("release", timeout=120)
+
+@app.task(name="tasks.noop")
+def noop():
+    pass
+"#;
+
+/// Publishes with real Celery (`plan`: queue, priority, count) and returns kombu's own ready count
+/// of every queue in `queues` — `ch._size(queue)` on `app.connection_for_write().default_channel`
+/// for Redis, a passive `queue_declare` for AMQP.
+const PUBLISH_PY: &str = r#"
+import json, os, sys
+sys.path.insert(0, os.environ["APP_DIR"])
+from tasks import app
+
+for queue, priority, count in json.loads(os.environ["PLAN"]):
+    for _ in range(count):
+        app.send_task("tasks.noop", queue=queue, priority=priority)
+
+with app.connection_for_write() as conn:
+    ch = conn.default_channel
+    queues = json.loads(os.environ["QUEUES"])
+    if conn.transport.driver_type == "redis":
+        sizes = {q: ch._size(q) for q in queues}
+        lists = {k.decode("latin-1"): ch.client.llen(k) for k in ch.client.keys("*")
+                 if ch.client.type(k) == b"list"}
+    else:
+        sizes = {q: ch.queue_declare(q, passive=True).message_count for q in queues}
+        lists = {}
+print(json.dumps({"sizes": sizes, "lists": lists}))
+"#;
+
+/// Kombu's `broker_transport_options` for `options`, as JSON.
+pub fn kombu_transport(options: &TransportOptions) -> String {
+    serde_json::json!({
+        "global_keyprefix": options.global_keyprefix,
+        "priority_steps": options.priority_steps,
+        "sep": options.separator,
+        "visibility_timeout": options.visibility_timeout.as_secs(),
+    })
+    .to_string()
+}
+
+/// Writes the Celery app into `dir`.
+pub fn write_app(dir: &Path) {
+    std::fs::write(dir.join("tasks.py"), TASKS_PY).unwrap();
+}
+
+/// What kombu sees after a publish: its own count per queue, and every Redis list with its length
+/// (raw key names, prefix included).
+pub struct KombuView {
+    pub sizes: BTreeMap<String, u64>,
+    pub lists: BTreeMap<String, u64>,
+}
+
+pub fn publish(app_dir: &Path, broker: &str, transport: &str, plan: &[(&str, u8, u32)], queues: &[&str]) -> KombuView {
+    let plan = serde_json::to_string(plan).unwrap();
+    let queues = serde_json::to_string(queues).unwrap();
+    let out = python::run_script(
+        PUBLISH_PY,
+        &[
+            ("APP_DIR", &app_dir.to_string_lossy()),
+            ("BROKER", broker),
+            ("TRANSPORT", transport),
+            ("PLAN", &plan),
+            ("QUEUES", &queues),
+        ],
+    )
+    .unwrap();
+    let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let map =
+        |v: &serde_json::Value| v.as_object().unwrap().iter().map(|(k, n)| (k.clone(), n.as_u64().unwrap())).collect();
+    KombuView { sizes: map(&json["sizes"]), lists: map(&json["lists"]) }
+}
+
+/// Polls `check` until it yields `Some`, panicking with `what` and the last value seen after
+/// `timeout`. Never a fixed sleep: it returns as soon as the condition holds.
+pub async fn poll<T, D: std::fmt::Debug, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, D>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = match check().await {
+            Ok(value) => return value,
+            Err(last) => last,
+        };
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}; last: {last:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

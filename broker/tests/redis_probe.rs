@@ -1,0 +1,303 @@
+//! The Redis probe against real redis-server processes, with tasks published and consumed by real
+//! Celery: its counts must equal kombu's own.
+
+mod common;
+
+use std::time::Duration;
+
+use celery_broker::{Broker, BrokerConfig, ProbeError, Reason, SafetyMode, Severity, TransportOptions, audit};
+use common::{kombu_transport, poll, publish, write_app};
+use e2e_harness::RedisServer;
+use e2e_harness::python::CeleryWorker;
+
+fn config(url: &str, transport: &TransportOptions) -> BrokerConfig {
+    BrokerConfig { transport: transport.clone(), ..BrokerConfig::new(url) }
+}
+
+#[tokio::test]
+async fn ready_counts_equal_kombus_own_with_priorities_prefixes_and_custom_steps() {
+    let app = tempfile::tempdir().unwrap();
+    write_app(app.path());
+    let custom_steps =
+        TransportOptions { priority_steps: (0..=9).collect(), separator: ":".into(), ..TransportOptions::default() };
+    let cases = [
+        ("kombu defaults", TransportOptions::default()),
+        ("global_keyprefix", TransportOptions { global_keyprefix: "tenant-a:".into(), ..TransportOptions::default() }),
+        ("ten priority steps, custom separator", custom_steps),
+    ];
+    // Several priorities per queue, so several lists per queue, plus a queue nobody published to.
+    let plan = [
+        ("emails", 0, 3),
+        ("emails", 3, 2),
+        ("emails", 5, 4),
+        ("emails", 9, 1),
+        ("reports", 1, 2),
+        ("reports", 8, 5),
+        ("celery", 0, 1),
+    ];
+    let queues = ["emails", "reports", "celery", "idle"];
+    for (name, options) in cases {
+        let redis = RedisServer::start().unwrap();
+        let kombu = publish(app.path(), &redis.url(), &kombu_transport(&options), &plan, &queues);
+        let lists_of_emails = kombu.lists.keys().filter(|k| k.contains("emails")).count();
+        assert!(lists_of_emails >= 3, "{name}: priorities spread over lists {:?}", kombu.lists);
+        assert!(kombu.lists.keys().all(|k| k.starts_with(&options.global_keyprefix)), "{name}: {:?}", kombu.lists);
+
+        let broker = Broker::new(config(&redis.url(), &options)).unwrap();
+        let seen = broker.probe(&queues).await.unwrap();
+        for queue in queues {
+            assert_eq!(
+                seen.queues[queue].ready, kombu.sizes[queue],
+                "{name}: queue {queue}, kombu saw {:?}",
+                kombu.sizes
+            );
+        }
+        assert_eq!(seen.queues["emails"].ready, 10, "{name}");
+        assert_eq!(seen.queues["idle"].ready, 0, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn a_probe_with_the_wrong_layout_misses_what_kombu_counts() {
+    // The point of honouring transport options: without the prefix the same data reads empty.
+    let app = tempfile::tempdir().unwrap();
+    write_app(app.path());
+    let redis = RedisServer::start().unwrap();
+    let prefixed = TransportOptions { global_keyprefix: "app1:".into(), ..TransportOptions::default() };
+    publish(app.path(), &redis.url(), &kombu_transport(&prefixed), &[("q", 0, 4)], &["q"]);
+    let wrong = Broker::new(config(&redis.url(), &TransportOptions::default())).unwrap();
+    assert_eq!(wrong.probe(&["q"]).await.unwrap().queues["q"].ready, 0);
+    let right = Broker::new(config(&redis.url(), &prefixed)).unwrap();
+    assert_eq!(right.probe(&["q"]).await.unwrap().queues["q"].ready, 4);
+}
+
+#[tokio::test]
+async fn unacked_messages_are_attributed_to_the_queue_a_worker_prefetched_from() {
+    let app = tempfile::tempdir().unwrap();
+    write_app(app.path());
+    let redis = RedisServer::start().unwrap();
+    let options = TransportOptions { global_keyprefix: "svc:".into(), ..TransportOptions::default() };
+    let transport = kombu_transport(&options);
+    let url = redis.url();
+    let env = [("BROKER", url.as_str()), ("CONTROL", url.as_str()), ("TRANSPORT", transport.as_str())];
+    // 10 blocking tasks for `emails` (served by a worker), 3 for `reports` (nobody serves it).
+    let send = r#"
+import sys, os
+sys.path.insert(0, os.environ["APP_DIR"])
+from tasks import app
+for _ in range(10):
+    app.send_task("tasks.block", queue="emails")
+for _ in range(3):
+    app.send_task("tasks.block", queue="reports")
+"#;
+    let app_dir = app.path().to_string_lossy().into_owned();
+    let mut send_env = env.to_vec();
+    send_env.push(("APP_DIR", &app_dir));
+    e2e_harness::python::run_script(send, &send_env).unwrap();
+
+    let mut worker = CeleryWorker::spawn(
+        app.path(),
+        &[
+            "-A",
+            "tasks",
+            "worker",
+            "-Q",
+            "emails",
+            "-c",
+            "1",
+            "--prefetch-multiplier",
+            "4",
+            "-l",
+            "INFO",
+            "--without-mingle",
+            "--without-gossip",
+            "--without-heartbeat",
+        ],
+        &env,
+    )
+    .unwrap();
+    worker.wait_for_log("ready.", Duration::from_secs(60)).unwrap();
+
+    let broker = Broker::new(config(&url, &options)).unwrap();
+    let queues = ["emails", "reports"];
+    // One task runs (acked at start: acks_late is off) while the worker holds 4 prefetched.
+    let seen = poll("the worker to hold 4 prefetched tasks", Duration::from_secs(30), || async {
+        let seen = broker.probe(&queues).await.unwrap();
+        let emails = &seen.queues["emails"];
+        if emails.unacked == Some(4) && emails.ready == 5 { Ok(seen) } else { Err(seen.queues) }
+    })
+    .await;
+    assert_eq!(seen.queues["emails"].orphaned_unacked, Some(0));
+    assert_eq!(seen.queues["reports"].ready, 3);
+    assert_eq!(seen.queues["reports"].unacked, Some(0));
+    // Ground truth: kombu's hash holds exactly those 4, under the prefix.
+    assert_eq!(redis.cli(&["HLEN", "svc:unacked"]).unwrap().trim(), "4");
+
+    // With a visibility timeout of zero every held message counts as orphaned.
+    let impatient = TransportOptions { visibility_timeout: Duration::ZERO, ..options.clone() };
+    let orphaned = Broker::new(config(&url, &impatient)).unwrap();
+    let seen = orphaned.probe(&queues).await.unwrap();
+    assert_eq!(seen.queues["emails"].orphaned_unacked, Some(4));
+
+    // Let everything run: the worker drains `emails` and its unacked entries.
+    redis.cli(&["LPUSH", "release", "1", "1", "1", "1", "1", "1", "1", "1", "1", "1"]).unwrap();
+    poll("emails to drain", Duration::from_secs(30), || async {
+        let seen = broker.probe(&queues).await.unwrap();
+        let emails = seen.queues["emails"].clone();
+        if emails.ready == 0 && emails.unacked == Some(0) { Ok(()) } else { Err(emails) }
+    })
+    .await;
+    drop(worker);
+}
+
+#[tokio::test]
+async fn allkeys_eviction_with_a_memory_limit_is_unsafe_and_noeviction_is_safe() {
+    let lru = RedisServer::builder().config("maxmemory 10mb").config("maxmemory-policy allkeys-lru").start().unwrap();
+    let seen = Broker::new(BrokerConfig::new(lru.url())).unwrap().probe(&["celery"]).await.unwrap();
+    assert_eq!(seen.info.eviction_policy.as_deref(), Some("allkeys-lru"));
+    assert_eq!(seen.info.maxmemory_bytes, Some(10 << 20));
+    let finding = seen.findings.iter().find(|f| f.reason == Reason::EvictionPolicyUnsafe).expect("eviction finding");
+    assert_eq!(finding.severity, Severity::Critical);
+    assert!(finding.message.contains("allkeys-lru") && finding.message.contains("noeviction"));
+    assert!(seen.is_unsafe());
+
+    let safe = RedisServer::builder().config("maxmemory 10mb").config("maxmemory-policy noeviction").start().unwrap();
+    let seen = Broker::new(BrokerConfig::new(safe.url())).unwrap().probe(&["celery"]).await.unwrap();
+    assert_eq!(seen.info.eviction_policy.as_deref(), Some("noeviction"));
+    assert!(!seen.is_unsafe(), "{:?}", seen.findings);
+
+    // Off reports nothing, whatever the policy.
+    let off = BrokerConfig { safety: SafetyMode::Off, ..BrokerConfig::new(lru.url()) };
+    let seen = Broker::new(off).unwrap().probe(&["celery"]).await.unwrap();
+    assert!(seen.findings.is_empty(), "{:?}", seen.findings);
+}
+
+#[tokio::test]
+async fn the_policy_is_read_from_info_when_config_is_renamed_away() {
+    let managed = RedisServer::builder()
+        .config("maxmemory 10mb")
+        .config("maxmemory-policy allkeys-lru")
+        .config("rename-command CONFIG \"\"")
+        .start()
+        .unwrap();
+    assert!(managed.cli(&["CONFIG", "GET", "maxmemory-policy"]).unwrap().contains("unknown command"));
+    let seen = Broker::new(BrokerConfig::new(managed.url())).unwrap().probe(&["celery"]).await.unwrap();
+    assert_eq!(seen.info.eviction_policy.as_deref(), Some("allkeys-lru"));
+    assert!(seen.findings.iter().any(|f| f.reason == Reason::EvictionPolicyUnsafe));
+
+    // Fix mode cannot fix it there, and says so instead of failing the probe.
+    let fix = BrokerConfig { safety: SafetyMode::Fix, ..BrokerConfig::new(managed.url()) };
+    let broker = Broker::new(fix).unwrap();
+    for _ in 0..2 {
+        let seen = broker.probe(&["celery"]).await.unwrap();
+        let reasons: Vec<Reason> = seen.findings.iter().map(|f| f.reason).collect();
+        assert!(reasons.contains(&Reason::EvictionPolicyUnsafe), "{reasons:?}");
+        assert!(reasons.contains(&Reason::EvictionPolicyFixFailed), "{reasons:?}");
+    }
+}
+
+#[tokio::test]
+async fn fix_mode_switches_the_policy_to_noeviction() {
+    let redis = RedisServer::builder().config("maxmemory 10mb").config("maxmemory-policy allkeys-lru").start().unwrap();
+    let fix = BrokerConfig { safety: SafetyMode::Fix, ..BrokerConfig::new(redis.url()) };
+    let broker = Broker::new(fix).unwrap();
+    let seen = broker.probe(&["celery"]).await.unwrap();
+    let reasons: Vec<Reason> = seen.findings.iter().map(|f| f.reason).collect();
+    assert_eq!(reasons, vec![Reason::EvictionPolicyFixed]);
+    assert!(!seen.is_unsafe());
+    assert_eq!(redis.cli(&["CONFIG", "GET", "maxmemory-policy"]).unwrap().lines().nth(1), Some("noeviction"));
+    let again = broker.probe(&["celery"]).await.unwrap();
+    assert!(again.findings.is_empty(), "{:?}", again.findings);
+}
+
+#[tokio::test]
+async fn keys_evicted_between_probes_are_reported_as_task_loss() {
+    let redis =
+        RedisServer::builder().config("maxmemory 3mb").config("maxmemory-policy allkeys-random").start().unwrap();
+    let broker = Broker::new(BrokerConfig::new(redis.url())).unwrap();
+    let before = broker.probe(&["celery"]).await.unwrap();
+    assert!(!before.findings.iter().any(|f| f.reason == Reason::KeysEvicted));
+    // Fill Redis past maxmemory so it evicts.
+    let fill = "import os, redis\nr = redis.Redis.from_url(os.environ['URL'])\n\
+                p = r.pipeline(transaction=False)\n[p.set(f'k{i}', 'x' * 10240) for i in range(1000)]\np.execute()\n";
+    e2e_harness::python::run_script(fill, &[("URL", &redis.url())]).unwrap();
+    let after = broker.probe(&["celery"]).await.unwrap();
+    let evicted = after.findings.iter().find(|f| f.reason == Reason::KeysEvicted).expect("evictions reported");
+    assert_eq!(evicted.severity, Severity::Critical);
+    assert!(after.info.evicted_keys.unwrap() > 0);
+}
+
+#[tokio::test]
+async fn tls_redis_is_probed_with_a_custom_ca() {
+    let redis = RedisServer::builder().tls().start().unwrap();
+    let ca_path = redis.ca_cert_path().unwrap().to_owned();
+    let ca = std::fs::read_to_string(&ca_path).unwrap();
+
+    let with_ca = BrokerConfig { ca_cert_pem: Some(ca), ..BrokerConfig::new(redis.url()) };
+    let seen = Broker::new(with_ca).unwrap().probe(&["celery"]).await.unwrap();
+    assert_eq!(seen.info.version.as_deref().map(|v| v.starts_with('7')), Some(true));
+
+    // Celery's own URL form names the CA file.
+    let celery_form = format!("{}?ssl_cert_reqs=required&ssl_ca_certs={}", redis.url(), ca_path.display());
+    Broker::new(BrokerConfig::new(celery_form)).unwrap().probe(&["celery"]).await.unwrap();
+
+    // Without the CA the server is not trusted…
+    let untrusted = Broker::new(BrokerConfig::new(redis.url())).unwrap();
+    let err = untrusted.probe(&["celery"]).await.unwrap_err();
+    assert!(matches!(err, ProbeError::Connect { .. } | ProbeError::Broker { .. }), "{err}");
+    // …unless the user opted out of verification, as kombu allows.
+    let insecure = format!("{}?ssl_cert_reqs=none", redis.url());
+    Broker::new(BrokerConfig::new(insecure)).unwrap().probe(&["celery"]).await.unwrap();
+}
+
+#[tokio::test]
+async fn errors_never_carry_the_password() {
+    let redis = RedisServer::builder().password("s3cr3t-pw").start().unwrap();
+    let wrong = format!("redis://:wr0ng-pw@127.0.0.1:{}/0", redis.port());
+    let err = Broker::new(BrokerConfig::new(wrong.clone())).unwrap().probe(&["celery"]).await.unwrap_err();
+    let shown = format!("{err} | {err:?}");
+    assert!(!shown.contains("wr0ng-pw"), "{shown}");
+    assert!(shown.contains("127.0.0.1"), "{shown}");
+
+    let unreachable = format!("redis://user:s3cr3t-pw@127.0.0.1:{}/0", e2e_harness::free_port());
+    let err = Broker::new(BrokerConfig::new(unreachable)).unwrap().probe(&["celery"]).await.unwrap_err();
+    assert_eq!(err.metric_label(), "connect");
+    let shown = format!("{err} | {err:?}");
+    assert!(!shown.contains("s3cr3t-pw"), "{shown}");
+
+    // The right password works, and nothing in the observation or report shows it.
+    let report = audit(BrokerConfig::new(redis.url()), &["celery"]).await.unwrap();
+    let shown = format!("{report} | {report:?} | {}", serde_json::to_string(&report).unwrap());
+    assert!(!shown.contains("s3cr3t-pw"), "{shown}");
+    assert!(shown.contains(":***@127.0.0.1"), "{shown}");
+}
+
+#[tokio::test]
+async fn a_user_without_scripting_still_gets_ready_counts() {
+    let redis = RedisServer::builder().config("user limited on >pw ~* &* +@all -@scripting").start().unwrap();
+    let url = format!("redis://limited:pw@127.0.0.1:{}/0", redis.port());
+    redis.cli(&["LPUSH", "celery", "m1", "m2"]).unwrap();
+    let seen = Broker::new(BrokerConfig::new(url)).unwrap().probe(&["celery"]).await.unwrap();
+    assert_eq!(seen.queues["celery"].ready, 2);
+    assert_eq!(seen.queues["celery"].unacked, None);
+    assert!(seen.findings.iter().any(|f| f.reason == Reason::UnackedUnavailable));
+}
+
+#[tokio::test]
+async fn the_probe_recovers_after_redis_restarts() {
+    let mut redis = RedisServer::start().unwrap();
+    let broker = Broker::new(BrokerConfig::new(redis.url())).unwrap();
+    redis.cli(&["LPUSH", "celery", "m"]).unwrap();
+    assert_eq!(broker.probe(&["celery"]).await.unwrap().queues["celery"].ready, 1);
+    redis.kill();
+    assert!(broker.probe(&["celery"]).await.is_err());
+    redis.restart().unwrap();
+    // The script cache is empty after a restart (NOSCRIPT is handled) and the data is gone.
+    poll("the probe to reconnect", Duration::from_secs(20), || async {
+        broker.probe(&["celery"]).await.map(|seen| seen.queues["celery"].ready)
+    })
+    .await;
+    let seen = broker.probe(&["celery"]).await.unwrap();
+    assert_eq!(seen.queues["celery"].ready, 0);
+    assert_eq!(seen.queues["celery"].unacked, Some(0));
+}
