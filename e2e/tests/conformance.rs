@@ -658,3 +658,82 @@ async fn the_served_double_speaks_http_to_kube_clients() {
     pools.create(&PostParams::default(), &pool("p", json!({"app": "a", "queues": ["q"]}))).await.unwrap();
     assert_eq!(server.list("celery-operator.dev/v1alpha1", "WorkerPool", Some("default")).unwrap().len(), 1);
 }
+
+/// Run kubectl against the served double; `None` when kubectl is not installed.
+async fn kubectl(
+    served: &celery_e2e::ServedApi,
+    cache: &std::path::Path,
+    args: &[&str],
+) -> Option<(bool, String, String)> {
+    let out = tokio::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&served.kubeconfig_path)
+        .arg("--cache-dir")
+        .arg(cache)
+        .args(args)
+        .output()
+        .await;
+    match out {
+        Ok(out) => Some((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => panic!("running kubectl: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn kubectl_applies_crds_and_custom_resources_and_prints_their_columns() {
+    let server = ApiServer::new();
+    let served = server.serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let crds = format!("{FIXTURES}/crds.yaml");
+    let Some((ok, _, err)) = kubectl(&served, cache.path(), &["apply", "-f", &crds]).await else {
+        eprintln!("NOTICE: kubectl not found on PATH; skipping the kubectl conformance test");
+        return;
+    };
+    assert!(ok, "kubectl apply of the CRDs failed: {err}");
+    let (ok, _, err) = kubectl(&served, cache.path(), &["apply", "-f", &crds]).await.unwrap();
+    assert!(ok, "re-applying the CRDs failed: {err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("pool.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: celery-operator.dev/v1alpha1\nkind: WorkerPool\nmetadata:\n  name: mail\nspec:\n  app: proj.celery\n  queues: [emails]\n  replicas: 3\n",
+    )
+    .unwrap();
+    let (ok, out, err) = kubectl(&served, cache.path(), &["apply", "-f", manifest.to_str().unwrap()]).await.unwrap();
+    assert!(ok && out.contains("workerpool.celery-operator.dev/mail created"), "{out}{err}");
+    server
+        .patch_status(
+            "celery-operator.dev/v1alpha1",
+            "WorkerPool",
+            Some("default"),
+            "mail",
+            json!({"conditions": [{"type": "Ready", "status": "True"}]}),
+        )
+        .unwrap();
+
+    let (ok, out, err) = kubectl(&served, cache.path(), &["get", "workerpools,deploy"]).await.unwrap();
+    assert!(ok, "{err}");
+    let mut lines = out.lines();
+    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(header, vec!["NAME", "REPLICAS", "READY", "AGE"]);
+    let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(&row[..3], &["workerpool.celery-operator.dev/mail", "3", "True"]);
+
+    let (ok, out, _) = kubectl(&served, cache.path(), &["get", "wp", "-o", "wide"]).await.unwrap();
+    assert!(ok && out.lines().next().unwrap().contains("APP") && out.contains("proj.celery"), "{out}");
+
+    let (ok, _, err) = kubectl(&served, cache.path(), &["scale", "wp/mail", "--replicas=5"]).await.unwrap();
+    assert!(ok, "{err}");
+    let pool = server.get("celery-operator.dev/v1alpha1", "WorkerPool", Some("default"), "mail").unwrap().unwrap();
+    assert_eq!(pool["spec"]["replicas"], 5);
+
+    std::fs::write(&manifest, "apiVersion: celery-operator.dev/v1alpha1\nkind: WorkerPool\nmetadata:\n  name: bad\nspec:\n  app: x\n  queues: []\n").unwrap();
+    let (ok, _, err) = kubectl(&served, cache.path(), &["apply", "-f", manifest.to_str().unwrap()]).await.unwrap();
+    assert!(!ok && err.contains("is invalid") && err.contains("spec.queues"), "{err}");
+}

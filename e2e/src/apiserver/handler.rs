@@ -16,6 +16,7 @@ use super::ApiServer;
 use super::discovery;
 use super::log::{FaultEffect, RequestRecord, Verb};
 use super::meta;
+use super::openapi;
 use super::patch::{self, PatchKind};
 use super::resources::ResourceType;
 use super::selector::{FieldSelector, LabelSelector};
@@ -46,6 +47,8 @@ enum Route {
     Group(String),
     GroupVersion(String, String),
     Resource(Target),
+    OpenApiRoot,
+    OpenApiGroupVersion(String, String),
     Unknown,
 }
 
@@ -61,6 +64,9 @@ fn route(path: &str) -> Route {
         ["apis", g] => Route::Group(g.to_string()),
         ["apis", g, v] => Route::GroupVersion(g.to_string(), v.to_string()),
         ["apis", g, v, rest @ ..] => target(g, v, rest),
+        ["openapi", "v3"] => Route::OpenApiRoot,
+        ["openapi", "v3", "api", v] => Route::OpenApiGroupVersion(String::new(), v.to_string()),
+        ["openapi", "v3", "apis", g, v] => Route::OpenApiGroupVersion(g.to_string(), v.to_string()),
         _ => Route::Unknown,
     }
 }
@@ -113,6 +119,13 @@ pub async fn handle(server: ApiServer, req: Request<Body>) -> Response<Body> {
         }
         Route::GroupVersion(g, v) => server
             .with_types(|t| discovery::resource_list(t, &g, &v))
+            .ok_or_else(|| ApiError::not_found_path(parts.uri.path())),
+        Route::OpenApiRoot => {
+            let generation = server.resource_version();
+            Ok(server.with_types(|t| openapi::root(t, generation)))
+        }
+        Route::OpenApiGroupVersion(g, v) => server
+            .with_types(|t| openapi::group_version(t, &g, &v))
             .ok_or_else(|| ApiError::not_found_path(parts.uri.path())),
         Route::Unknown => Err(ApiError::not_found_path(parts.uri.path())),
     };
@@ -224,6 +237,12 @@ impl Call {
     }
 
     fn parse_body(&self) -> Result<Value, ApiError> {
+        let ct = self.headers.get(header::CONTENT_TYPE).and_then(|h| h.to_str().ok()).unwrap_or_default();
+        if ct.contains("protobuf") || ct.contains("cbor") {
+            return Err(ApiError::unsupported_media_type(format!(
+                "the control-plane double decodes JSON and YAML bodies only, not {ct:?} (imperative `kubectl create <kind>` sends protobuf: use `kubectl apply -f`)"
+            )));
+        }
         serde_json::from_slice(&self.body)
             .or_else(|_| {
                 std::str::from_utf8(&self.body)

@@ -9,6 +9,7 @@ mod handler;
 pub mod log;
 mod managed;
 mod meta;
+mod openapi;
 mod patch;
 pub mod resources;
 pub mod selector;
