@@ -5,7 +5,7 @@
 #   PYTHON             interpreter that creates the venv (default: python3)
 #   extra arguments    passed to pytest, e.g. ./test.sh -k warm_shutdown
 #
-# Needs python3 (3.9+) with the venv module and redis-server on PATH. Exits
+# Needs python3 (3.10+) with the venv module and redis-server on PATH. Exits
 # non-zero when any test fails.
 set -euo pipefail
 

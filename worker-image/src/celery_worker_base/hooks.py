@@ -23,7 +23,8 @@ from __future__ import annotations
 import atexit
 import logging
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from celery import bootsteps, signals
 from celery.concurrency.solo import TaskPool as SoloPool
@@ -143,7 +144,10 @@ def _refresh_while_reconnecting(heartbeat: Heartbeat) -> None:
     # global is the one hook into the retry loop that needs no user code.
     from celery.worker.consumer import consumer
 
-    original: Callable[[], Any] = consumer.maybe_shutdown
+    original: Callable[[], Any] | None = getattr(consumer, "maybe_shutdown", None)
+    if original is None:  # a Celery that moved it: liveness then fails during outages
+        logger.warning("celery-entrypoint: cannot hook the broker reconnect loop of this Celery version")
+        return
 
     def maybe_shutdown() -> Any:
         heartbeat()

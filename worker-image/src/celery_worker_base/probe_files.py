@@ -156,7 +156,7 @@ def check_readiness(files: ProbeFiles) -> Verdict:
     nodename = _read_line(files.ready)
     if nodename is None:
         return Verdict(False, f"not ready: worker has not signalled worker_ready yet (no {files.ready})")
-    return Verdict(True, f"ready: {nodename or 'worker'} is consuming")
+    return Verdict(True, f"ready: {nodename or 'worker'}")
 
 
 def _read_line(path: Path) -> str | None:
