@@ -737,3 +737,35 @@ async fn kubectl_applies_crds_and_custom_resources_and_prints_their_columns() {
     let (ok, _, err) = kubectl(&served, cache.path(), &["apply", "-f", manifest.to_str().unwrap()]).await.unwrap();
     assert!(!ok && err.contains("is invalid") && err.contains("spec.queues"), "{err}");
 }
+
+#[tokio::test]
+async fn metadata_only_requests_return_partial_object_metadata() {
+    let server = server();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    cms.create(&PostParams::default(), &cm("a", json!({"x": "y"}))).await.unwrap();
+    let meta = cms.get_metadata("a").await.unwrap();
+    assert_eq!(meta.metadata.labels.unwrap()["x"], "y");
+    let list = cms.list_metadata(&ListParams::default()).await.unwrap();
+    assert_eq!(list.items.len(), 1);
+}
+
+#[tokio::test]
+async fn streaming_list_watchers_get_initial_events_then_a_bookmark() {
+    let server = server();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    cms.create(&PostParams::default(), &cm("a", json!({}))).await.unwrap();
+    let mut events = watcher(cms.clone(), watcher::Config::default().streaming_lists()).boxed();
+    let mut initial = Vec::new();
+    tokio::time::timeout(DEADLINE, async {
+        while let Some(event) = events.try_next().await.unwrap() {
+            match event {
+                watcher::Event::InitApply(o) => initial.push(o.metadata.name.unwrap()),
+                watcher::Event::InitDone => return,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("InitDone before the deadline");
+    assert_eq!(initial, vec!["a".to_string()]);
+}

@@ -127,6 +127,23 @@ fn default_pod_spec(spec: &mut Value) {
             cs.iter_mut().filter_map(Value::as_object_mut).for_each(default_container);
         }
     }
+    if let Some(volumes) = s.get_mut("volumes").and_then(Value::as_array_mut) {
+        for v in volumes.iter_mut() {
+            for source in ["secret", "configMap"] {
+                if let Some(src) = v.get_mut(source).and_then(Value::as_object_mut) {
+                    src.entry("defaultMode").or_insert(json!(420));
+                }
+            }
+        }
+    }
+}
+
+fn default_probe(probe: &mut Value) {
+    let Some(p) = probe.as_object_mut() else { return };
+    p.entry("timeoutSeconds").or_insert(json!(1));
+    p.entry("periodSeconds").or_insert(json!(10));
+    p.entry("successThreshold").or_insert(json!(1));
+    p.entry("failureThreshold").or_insert(json!(3));
 }
 
 fn default_container(c: &mut Map<String, Value>) {
@@ -138,6 +155,11 @@ fn default_container(c: &mut Map<String, Value>) {
     let pinned_tag = last.contains(':') && !last.ends_with(":latest");
     let policy = if pinned_tag || image.contains('@') { "IfNotPresent" } else { "Always" };
     c.entry("imagePullPolicy").or_insert(json!(policy));
+    for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+        if let Some(p) = c.get_mut(probe) {
+            default_probe(p);
+        }
+    }
     if let Some(ports) = c.get_mut("ports").and_then(Value::as_array_mut) {
         for p in ports.iter_mut().filter_map(Value::as_object_mut) {
             p.entry("protocol").or_insert(json!("TCP"));

@@ -233,6 +233,9 @@ impl Call {
     fn render(&self, obj: &Value) -> Value {
         let mut o = obj.clone();
         o["apiVersion"] = json!(self.rt.api_version(&self.t.version));
+        if wants_metadata_only(self.accept()) {
+            return partial_metadata(&o);
+        }
         o
     }
 
@@ -545,9 +548,14 @@ fn list(server: &ApiServer, c: &Call) -> Result<Reply, ApiError> {
             Vec::new(),
         ));
     }
+    let (api_version, kind) = if wants_metadata_only(c.accept()) {
+        ("meta.k8s.io/v1".to_string(), "PartialObjectMetadataList".to_string())
+    } else {
+        (c.rt.api_version(&c.t.version), format!("{}List", c.rt.kind))
+    };
     let list = json!({
-        "apiVersion": c.rt.api_version(&c.t.version),
-        "kind": format!("{}List", c.rt.kind),
+        "apiVersion": api_version,
+        "kind": kind,
         "metadata": list_meta,
         "items": rendered,
     });
@@ -572,6 +580,7 @@ fn watch(server: &ApiServer, c: &Call) -> Result<Reply, ApiError> {
     let renderer = WatchRenderer {
         rt: c.rt.clone(),
         version: c.t.version.clone(),
+        metadata_only: wants_metadata_only(c.accept()),
         table: table::wants_table(c.accept())
             .then(|| IncludeObject::parse(c.query.get("includeObject").map(String::as_str))),
     };
@@ -606,6 +615,7 @@ fn line(v: &Value) -> Bytes {
 struct WatchRenderer {
     rt: Arc<ResourceType>,
     version: String,
+    metadata_only: bool,
     table: Option<IncludeObject>,
 }
 
@@ -616,6 +626,9 @@ impl WatchRenderer {
             Delivery::Event(kind, obj) => {
                 let mut o = obj.clone();
                 o["apiVersion"] = json!(api_version);
+                if self.metadata_only {
+                    o = partial_metadata(&o);
+                }
                 if let Some(include) = self.table {
                     let mut t = table::table(
                         &self.rt,
@@ -641,6 +654,19 @@ impl WatchRenderer {
         };
         line(&event)
     }
+}
+
+/// Whether the client asked for `PartialObjectMetadata` (kube's `get_metadata`, metadata watchers).
+fn wants_metadata_only(accept: &str) -> bool {
+    accept.split(',').next().is_some_and(|first| first.contains("as=PartialObjectMetadata"))
+}
+
+fn partial_metadata(obj: &Value) -> Value {
+    json!({
+        "apiVersion": "meta.k8s.io/v1",
+        "kind": "PartialObjectMetadata",
+        "metadata": obj.get("metadata").cloned().unwrap_or_default(),
+    })
 }
 
 /// The autoscaling/v1 Scale view of an object with a scale subresource.
