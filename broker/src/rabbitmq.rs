@@ -110,7 +110,6 @@ impl RabbitBroker {
             None => {}
         }
         let major = info.version.as_deref().and_then(major_version);
-        let reachable = self.management.is_some() && findings.is_empty();
         let mut observed = BTreeMap::new();
         for (queue, declared) in queues.iter().zip(declared) {
             let detail = details.get(*queue);
@@ -134,12 +133,9 @@ impl RabbitBroker {
             if let (Some(detail), true) = (detail, self.safety != SafetyMode::Off) {
                 findings.extend(rabbitmq_queue_findings(detail, major));
             }
-            let unacked = match detail {
-                Some(d) => d["messages_unacknowledged"].as_u64(),
-                // Declared a moment ago, not yet in the management statistics.
-                None if reachable => Some(0),
-                None => None,
-            };
+            // Unknown until the management statistics include the queue (one collection interval
+            // after it was declared).
+            let unacked = detail.and_then(|d| d["messages_unacknowledged"].as_u64());
             observed.insert(
                 (*queue).to_owned(),
                 QueueObservation { ready, unacked, orphaned_unacked: None, consumers: Some(consumers) },

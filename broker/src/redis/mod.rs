@@ -285,10 +285,10 @@ impl RedisBroker {
     /// `CONFIG SET maxmemory-policy noeviction`, verified with `CONFIG GET`. Tried once per
     /// observed policy: a refusal (CONFIG renamed, ACL) is remembered, not retried every poll.
     async fn fix_policy(&self, con: &mut ConnectionManager, policy: &str) -> Result<(), String> {
-        if let Some((failed_for, why)) = &self.history.lock().expect("history lock").fix_failure {
-            if failed_for == policy {
-                return Err(why.clone());
-            }
+        if let Some((failed_for, why)) = &self.history.lock().expect("history lock").fix_failure
+            && failed_for == policy
+        {
+            return Err(why.clone());
         }
         let result: RedisResult<HashMap<String, String>> = async {
             ::redis::cmd("CONFIG").arg("SET").arg("maxmemory-policy").arg("noeviction").query_async::<()>(con).await?;

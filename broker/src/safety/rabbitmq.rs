@@ -29,19 +29,19 @@ impl Settings<'_> {
         self.arguments?.get(&format!("x-{key}")).filter(|v| !v.is_null())
     }
 
-    fn from_policy(&self, key: &str) -> Option<&Value> {
+    fn policy_value(&self, key: &str) -> Option<&Value> {
         self.policy?.get(key).filter(|v| !v.is_null())
     }
 
     /// The value RabbitMQ enforces for a numeric limit: the lower of argument and policy.
     fn limit(&self, key: &str) -> Option<i64> {
-        let values = [self.argument(key), self.from_policy(key)];
+        let values = [self.argument(key), self.policy_value(key)];
         values.into_iter().flatten().filter_map(Value::as_i64).min()
     }
 
     /// The value of a setting where the queue argument takes precedence over the policy.
     fn text(&self, key: &str) -> Option<&str> {
-        self.argument(key).or_else(|| self.from_policy(key)).and_then(Value::as_str)
+        self.argument(key).or_else(|| self.policy_value(key)).and_then(Value::as_str)
     }
 
     fn has_dead_letter_exchange(&self) -> bool {

@@ -124,7 +124,8 @@ mod tests {
     fn eviction_policies_are_judged_by_what_they_can_evict() {
         use Reason::*;
         use Severity::*;
-        let cases: &[(&str, u64, &[(Reason, Severity)])] = &[
+        type Case<'a> = (&'a str, u64, &'a [(Reason, Severity)]);
+        let cases: &[Case<'_>] = &[
             ("noeviction", 10 << 20, &[]),
             ("volatile-lru", 10 << 20, &[]),
             ("volatile-ttl", 0, &[]),

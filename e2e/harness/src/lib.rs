@@ -43,11 +43,7 @@ pub enum HarnessError {
     #[error("{what} failed: {detail}")]
     Command { what: String, detail: String },
     #[error("timed out after {after:?} waiting for {what}{detail}")]
-    Timeout {
-        what: String,
-        after: Duration,
-        detail: String,
-    },
+    Timeout { what: String, after: Duration, detail: String },
 }
 
 pub type Result<T, E = HarnessError> = std::result::Result<T, E>;
@@ -59,19 +55,12 @@ pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> 
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind 127.0.0.1:0")
 }
 
 /// Polls `check` until it returns `Some`, or fails after `timeout`. Polls every 20 ms at first,
 /// backing off to 200 ms. `what` names the awaited condition in the error.
-pub fn wait_until<T>(
-    what: &str,
-    timeout: Duration,
-    mut check: impl FnMut() -> Option<T>,
-) -> Result<T> {
+pub fn wait_until<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Result<T> {
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(20);
     loop {
@@ -79,11 +68,7 @@ pub fn wait_until<T>(
             return Ok(value);
         }
         if Instant::now() >= deadline {
-            return Err(HarnessError::Timeout {
-                what: what.to_owned(),
-                after: timeout,
-                detail: String::new(),
-            });
+            return Err(HarnessError::Timeout { what: what.to_owned(), after: timeout, detail: String::new() });
         }
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(200));

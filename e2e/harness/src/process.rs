@@ -12,7 +12,8 @@ use crate::{HarnessError, Result, io_err, wait_until};
 /// The reaper blocks reading a pipe only this process writes to. When a line arrives (a normal drop)
 /// or the pipe closes (the kernel closed it because the test binary died) it kills the group; only in
 /// the second case does it also remove `$1`, which no destructor will clean up any more.
-const REAPER: &str = r#"read -r how; kill -KILL "-$0" 2>/dev/null; [ "$how" = dropped ] || [ -z "$1" ] || rm -rf -- "$1""#;
+const REAPER: &str =
+    r#"read -r how; kill -KILL "-$0" 2>/dev/null; [ "$how" = dropped ] || [ -z "$1" ] || rm -rf -- "$1""#;
 
 pub(crate) struct Supervised {
     what: String,
@@ -23,16 +24,8 @@ pub(crate) struct Supervised {
 impl Supervised {
     /// Spawns `cmd` as the leader of a new process group. `remove_on_orphan` is deleted by the reaper
     /// only when the test binary died without dropping us (a normal drop leaves it to its owner).
-    pub(crate) fn spawn(
-        what: &str,
-        cmd: &mut Command,
-        remove_on_orphan: Option<&Path>,
-    ) -> Result<Self> {
-        let child = cmd
-            .process_group(0)
-            .stdin(Stdio::null())
-            .spawn()
-            .map_err(io_err(format!("spawn {what}")))?;
+    pub(crate) fn spawn(what: &str, cmd: &mut Command, remove_on_orphan: Option<&Path>) -> Result<Self> {
+        let child = cmd.process_group(0).stdin(Stdio::null()).spawn().map_err(io_err(format!("spawn {what}")))?;
         let mut reaper = Command::new("sh")
             .arg("-c")
             .arg(REAPER)
@@ -44,11 +37,7 @@ impl Supervised {
             .spawn()
             .map_err(io_err(format!("spawn reaper for {what}")))?;
         let pipe = reaper.stdin.take().expect("piped stdin");
-        Ok(Self {
-            what: what.to_owned(),
-            child,
-            reaper: Some((reaper, pipe)),
-        })
+        Ok(Self { what: what.to_owned(), child, reaper: Some((reaper, pipe)) })
     }
 
     pub(crate) fn pid(&self) -> u32 {
@@ -69,10 +58,7 @@ impl Supervised {
         if status.success() {
             Ok(())
         } else {
-            Err(HarnessError::Command {
-                what: format!("kill -s {signal} {}", self.what),
-                detail: status.to_string(),
-            })
+            Err(HarnessError::Command { what: format!("kill -s {signal} {}", self.what), detail: status.to_string() })
         }
     }
 
@@ -103,9 +89,7 @@ impl Supervised {
 
 impl std::fmt::Debug for Supervised {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Supervised")
-            .field("pid", &self.pid())
-            .finish()
+        f.debug_struct("Supervised").field("pid", &self.pid()).finish()
     }
 }
 

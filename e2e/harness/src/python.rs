@@ -30,10 +30,7 @@ pub fn celery_venv() -> Result<&'static Path> {
     static VENV: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     VENV.get_or_init(|| prepare_venv().map_err(|e| e.to_string()))
         .as_deref()
-        .map_err(|detail| HarnessError::Command {
-            what: "prepare the Celery venv".into(),
-            detail: detail.clone(),
-        })
+        .map_err(|detail| HarnessError::Command { what: "prepare the Celery venv".into(), detail: detail.clone() })
 }
 
 /// `<venv>/bin/<program>` (e.g. `python`, `celery`).
@@ -46,8 +43,7 @@ fn prepare_venv() -> Result<PathBuf> {
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target/celery-venv"));
     let requirements_file = workspace_root().join("worker-image/requirements.txt");
-    let requirements = std::fs::read_to_string(&requirements_file)
-        .unwrap_or_else(|_| FALLBACK_REQUIREMENTS.to_owned());
+    let requirements = std::fs::read_to_string(&requirements_file).unwrap_or_else(|_| FALLBACK_REQUIREMENTS.to_owned());
 
     if let Some(parent) = venv.parent() {
         std::fs::create_dir_all(parent).map_err(io_err("create the venv's parent dir"))?;
@@ -56,9 +52,7 @@ fn prepare_venv() -> Result<PathBuf> {
     lock.lock().map_err(io_err("lock the venv"))?;
 
     let stamp = std::fs::read_to_string(venv.join(STAMP)).ok();
-    let user_managed = stamp.is_none()
-        && std::env::var_os("CELERY_VENV").is_some()
-        && venv.join("bin/python").exists();
+    let user_managed = stamp.is_none() && std::env::var_os("CELERY_VENV").is_some() && venv.join("bin/python").exists();
     if user_managed || stamp.as_deref() == Some(requirements.as_str()) {
         return Ok(venv);
     }
@@ -66,42 +60,26 @@ fn prepare_venv() -> Result<PathBuf> {
     tracing::info!(venv = %venv.display(), "creating the Celery venv");
     let _ = std::fs::remove_dir_all(&venv);
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    run(
-        "python3 -m venv",
-        Command::new(python).args(["-m", "venv"]).arg(&venv),
-    )?;
+    run("python3 -m venv", Command::new(python).args(["-m", "venv"]).arg(&venv))?;
     let pinned = venv.join("requirements.txt");
     std::fs::write(&pinned, &requirements).map_err(io_err("write requirements"))?;
-    let from = if requirements_file.exists() {
-        requirements_file
-    } else {
-        pinned
-    };
+    let from = if requirements_file.exists() { requirements_file } else { pinned };
     run(
         "pip install the Celery requirements",
-        Command::new(venv.join("bin/pip"))
-            .args(["install", "--disable-pip-version-check", "-q", "-r"])
-            .arg(from),
+        Command::new(venv.join("bin/pip")).args(["install", "--disable-pip-version-check", "-q", "-r"]).arg(from),
     )?;
     std::fs::write(venv.join(STAMP), &requirements).map_err(io_err("write venv stamp"))?;
     Ok(venv)
 }
 
 fn run(what: &str, cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(io_err(what.to_owned()))?;
+    let out = cmd.stdin(Stdio::null()).output().map_err(io_err(what.to_owned()))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(HarnessError::Command {
             what: what.to_owned(),
-            detail: format!(
-                "{}\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
+            detail: format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
         })
     }
 }
@@ -164,11 +142,9 @@ impl CeleryWorker {
                 what: format!("celery exited before logging {needle:?}"),
                 detail: self.log(),
             }),
-            Err(HarnessError::Timeout { what, after, .. }) => Err(HarnessError::Timeout {
-                what,
-                after,
-                detail: format!("; log:\n{}", self.log()),
-            }),
+            Err(HarnessError::Timeout { what, after, .. }) => {
+                Err(HarnessError::Timeout { what, after, detail: format!("; log:\n{}", self.log()) })
+            }
             Err(e) => Err(e),
         }
     }

@@ -18,6 +18,8 @@ const RABBIT_BIN: &str = "/usr/lib/rabbitmq/bin";
 const BOOT_TIMEOUT_SECS: u32 = 90;
 
 /// A running private RabbitMQ node; user `guest`/`guest` may connect over loopback. Killed when dropped.
+/// Its management statistics refresh every 500 ms (RabbitMQ's default is 5 s) so tests of
+/// management-API readers wait less.
 #[derive(Debug)]
 pub struct RabbitServer {
     dir: TempDir,
@@ -31,15 +33,9 @@ impl RabbitServer {
     /// Boots a new node (about 5 s) and waits until RabbitMQ and its plugins run.
     pub fn start() -> Result<Self> {
         static SEQ: AtomicU32 = AtomicU32::new(0);
-        let dir = tempfile::Builder::new()
-            .prefix("rabbit-test-")
-            .tempdir()
-            .map_err(io_err("create rabbitmq temp dir"))?;
-        let node = format!(
-            "t{}-{}@localhost",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        );
+        let dir =
+            tempfile::Builder::new().prefix("rabbit-test-").tempdir().map_err(io_err("create rabbitmq temp dir"))?;
+        let node = format!("t{}-{}@localhost", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
         let (amqp_port, management_port, dist_port) = (free_port(), free_port(), free_port());
         write_node_files(dir.path(), amqp_port, management_port)?;
         let mut cmd = Command::new(Path::new(RABBIT_BIN).join("rabbitmq-server"));
@@ -49,22 +45,14 @@ impl RabbitServer {
             .stdout(log_file(dir.path(), "stdout.log")?)
             .stderr(log_file(dir.path(), "stderr.log")?);
         let process = Supervised::spawn("rabbitmq-server", &mut cmd, Some(dir.path()))?;
-        let server = Self {
-            dir,
-            node,
-            amqp_port,
-            management_port,
-            _process: process,
-        };
+        let server = Self { dir, node, amqp_port, management_port, _process: process };
         let pid_file = server.dir.path().join("rabbit.pid");
         let timeout = BOOT_TIMEOUT_SECS.to_string();
         let pid_arg = pid_file.to_string_lossy();
-        server
-            .ctl(&["wait", &pid_arg, "--timeout", &timeout])
-            .map_err(|e| HarnessError::Command {
-                what: format!("boot RabbitMQ node {}", server.node),
-                detail: format!("{e}\n{}", server.log_tail()),
-            })?;
+        server.ctl(&["wait", &pid_arg, "--timeout", &timeout]).map_err(|e| HarnessError::Command {
+            what: format!("boot RabbitMQ node {}", server.node),
+            detail: format!("{e}\n{}", server.log_tail()),
+        })?;
         Ok(server)
     }
 
@@ -72,13 +60,9 @@ impl RabbitServer {
     /// binary exits. Tests sharing it must use their own queue names or vhosts.
     pub fn shared() -> Result<&'static Self> {
         static SHARED: OnceLock<Result<RabbitServer, String>> = OnceLock::new();
-        SHARED
-            .get_or_init(|| Self::start().map_err(|e| e.to_string()))
-            .as_ref()
-            .map_err(|detail| HarnessError::Command {
-                what: "boot the shared RabbitMQ node".into(),
-                detail: detail.clone(),
-            })
+        SHARED.get_or_init(|| Self::start().map_err(|e| e.to_string())).as_ref().map_err(|detail| {
+            HarnessError::Command { what: "boot the shared RabbitMQ node".into(), detail: detail.clone() }
+        })
     }
 
     /// `amqp://guest:guest@127.0.0.1:PORT/%2F` (the default vhost `/`).
@@ -88,11 +72,7 @@ impl RabbitServer {
 
     /// The AMQP URL for `vhost` (percent-encoded, so `/` becomes `%2F`).
     pub fn amqp_url_for_vhost(&self, vhost: &str) -> String {
-        format!(
-            "amqp://guest:guest@127.0.0.1:{}/{}",
-            self.amqp_port,
-            encode_vhost(vhost)
-        )
+        format!("amqp://guest:guest@127.0.0.1:{}/{}", self.amqp_port, encode_vhost(vhost))
     }
 
     /// `http://guest:guest@127.0.0.1:PORT` — the management API root (append `/api/...`).
@@ -134,11 +114,7 @@ impl RabbitServer {
         } else {
             Err(HarnessError::Command {
                 what: format!("rabbitmqctl {}", args.join(" ")),
-                detail: format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                ),
+                detail: format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
             })
         }
     }
@@ -155,9 +131,7 @@ fn encode_vhost(vhost: &str) -> String {
     vhost
         .bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -174,15 +148,13 @@ fn write_node_files(dir: &Path, amqp_port: u16, management_port: u16) -> Result<
                 "listeners.tcp.default = 127.0.0.1:{amqp_port}\n\
                  management.tcp.ip = 127.0.0.1\n\
                  management.tcp.port = {management_port}\n\
-                 loopback_users = none\n"
+                 loopback_users = none\n\
+                 collect_statistics_interval = 500\n"
             ),
         ),
         ("enabled_plugins", "[rabbitmq_management].\n".to_owned()),
         // Replaces /etc/rabbitmq/rabbitmq-env.conf, which names the machine's own node.
-        (
-            "rabbitmq-env.conf",
-            "ERL_EPMD_ADDRESS=127.0.0.1\n".to_owned(),
-        ),
+        ("rabbitmq-env.conf", "ERL_EPMD_ADDRESS=127.0.0.1\n".to_owned()),
     ];
     for (name, text) in files {
         std::fs::write(dir.join(name), text).map_err(io_err(format!("write {name}")))?;

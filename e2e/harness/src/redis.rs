@@ -50,16 +50,9 @@ impl RedisBuilder {
     }
 
     pub fn start(self) -> Result<RedisServer> {
-        let dir = tempfile::Builder::new()
-            .prefix("redis-test-")
-            .tempdir()
-            .map_err(io_err("create redis temp dir"))?;
+        let dir = tempfile::Builder::new().prefix("redis-test-").tempdir().map_err(io_err("create redis temp dir"))?;
         let port = free_port();
-        let certs = if self.tls {
-            Some(TestCertificates::generate(dir.path())?)
-        } else {
-            None
-        };
+        let certs = if self.tls { Some(TestCertificates::generate(dir.path())?) } else { None };
         let conf = render_config(&self, dir.path(), port, certs.as_ref());
         let conf_path = dir.path().join("redis.conf");
         std::fs::write(&conf_path, conf).map_err(io_err("write redis.conf"))?;
@@ -82,12 +75,7 @@ impl RedisBuilder {
     }
 }
 
-fn render_config(
-    opts: &RedisBuilder,
-    dir: &Path,
-    port: u16,
-    certs: Option<&TestCertificates>,
-) -> String {
+fn render_config(opts: &RedisBuilder, dir: &Path, port: u16, certs: Option<&TestCertificates>) -> String {
     let mut lines = vec![
         "bind 127.0.0.1".to_owned(),
         format!("dir {}", dir.display()),
@@ -141,11 +129,7 @@ impl RedisServer {
 
     /// `redis://[userinfo@]127.0.0.1:PORT/0`, or `rediss://…` for a TLS server.
     pub fn url(&self) -> String {
-        let scheme = if self.certs.is_some() {
-            "rediss"
-        } else {
-            "redis"
-        };
+        let scheme = if self.certs.is_some() { "rediss" } else { "redis" };
         format!("{scheme}://{}127.0.0.1:{}/0", self.userinfo, self.port)
     }
 
@@ -173,11 +157,7 @@ impl RedisServer {
         if let Some((user, password)) = &self.cli_auth {
             cmd.args(["--user", user]).env("REDISCLI_AUTH", password);
         }
-        let out = cmd
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(io_err("run redis-cli"))?;
+        let out = cmd.args(args).stdin(Stdio::null()).output().map_err(io_err("run redis-cli"))?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
@@ -201,9 +181,7 @@ impl RedisServer {
         let log = self.dir.path().join("redis.log");
         let _ = std::fs::remove_file(&log);
         let mut cmd = Command::new("redis-server");
-        cmd.arg(&self.conf_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        cmd.arg(&self.conf_path).stdout(Stdio::null()).stderr(Stdio::null());
         let mut process = Supervised::spawn("redis-server", &mut cmd, Some(self.dir.path()))?;
         let ready = wait_until("redis-server to accept connections", BOOT_TIMEOUT, || {
             if process.exited().is_some() {

@@ -25,13 +25,7 @@ impl TestCertificates {
         let path = |name: &str| dir.join(name);
         let ext = path("server.ext");
         std::fs::write(&ext, SERVER_EXTENSIONS).map_err(io_err("write server.ext"))?;
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
         openssl(
             "create the test CA",
             Command::new("openssl")
@@ -69,11 +63,7 @@ impl TestCertificates {
                 .arg("-out")
                 .arg(path("server.crt")),
         )?;
-        Ok(Self {
-            ca_cert: path("ca.crt"),
-            server_cert: path("server.crt"),
-            server_key: path("server.key"),
-        })
+        Ok(Self { ca_cert: path("ca.crt"), server_cert: path("server.crt"), server_key: path("server.key") })
     }
 }
 
@@ -82,9 +72,6 @@ fn openssl(what: &str, cmd: &mut Command) -> Result<()> {
     if out.status.success() {
         Ok(())
     } else {
-        Err(HarnessError::Command {
-            what: what.to_owned(),
-            detail: String::from_utf8_lossy(&out.stderr).into_owned(),
-        })
+        Err(HarnessError::Command { what: what.to_owned(), detail: String::from_utf8_lossy(&out.stderr).into_owned() })
     }
 }

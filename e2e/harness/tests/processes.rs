@@ -16,10 +16,7 @@ fn gone(pid: u32) -> bool {
 fn redis_pid(redis: &RedisServer) -> u32 {
     let info = redis.cli(&["INFO", "server"]).unwrap();
     let line = info.lines().find(|l| l.starts_with("process_id:")).unwrap();
-    line.trim_start_matches("process_id:")
-        .trim()
-        .parse()
-        .unwrap()
+    line.trim_start_matches("process_id:").trim().parse().unwrap()
 }
 
 #[test]
@@ -45,10 +42,7 @@ fn redis_is_killed_when_dropped() {
     let pid = redis_pid(&redis);
     let dir = redis.dir().to_owned();
     drop(redis);
-    wait_until("redis-server to go away", Duration::from_secs(10), || {
-        gone(pid).then_some(())
-    })
-    .unwrap();
+    wait_until("redis-server to go away", Duration::from_secs(10), || gone(pid).then_some(())).unwrap();
     assert!(!dir.exists());
 }
 
@@ -60,16 +54,11 @@ fn redis_takes_extra_config_lines_and_a_password() {
         .config("maxmemory-policy allkeys-lru")
         .start()
         .unwrap();
-    assert_eq!(
-        redis.url(),
-        format!("redis://:hunter2@127.0.0.1:{}/0", redis.port())
-    );
+    assert_eq!(redis.url(), format!("redis://:hunter2@127.0.0.1:{}/0", redis.port()));
     let policy = redis.cli(&["CONFIG", "GET", "maxmemory-policy"]).unwrap();
     assert!(policy.contains("allkeys-lru"), "{policy}");
-    let raw = std::process::Command::new("redis-cli")
-        .args(["-p", &redis.port().to_string(), "GET", "x"])
-        .output()
-        .unwrap();
+    let raw =
+        std::process::Command::new("redis-cli").args(["-p", &redis.port().to_string(), "GET", "x"]).output().unwrap();
     assert!(String::from_utf8_lossy(&raw.stdout).contains("NOAUTH"));
 }
 
@@ -80,10 +69,8 @@ fn redis_serves_tls_with_a_generated_ca() {
     assert!(redis.ca_cert_path().is_some_and(Path::exists));
     assert_eq!(redis.cli(&["PING"]).unwrap().trim(), "PONG");
     // Plain TCP clients get nothing useful from a TLS-only server.
-    let plain = std::process::Command::new("redis-cli")
-        .args(["-p", &redis.port().to_string(), "PING"])
-        .output()
-        .unwrap();
+    let plain =
+        std::process::Command::new("redis-cli").args(["-p", &redis.port().to_string(), "PING"]).output().unwrap();
     assert!(!String::from_utf8_lossy(&plain.stdout).contains("PONG"));
 }
 
@@ -95,17 +82,8 @@ fn shared_rabbit_node_accepts_amqp_and_management_connections() {
     TcpStream::connect(("127.0.0.1", rabbit.management_port())).unwrap();
     assert!(rabbit.amqp_url().ends_with("/%2F"));
     rabbit.add_vhost("harness test").unwrap();
-    assert!(
-        rabbit
-            .ctl(&["list_vhosts"])
-            .unwrap()
-            .contains("harness test")
-    );
-    assert!(
-        rabbit
-            .amqp_url_for_vhost("harness test")
-            .ends_with("/harness%20test")
-    );
+    assert!(rabbit.ctl(&["list_vhosts"]).unwrap().contains("harness test"));
+    assert!(rabbit.amqp_url_for_vhost("harness test").ends_with("/harness%20test"));
 }
 
 #[test]
@@ -135,29 +113,14 @@ fn celery_worker_consumes_from_a_private_redis_and_dies_with_its_pool() {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut worker = python::CeleryWorker::spawn(
         app.path(),
-        &[
-            "-A",
-            "tasks",
-            "worker",
-            "-c",
-            "2",
-            "-l",
-            "INFO",
-            "--without-mingle",
-            "--without-gossip",
-        ],
+        &["-A", "tasks", "worker", "-c", "2", "-l", "INFO", "--without-mingle", "--without-gossip"],
         &env,
     )
     .unwrap();
-    worker
-        .wait_for_log("ready.", Duration::from_secs(60))
-        .unwrap();
+    worker.wait_for_log("ready.", Duration::from_secs(60)).unwrap();
     let pid = worker.pid();
     drop(worker);
-    wait_until("the worker to go away", Duration::from_secs(10), || {
-        gone(pid).then_some(())
-    })
-    .unwrap();
+    wait_until("the worker to go away", Duration::from_secs(10), || gone(pid).then_some(())).unwrap();
     // The prefork children went with it: nobody is connected to the broker any more.
     wait_until("the pool to disconnect", Duration::from_secs(10), || {
         let clients = redis.cli(&["CLIENT", "LIST"]).unwrap();
