@@ -2,7 +2,12 @@
 
 use std::time::Instant;
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
+use std::time::Duration;
+
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+/// Labels of per-queue metrics.
+const QUEUE_LABELS: [&str; 2] = ["namespace", "taskqueue"];
 
 /// The operator's metrics, in one registry.
 pub struct Metrics {
@@ -10,6 +15,11 @@ pub struct Metrics {
     reconciles: IntCounterVec,
     failures: IntCounterVec,
     duration: HistogramVec,
+    queue_ready: IntGaugeVec,
+    queue_unacked: IntGaugeVec,
+    broker_safe: IntGaugeVec,
+    probe_duration: HistogramVec,
+    probe_errors: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -36,14 +46,47 @@ impl Metrics {
             &["kind"],
         )
         .expect("valid metric");
-        for m in [
-            Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
+        let gauge =
+            |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &QUEUE_LABELS).expect("valid metric");
+        let queue_ready = gauge("celery_operator_queue_ready", "Messages waiting in the queue, all priorities");
+        let queue_unacked = gauge("celery_operator_queue_unacked", "Messages delivered but not acknowledged");
+        let broker_safe =
+            gauge("celery_operator_broker_safe", "1 when the broker cannot silently drop the queue's tasks");
+        let probe_duration = HistogramVec::new(
+            HistogramOpts::new("celery_operator_probe_duration_seconds", "Broker probe duration")
+                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0]),
+            &QUEUE_LABELS,
+        )
+        .expect("valid metric");
+        let probe_errors = IntCounterVec::new(
+            Opts::new("celery_operator_probe_errors_total", "Failed broker probes, by error"),
+            &["namespace", "taskqueue", "error"],
+        )
+        .expect("valid metric");
+        let collectors: [Box<dyn prometheus::core::Collector>; 8] = [
+            Box::new(reconciles.clone()),
             Box::new(failures.clone()),
             Box::new(duration.clone()),
-        ] {
+            Box::new(queue_ready.clone()),
+            Box::new(queue_unacked.clone()),
+            Box::new(broker_safe.clone()),
+            Box::new(probe_duration.clone()),
+            Box::new(probe_errors.clone()),
+        ];
+        for m in collectors {
             registry.register(m).expect("metric registered once");
         }
-        Self { registry, reconciles, failures, duration }
+        Self {
+            registry,
+            reconciles,
+            failures,
+            duration,
+            queue_ready,
+            queue_unacked,
+            broker_safe,
+            probe_duration,
+            probe_errors,
+        }
     }
 
     /// Counts a reconcile of `kind` and times it until the returned guard drops.
@@ -55,6 +98,25 @@ impl Metrics {
     /// Counts a failed reconcile.
     pub fn reconcile_failure(&self, kind: &str, error: &str) {
         self.failures.with_label_values(&[kind, error]).inc();
+    }
+
+    /// Records a broker probe for a queue (`[namespace, taskqueue]`), with its error label if it failed.
+    pub fn probe_finished(&self, queue: &[String; 2], took: Duration, error: Option<&str>) {
+        let labels = [queue[0].as_str(), queue[1].as_str()];
+        self.probe_duration.with_label_values(&labels).observe(took.as_secs_f64());
+        if let Some(error) = error {
+            self.probe_errors.with_label_values(&[labels[0], labels[1], error]).inc();
+        }
+    }
+
+    /// Records what a probe saw of a queue.
+    pub fn queue_observed(&self, queue: &[String; 2], ready: i64, unacked: Option<i64>, unsafe_broker: bool) {
+        let labels = [queue[0].as_str(), queue[1].as_str()];
+        self.queue_ready.with_label_values(&labels).set(ready);
+        if let Some(unacked) = unacked {
+            self.queue_unacked.with_label_values(&labels).set(unacked);
+        }
+        self.broker_safe.with_label_values(&labels).set(i64::from(!unsafe_broker));
     }
 
     /// The registry, for other components' metrics.

@@ -243,7 +243,8 @@ async fn a_missing_queue_stalls_the_pool_with_the_field_named() {
 }
 
 #[tokio::test]
-async fn a_missing_secret_is_reported_and_the_url_never_shows() {
+async fn a_missing_secret_is_reported_then_the_real_broker_is_probed_and_the_password_never_shows() {
+    let redis = e2e_harness::RedisServer::builder().password("s3cret-pw").start().expect("redis-server starts");
     let h = harness();
     h.create::<TaskQueue>(json!({"metadata": {"name": "emails"},
         "spec": {"broker": {"urlFrom": {"secretKeyRef": {"name": "redis", "key": "url"}}}}}))
@@ -263,23 +264,57 @@ async fn a_missing_secret_is_reported_and_the_url_never_shows() {
     assert_eq!(ready.reason, "SecretKeyNotFound");
     assert!(ready.message.starts_with("spec.broker.urlFrom.secretKeyRef.key:"), "{}", ready.message);
 
+    // Two messages at priority 0 and three at priority 3, in kombu's key layout.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("LPUSH").arg("emails").arg("a").arg("b").query_async(&mut conn).await.unwrap();
+    let _: () =
+        redis::cmd("LPUSH").arg("emails\x06\x163").arg("c").arg("d").arg("e").query_async(&mut conn).await.unwrap();
+
     Api::<Secret>::namespaced(h.client.clone(), "prod")
-        .patch(
-            "redis",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"stringData": {"url": "redis://admin:s3cret@redis:6379/0"}})),
-        )
+        .patch("redis", &PatchParams::default(), &Patch::Merge(json!({"stringData": {"url": redis.url()}})))
         .await
         .unwrap();
     h.reconcile_queue("emails").await;
     let tq = h.queue("emails").await;
     let status = tq.status.clone().unwrap();
-    assert_eq!(condition(&status.conditions, "Ready").status, "True");
-    assert_eq!(status.broker.unwrap().endpoint.as_deref(), Some("redis://redis:6379/0"));
-    let everything = serde_json::to_string(&*tq).unwrap();
+    assert_eq!(condition(&status.conditions, "Ready").status, "True", "{:?}", status.conditions);
+    assert_eq!(condition(&status.conditions, "BrokerReachable").status, "True");
+    assert_eq!(condition(&status.conditions, "BrokerSafe").status, "True");
+    assert_eq!(status.ready, Some(5));
+    let broker = status.broker.clone().unwrap();
+    assert_eq!(broker.kind, "redis");
+    assert_eq!(broker.eviction_policy.as_deref(), Some("noeviction"));
+
     let events = Api::<Event>::namespaced(h.client.clone(), "prod").list(&ListParams::default()).await.unwrap();
-    let everything = everything + &serde_json::to_string(&events.items).unwrap();
-    assert!(!everything.contains("s3cret"), "the password leaked into status or events");
+    let everything =
+        serde_json::to_string(&*tq).unwrap() + &serde_json::to_string(&events.items).unwrap() + &h.ctx.metrics.encode();
+    assert!(!everything.contains("s3cret-pw"), "the password leaked into status, events or metrics");
+
+    // Unchanged depth and conditions: the next probe writes nothing.
+    let before = h.api.write_count();
+    h.reconcile_queue("emails").await;
+    assert_eq!(h.api.write_count(), before);
+}
+
+#[tokio::test]
+async fn an_evicting_redis_is_reported_as_unsafe_with_a_warning_event() {
+    let redis = e2e_harness::RedisServer::builder()
+        .config("maxmemory 64mb")
+        .config("maxmemory-policy allkeys-lru")
+        .start()
+        .expect("redis-server starts");
+    let h = harness();
+    h.create::<TaskQueue>(json!({"metadata": {"name": "emails"}, "spec": {"broker": {"url": redis.url()}}})).await;
+    h.reconcile_queue("emails").await;
+    let status = h.queue("emails").await.status.clone().unwrap();
+    let safe = condition(&status.conditions, "BrokerSafe");
+    assert_eq!((safe.status.as_str(), safe.reason.as_str()), ("False", "EvictionPolicyUnsafe"));
+    assert!(safe.message.contains("allkeys-lru"), "{}", safe.message);
+    let events = Api::<Event>::namespaced(h.client.clone(), "prod").list(&ListParams::default()).await.unwrap();
+    let warning = events.items.iter().find(|e| e.reason.as_deref() == Some("EvictionPolicyUnsafe")).expect("an event");
+    assert_eq!(warning.type_.as_deref(), Some("Warning"));
+    assert!(h.ctx.metrics.encode().contains("celery_operator_broker_safe{namespace=\"prod\",taskqueue=\"emails\"} 0"));
 }
 
 #[tokio::test]

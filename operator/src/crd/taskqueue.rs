@@ -145,7 +145,7 @@ fn default_visibility_timeout() -> i64 {
 }
 
 /// Response to a broker configuration that can silently lose tasks.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum SafetyCheck {
     /// Report: condition BrokerSafe=False, a Warning Event and the broker_safe metric.
     #[default]

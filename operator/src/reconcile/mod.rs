@@ -27,6 +27,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
+    /// One broker client per endpoint, shared by the TaskQueues on it.
+    pub brokers: crate::probe::Brokers,
     /// Consecutive transient failures per object, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -35,7 +37,13 @@ impl Context {
     /// A context for one operator instance.
     pub fn new(client: Client, metrics: Arc<Metrics>, instance: Option<String>) -> Self {
         let reporter = Reporter { controller: crate::labels::MANAGER.into(), instance };
-        Self { recorder: Recorder::new(client.clone(), reporter), client, metrics, failures: Mutex::default() }
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            brokers: Default::default(),
+            failures: Mutex::default(),
+        }
     }
 
     fn backoff(&self, key: String) -> Duration {

@@ -1,9 +1,13 @@
 //! TaskQueue reconcile: validate the spec, resolve the broker URL (from its Secret when referenced)
-//! without ever logging it, and report what was found in conditions.
+//! without ever logging it, probe the broker for this queue's depth and safety, and write status
+//! only when something meaningful changed.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use celery_broker::SecretUrl;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -12,80 +16,134 @@ use serde_json::json;
 use tracing::instrument;
 
 use super::{Blocked, Context, Result, display_name, reconciled};
-use crate::conditions::{self, Wanted, kind};
-use crate::crd::{BrokerSummary, TaskQueue, TaskQueueStatus};
-use crate::redact::{BrokerUrl, UrlError};
+use crate::conditions::{self, Wanted};
+use crate::crd::{SecretKeyRef, TaskQueue, TaskQueueStatus};
+use crate::probe;
 use crate::validate::{self, FieldError};
+
+/// How often a TaskQueue's broker is probed for status.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(10);
+/// Depth-only changes are written at most this often: status is not a time series.
+pub const DEPTH_WRITE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Reconciles one TaskQueue.
 #[instrument(skip_all, fields(queue = %display_name(&*tq)))]
 pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_timer("TaskQueue");
-    let (wanted, broker, action) = match resolve_broker_url(&tq, &ctx).await? {
-        Err(blocked) => (blocked.conditions(), None, Action::await_change()),
-        Ok(url) => {
-            let summary =
-                BrokerSummary { kind: url.kind().to_string(), endpoint: Some(url.redacted()), ..Default::default() };
-            let wanted = vec![Wanted::yes(
-                kind::READY,
-                "BrokerConfigured",
-                format!("queue \"{}\" on {} broker {}", tq.queue_name(), url.kind(), url.redacted()),
-            )];
-            (wanted, Some(summary), Action::requeue(super::RESYNC))
+    let mut new = tq.status.clone().unwrap_or_default();
+    let wanted = match resolve(&tq, &ctx).await? {
+        Err(blocked) => {
+            write_status(&tq, &ctx, new, blocked.conditions()).await?;
+            reconciled(&*tq, &ctx);
+            return Ok(Action::await_change());
         }
+        Ok((url, management)) => probe_queue(&tq, &ctx, &url, management.as_ref(), &mut new).await,
     };
-    write_status(&tq, &ctx, wanted, broker).await?;
+    write_status(&tq, &ctx, new, wanted).await?;
     reconciled(&*tq, &ctx);
-    Ok(action)
+    Ok(Action::requeue(PROBE_INTERVAL))
 }
 
-/// The broker URL from spec.broker.url or the referenced Secret key, or why it cannot be had.
-pub async fn resolve_broker_url(tq: &TaskQueue, ctx: &Context) -> Result<Result<BrokerUrl, Blocked>> {
+async fn probe_queue(
+    tq: &TaskQueue,
+    ctx: &Context,
+    url: &SecretUrl,
+    management: Option<&SecretUrl>,
+    status: &mut TaskQueueStatus,
+) -> Vec<Wanted> {
+    let spec = &tq.spec.broker;
+    let broker = match ctx.brokers.get(url, management, &spec.transport_options, spec.safety_check) {
+        Ok(broker) => broker,
+        Err(e) => {
+            let error = FieldError::new("spec.broker", e.to_string());
+            return Blocked::new("InvalidBrokerUrl", &[error]).conditions();
+        }
+    };
+    let labels = [tq.namespace().unwrap_or_default(), tq.name_any()];
+    let started = Instant::now();
+    let result = broker.probe(&[tq.queue_name()]).await;
+    ctx.metrics.probe_finished(&labels, started.elapsed(), result.as_ref().err().map(|e| e.metric_label()));
+    match result {
+        Err(e) => probe::unreachable(&e),
+        Ok(observation) => {
+            let report = probe::report(&observation, tq.queue_name(), broker.endpoint(), spec.safety_check);
+            ctx.metrics.queue_observed(&labels, report.ready, report.unacked, observation.is_unsafe());
+            // Depth and memory move all the time under load: they are written at most every
+            // DEPTH_WRITE_INTERVAL, while condition and configuration changes are written at once.
+            let mut broker = report.broker;
+            let previous_memory = status.broker.as_ref().and_then(|b| b.used_memory_bytes);
+            let moving = (Some(report.ready), report.unacked, report.consumers, broker.used_memory_bytes);
+            let changed = moving != (status.ready, status.unacked, status.consumers, previous_memory);
+            let last_written = status.last_probe_time.as_ref().map(|t| t.0);
+            let due =
+                last_written.is_none_or(|t| Timestamp::now().duration_since(t).unsigned_abs() >= DEPTH_WRITE_INTERVAL);
+            if changed && due {
+                status.ready = Some(report.ready);
+                status.unacked = report.unacked;
+                status.consumers = report.consumers;
+                status.last_probe_time = Some(Time(Timestamp::now()));
+            } else {
+                broker.used_memory_bytes = previous_memory;
+            }
+            status.broker = Some(broker);
+            report.conditions
+        }
+    }
+}
+
+/// The broker URL (and management URL) from the spec or the referenced Secrets, or why not.
+async fn resolve(tq: &TaskQueue, ctx: &Context) -> Result<Result<(SecretUrl, Option<SecretUrl>), Blocked>> {
     let errors = validate::check_task_queue(tq);
     if !errors.is_empty() {
         return Ok(Err(Blocked::new("InvalidSpec", &errors)));
     }
     let broker = &tq.spec.broker;
-    let (raw, field, origin) = match (&broker.url, &broker.url_from) {
-        (Some(url), _) => (url.clone(), "spec.broker.url", "the URL".to_string()),
-        (None, Some(from)) => {
-            let r = &from.secret_key_ref;
-            let ns = tq.namespace().unwrap_or_default();
-            let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-            let Some(secret) = secrets.get_opt(&r.name).await? else {
-                let message = format!("Secret \"{}\" not found in namespace \"{ns}\"", r.name);
-                let error = FieldError::new("spec.broker.urlFrom.secretKeyRef.name", message);
-                return Ok(Err(Blocked::new("SecretNotFound", &[error])));
-            };
-            let data = secret.data.unwrap_or_default();
-            let string_data = secret.string_data.unwrap_or_default();
-            let value = data
-                .get(&r.key)
-                .map(|v| String::from_utf8_lossy(&v.0).into_owned())
-                .or_else(|| string_data.get(&r.key).cloned());
-            let Some(value) = value else {
-                let keys: Vec<&String> = data.keys().collect();
-                let message = format!("Secret \"{}\" has no key \"{}\" (it has: {keys:?})", r.name, r.key);
-                let error = FieldError::new("spec.broker.urlFrom.secretKeyRef.key", message);
-                return Ok(Err(Blocked::new("SecretKeyNotFound", &[error])));
-            };
-            (value, "spec.broker.urlFrom", format!("the value of Secret \"{}\" key \"{}\"", r.name, r.key))
-        }
+    let url = match (&broker.url, &broker.url_from) {
+        (Some(url), _) => SecretUrl::new(url.clone()),
+        (None, Some(from)) => match secret_value(tq, ctx, &from.secret_key_ref, "spec.broker.urlFrom").await? {
+            Ok(value) => SecretUrl::new(value),
+            Err(blocked) => return Ok(Err(blocked)),
+        },
         (None, None) => unreachable!("the CEL rule requires url or urlFrom"),
     };
-    Ok(BrokerUrl::parse(raw.trim())
-        .map_err(|e: UrlError| Blocked::new("InvalidBrokerUrl", &[FieldError::new(field, format!("{origin} {e}"))])))
+    let management = match &broker.management_url_from {
+        None => None,
+        Some(from) => match secret_value(tq, ctx, &from.secret_key_ref, "spec.broker.managementUrlFrom").await? {
+            Ok(value) => Some(SecretUrl::new(value)),
+            Err(blocked) => return Ok(Err(blocked)),
+        },
+    };
+    Ok(Ok((url, management)))
 }
 
-async fn write_status(tq: &TaskQueue, ctx: &Context, wanted: Vec<Wanted>, broker: Option<BrokerSummary>) -> Result<()> {
+/// A Secret key's value, trimmed; errors name the field and never include the value.
+async fn secret_value(tq: &TaskQueue, ctx: &Context, r: &SecretKeyRef, field: &str) -> Result<Result<String, Blocked>> {
+    let ns = tq.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(secret) = secrets.get_opt(&r.name).await? else {
+        let message = format!("Secret \"{}\" not found in namespace \"{ns}\"", r.name);
+        return Ok(Err(Blocked::new(
+            "SecretNotFound",
+            &[FieldError::new(format!("{field}.secretKeyRef.name"), message)],
+        )));
+    };
+    let data = secret.data.unwrap_or_default();
+    let value = data
+        .get(&r.key)
+        .map(|v| String::from_utf8_lossy(&v.0).trim().to_string())
+        .or_else(|| secret.string_data.unwrap_or_default().get(&r.key).map(|v| v.trim().to_string()));
+    Ok(value.ok_or_else(|| {
+        let keys: Vec<&String> = data.keys().collect();
+        let message = format!("Secret \"{}\" has no key \"{}\" (it has: {keys:?})", r.name, r.key);
+        Blocked::new("SecretKeyNotFound", &[FieldError::new(format!("{field}.secretKeyRef.key"), message)])
+    }))
+}
+
+async fn write_status(tq: &TaskQueue, ctx: &Context, mut new: TaskQueueStatus, wanted: Vec<Wanted>) -> Result<()> {
     let old = tq.status.clone().unwrap_or_default();
     let generation = tq.meta().generation;
-    let new = TaskQueueStatus {
-        observed_generation: generation,
-        broker: broker.or(old.broker.clone()),
-        conditions: conditions::merge(&old.conditions, &wanted, generation, Timestamp::now()),
-        ..old.clone()
-    };
+    new.observed_generation = generation;
+    new.conditions = conditions::merge(&old.conditions, &wanted, generation, Timestamp::now());
     if new == old {
         return Ok(());
     }

@@ -1,0 +1,129 @@
+//! Broker probing for TaskQueues: one shared [`Broker`] (one connection) per endpoint, and the pure
+//! mapping from what a probe saw to TaskQueue status and conditions.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use celery_broker::{Broker, BrokerConfig, BrokerObservation, ProbeError, SafetyMode, SecretUrl, Severity};
+
+use crate::conditions::{Wanted, kind};
+use crate::crd::{BrokerSummary, SafetyCheck, TransportOptions};
+
+/// Everything that identifies a broker endpoint and how to read it.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct EndpointKey {
+    url: String,
+    management: Option<String>,
+    transport: String,
+    safety: SafetyCheck,
+}
+
+/// Brokers by endpoint, shared by every TaskQueue on the same endpoint so they share a connection.
+#[derive(Default)]
+pub struct Brokers {
+    by_endpoint: Mutex<HashMap<EndpointKey, Arc<Broker>>>,
+}
+
+impl Brokers {
+    /// The broker for this endpoint, created on first use (no network I/O here).
+    pub fn get(
+        &self,
+        url: &SecretUrl,
+        management: Option<&SecretUrl>,
+        transport: &TransportOptions,
+        safety: SafetyCheck,
+    ) -> Result<Arc<Broker>, ProbeError> {
+        let key = EndpointKey {
+            url: url.expose().to_string(),
+            management: management.map(|m| m.expose().to_string()),
+            transport: format!("{transport:?}"),
+            safety,
+        };
+        let mut brokers = self.by_endpoint.lock().expect("broker map lock");
+        if let Some(broker) = brokers.get(&key) {
+            return Ok(broker.clone());
+        }
+        let mut config = BrokerConfig::new(url.clone());
+        config.management_url = management.cloned();
+        config.transport = celery_broker::TransportOptions {
+            global_keyprefix: transport.global_key_prefix.clone(),
+            priority_steps: transport.priority_steps.iter().map(|&p| p.clamp(0, 255) as u8).collect(),
+            separator: transport.separator.clone(),
+            visibility_timeout: std::time::Duration::from_secs(transport.visibility_timeout_seconds.max(1) as u64),
+        };
+        config.safety = match safety {
+            SafetyCheck::Warn => SafetyMode::Warn,
+            SafetyCheck::Fix => SafetyMode::Fix,
+            SafetyCheck::Off => SafetyMode::Off,
+        };
+        let broker = Arc::new(Broker::new(config)?);
+        brokers.insert(key, broker.clone());
+        Ok(broker)
+    }
+}
+
+/// Depth fields and conditions for one queue from a successful probe.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueueReport {
+    /// Waiting messages.
+    pub ready: i64,
+    /// Unacknowledged messages, when the broker can tell.
+    pub unacked: Option<i64>,
+    /// Consumers (RabbitMQ).
+    pub consumers: Option<i64>,
+    /// Broker facts for status.
+    pub broker: BrokerSummary,
+    /// BrokerReachable, BrokerSafe (unless checks are off) and Ready.
+    pub conditions: Vec<Wanted>,
+}
+
+/// Maps a probe of the broker to the status of `queue` (a Celery queue name).
+pub fn report(observation: &BrokerObservation, queue: &str, endpoint: String, safety: SafetyCheck) -> QueueReport {
+    let seen = observation.queues.get(queue).cloned().unwrap_or_default();
+    let relevant: Vec<_> = observation
+        .findings
+        .iter()
+        .filter(|f| f.queue.as_deref().is_none_or(|q| q == queue) && f.severity >= Severity::Warning)
+        .collect();
+    let mut conditions =
+        vec![Wanted::yes(kind::BROKER_REACHABLE, "Probed", format!("{} answered", observation.info.kind))];
+    if safety != SafetyCheck::Off {
+        conditions.push(match relevant.iter().max_by_key(|f| f.severity) {
+            None => Wanted::yes(kind::BROKER_SAFE, "NoFindings", "the broker cannot silently drop this queue's tasks"),
+            Some(worst) => {
+                let message = relevant.iter().map(|f| f.message.as_str()).collect::<Vec<_>>().join("; ");
+                Wanted::no(kind::BROKER_SAFE, &worst.reason.to_string(), message)
+            }
+        });
+    }
+    let missing = relevant.iter().find(|f| f.reason == celery_broker::Reason::QueueMissing);
+    conditions.insert(
+        0,
+        match missing {
+            Some(f) => Wanted::no(kind::READY, "QueueMissing", f.message.clone()),
+            None => Wanted::yes(kind::READY, "Probed", format!("{} ready, broker reachable", seen.ready)),
+        },
+    );
+    let info = &observation.info;
+    QueueReport {
+        ready: seen.ready as i64,
+        unacked: seen.unacked.map(|u| u as i64),
+        consumers: seen.consumers.map(i64::from),
+        broker: BrokerSummary {
+            kind: info.kind.to_string(),
+            endpoint: Some(endpoint),
+            eviction_policy: info.eviction_policy.clone(),
+            maxmemory_bytes: info.maxmemory_bytes.map(|b| b as i64),
+            used_memory_bytes: info.used_memory_bytes.map(|b| b as i64),
+        },
+        conditions,
+    }
+}
+
+/// Conditions after a failed probe: never a crash, and the error text carries no password.
+pub fn unreachable(error: &ProbeError) -> Vec<Wanted> {
+    vec![
+        Wanted::no(kind::READY, "BrokerUnreachable", error.to_string()),
+        Wanted::no(kind::BROKER_REACHABLE, "BrokerUnreachable", error.to_string()),
+    ]
+}

@@ -1,0 +1,251 @@
+//! Properties of the autoscaler's decision function over arbitrary policies and probe histories,
+//! and how a WorkerPool spec becomes a policy.
+
+use std::time::Duration;
+
+use celery_operator::autoscale::decide::{
+    Decision, FAILURES_BEFORE_FALLBACK, Limit, Observation, Policy, Probe, Reason, ScalerState, decide,
+};
+use celery_operator::crd::WorkerPoolSpec;
+use proptest::prelude::*;
+
+fn policies() -> impl Strategy<Value = Policy> {
+    (0u32..=5, 1u32..=20, 1u64..=8, 0u64..=10, 0u64..=20, proptest::option::of(0u32..=30), 1u32..=4).prop_map(
+        |(min, span, target, threshold, stabilization, fallback, failures)| Policy {
+            min,
+            max: min + span,
+            target_per_replica: target,
+            activation_threshold: threshold,
+            stabilization: Duration::from_secs(5 * stabilization),
+            fallback,
+            failures_before_fallback: failures,
+            poll_interval: Duration::from_secs(1),
+        },
+    )
+}
+
+fn probes() -> impl Strategy<Value = Probe> {
+    prop_oneof![
+        4 => (0u64..=200, 0u64..=50).prop_map(|(backlog, in_flight)| Probe::Ok(Observation { backlog, in_flight })),
+        1 => Just(Probe::Failed),
+    ]
+}
+
+/// Polls: seconds since the previous poll (0 allowed: two polls in the same instant) and the probe.
+/// Times and windows are multiples of 5 s so polls often land exactly where a window ends.
+fn histories() -> impl Strategy<Value = Vec<(u64, Probe)>> {
+    proptest::collection::vec(((0u64..=18).prop_map(|n| 5 * n), probes()), 1..60)
+}
+
+fn bound(policy: &Policy, n: u32) -> u32 {
+    n.clamp(policy.min, policy.max)
+}
+
+/// Runs `history` in a closed loop (each decision is applied before the next poll), starting at
+/// `start` replicas; calls `check(state before the poll, current, probe, now, decision)` per poll.
+fn run(
+    policy: &Policy,
+    start: u32,
+    history: &[(u64, Probe)],
+    mut check: impl FnMut(&ScalerState<Duration>, u32, Probe, Duration, &Decision),
+) {
+    let mut state = ScalerState::new();
+    let mut current = start;
+    let mut now = Duration::from_secs(1_000);
+    for &(dt, probe) in history {
+        now += Duration::from_secs(dt);
+        let before = state.clone();
+        let d = decide(policy, &mut state, current, probe, now);
+        check(&before, current, probe, now, &d);
+        current = d.replicas;
+    }
+}
+
+proptest! {
+    #[test]
+    fn replicas_always_within_min_and_max(policy in policies(), start in 0u32..=40, history in histories()) {
+        run(&policy, start, &history, |_, current, _, now, d| {
+            assert!(
+                (policy.min..=policy.max).contains(&d.replicas),
+                "{} outside [{}, {}] (current {current}, t={now:?}, {})",
+                d.replicas, policy.min, policy.max, d.reason
+            );
+        });
+    }
+
+    #[test]
+    fn a_failed_probe_never_scales_down(policy in policies(), start in 0u32..=40, history in histories()) {
+        run(&policy, start, &history, |before, current, probe, _, d| {
+            if probe != Probe::Failed {
+                return;
+            }
+            let failures = before.consecutive_failures() + 1;
+            match policy.fallback {
+                Some(fallback) if failures >= policy.failures_before_fallback => {
+                    assert_eq!(d.replicas, bound(&policy, fallback));
+                    assert_eq!(d.reason, Reason::Fallback { consecutive_failures: failures });
+                }
+                // Holding: only the bounds may move the count.
+                _ => assert_eq!(d.replicas, bound(&policy, current), "{}", d.reason),
+            }
+        });
+    }
+
+    #[test]
+    fn more_backlog_never_means_fewer_replicas(
+        policy in policies(),
+        start in 0u32..=40,
+        history in histories(),
+        backlog in 0u64..=200,
+        more in 0u64..=200,
+        in_flight in 0u64..=50,
+    ) {
+        let mut state = ScalerState::new();
+        let mut current = start;
+        let mut now = Duration::from_secs(1_000);
+        for (dt, probe) in history {
+            now += Duration::from_secs(dt);
+            current = decide(&policy, &mut state, current, probe, now).replicas;
+        }
+        let (mut a, mut b) = (state.clone(), state);
+        let less = decide(&policy, &mut a, current, Probe::Ok(Observation { backlog, in_flight }), now);
+        let greater =
+            decide(&policy, &mut b, current, Probe::Ok(Observation { backlog: backlog + more, in_flight }), now);
+        prop_assert!(greater.replicas >= less.replicas, "{greater:?} < {less:?}");
+        prop_assert!(greater.raw_desired >= less.raw_desired);
+    }
+
+    /// A scale-down goes exactly to the highest demand seen in the last `stabilization` (the
+    /// current count standing in for what a fresh state never saw), so nothing wanted within the
+    /// window is ever cut.
+    #[test]
+    fn scale_down_respects_the_stabilization_window(
+        policy in policies(),
+        start in 0u32..=40,
+        history in histories(),
+    ) {
+        let mut wanted: Vec<(Duration, u32)> = Vec::new();
+        run(&policy, start, &history, |_, current, probe, now, d| {
+            if wanted.is_empty() {
+                wanted.push((now, current));
+            }
+            let remembered = match (probe, d.reason) {
+                (Probe::Ok(_), _) | (Probe::Failed, Reason::Fallback { .. }) => Some(d.raw_desired),
+                _ => None,
+            };
+            wanted.extend(remembered.map(|r| (now, r)));
+            if d.replicas >= current || matches!(d.reason, Reason::Fallback { .. } | Reason::OutOfBounds(_)) {
+                return;
+            }
+            // This poll's demand counts even with a zero window.
+            let highest = wanted
+                .iter()
+                .filter(|&&(at, _)| at + policy.stabilization > now)
+                .map(|&(_, r)| r)
+                .chain(remembered)
+                .max()
+                .expect("an Ok probe always has a demand");
+            assert_eq!(d.replicas, bound(&policy, highest), "{} at t={now:?}, window {wanted:?}", d.reason);
+            assert!(matches!(d.reason, Reason::ScaleDown { .. }), "{}", d.reason);
+        });
+    }
+
+    /// Only this poll's demand (or fallback) raises the count: never stale highs from the window.
+    #[test]
+    fn scale_up_only_to_what_this_poll_asks_for(policy in policies(), start in 0u32..=40, history in histories()) {
+        run(&policy, start, &history, |_, current, _, _, d| {
+            assert!(d.replicas <= bound(&policy, current.max(d.raw_desired)), "{current} -> {d:?}");
+        });
+    }
+
+    /// Whenever demand exceeds the current count, the pool gets all of it (up to max) at once.
+    #[test]
+    fn scale_up_is_immediate_and_one_step(policy in policies(), start in 0u32..=40, history in histories()) {
+        run(&policy, start, &history, |_, current, probe, _, d| {
+            if let Probe::Ok(_) = probe
+                && d.raw_desired > current
+                && current <= policy.max
+            {
+                assert_eq!(d.replicas, bound(&policy, d.raw_desired), "{}", d.reason);
+            }
+        });
+    }
+
+    #[test]
+    fn never_zero_while_tasks_are_in_flight(policy in policies(), start in 1u32..=40, history in histories()) {
+        run(&policy, start, &history, |_, current, probe, _, d| {
+            if let Probe::Ok(Observation { in_flight: 1.., .. }) = probe
+                && current > 0
+            {
+                assert!(d.replicas >= 1, "{}", d.reason);
+            }
+        });
+    }
+
+    #[test]
+    fn limited_names_the_bound_the_count_sits_on(policy in policies(), start in 0u32..=40, history in histories()) {
+        run(&policy, start, &history, |_, _, _, _, d| match d.limited {
+            Some(Limit::AtMin) => assert_eq!(d.replicas, policy.min),
+            Some(Limit::AtMax) => assert_eq!(d.replicas, policy.max),
+            None => {}
+        });
+    }
+}
+
+fn spec(json: serde_json::Value) -> WorkerPoolSpec {
+    let mut base = serde_json::json!({ "app": "proj.celery_app", "image": "registry/proj:1", "queues": ["default"] });
+    base.as_object_mut().unwrap().extend(json.as_object().unwrap().clone());
+    serde_json::from_value(base).unwrap()
+}
+
+#[test]
+fn no_policy_without_autoscaling() {
+    assert_eq!(Policy::from_spec(&spec(serde_json::json!({ "replicas": 3 }))), None);
+}
+
+#[test]
+fn policy_defaults_follow_the_crd() {
+    let policy = Policy::from_spec(&spec(serde_json::json!({
+        "concurrency": 4,
+        "autoscaling": { "maxReplicas": 50 }
+    })))
+    .unwrap();
+    assert_eq!(
+        policy,
+        Policy {
+            min: 0,
+            max: 50,
+            target_per_replica: 4,
+            activation_threshold: 0,
+            stabilization: Duration::from_secs(60),
+            fallback: None,
+            failures_before_fallback: FAILURES_BEFORE_FALLBACK,
+            poll_interval: Duration::from_secs(1),
+        }
+    );
+}
+
+#[test]
+fn policy_takes_every_autoscaling_field() {
+    let policy = Policy::from_spec(&spec(serde_json::json!({
+        "concurrency": 4,
+        "autoscaling": {
+            "minReplicas": 2, "maxReplicas": 9, "targetPerReplica": 10, "activationThreshold": 25,
+            "pollIntervalSeconds": 5, "scaleDownStabilizationSeconds": 0, "fallbackReplicas": 3
+        }
+    })))
+    .unwrap();
+    assert_eq!((policy.min, policy.max, policy.target_per_replica), (2, 9, 10));
+    assert_eq!((policy.activation_threshold, policy.stabilization), (25, Duration::ZERO));
+    assert_eq!((policy.fallback, policy.poll_interval), (Some(3), Duration::from_secs(5)));
+}
+
+#[test]
+fn policy_from_out_of_range_spec_lets_max_win() {
+    // What CEL rejects, should an API server not enforce it.
+    let policy = Policy::from_spec(&spec(serde_json::json!({
+        "autoscaling": { "minReplicas": 8, "maxReplicas": 3, "targetPerReplica": 0, "activationThreshold": -5 }
+    })))
+    .unwrap();
+    assert_eq!((policy.min, policy.max, policy.target_per_replica, policy.activation_threshold), (3, 3, 1, 0));
+}
