@@ -2,11 +2,15 @@
 //!
 //! - [`apiserver`]: the control-plane double, a stateful fake Kubernetes API server
 //!   ([`ApiServer`]) usable in-process through a `kube::Client` or over HTTP for `kubectl`.
+//! - [`runner`]: the pod runner ([`PodRunner`]), Deployment controller and kubelet with real local
+//!   processes (Celery workers from the venv).
 //! - [`admission`]: CRD schema + CEL admission as a plain function, for CRD tests.
 //!
 //! See `e2e/README.md` for how the double differs from a real API server.
 
 pub mod admission;
 pub mod apiserver;
+pub mod runner;
 
 pub use apiserver::{ApiError, ApiServer, Fault, FaultEffect, RequestMatch, RequestRecord, ServedApi, Verb};
+pub use runner::{PodRunner, RunnerConfig};

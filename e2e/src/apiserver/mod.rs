@@ -8,7 +8,7 @@ mod discovery;
 mod handler;
 pub mod log;
 mod managed;
-mod meta;
+pub(crate) mod meta;
 mod openapi;
 mod patch;
 pub mod resources;
@@ -380,6 +380,49 @@ impl ApiServer {
             Err(e) if e.code == 404 => Ok(false),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Delete at once, skipping graceful deletion (grace period 0), as kubelet does once a pod's
+    /// containers are gone. Finalizers still hold the object. Returns whether it existed.
+    pub fn force_delete(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<bool, Error> {
+        let rt = self.resolve(api_version, kind)?;
+        let opts = write::DeleteOpts { grace_period_seconds: Some(0), ..Default::default() };
+        let ns = namespace.unwrap_or_default();
+        let result = self.write(|s, p| {
+            if s.get(&rt.key(), ns, name).is_some_and(|o| o.pointer("/metadata/deletionTimestamp").is_some()) {
+                return write::finish_deletion(s, p, &rt, ns, name);
+            }
+            write::delete(s, p, &rt, ns, name, &opts).map(|_| ())
+        });
+        match result {
+            Ok(()) => Ok(true),
+            Err(e) if e.code == 404 => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Replace the whole `.status` of an object (its status subresource when it has one).
+    pub fn set_status(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: Option<&str>,
+        name: &str,
+        status: Value,
+    ) -> Result<Value, Error> {
+        let rt = self.resolve(api_version, kind)?;
+        self.write_status(&rt, namespace.unwrap_or_default(), name, status)
+    }
+
+    /// Wakes whenever anything is stored; the value is the latest resourceVersion.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.with_store(|s| s.subscribe())
     }
 
     /// The served kinds (built-in and from CRDs).

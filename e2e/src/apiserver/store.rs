@@ -103,6 +103,8 @@ pub struct Store {
     /// Events with a resourceVersion at or below this are no longer retained.
     compacted: u64,
     watchers: Vec<Watcher>,
+    /// The resourceVersion of the latest stored change, for in-process observers (the pod runner).
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Store {
@@ -115,6 +117,7 @@ impl Store {
             history_limit,
             compacted: 1,
             watchers: Vec::new(),
+            changed: tokio::sync::watch::Sender::new(1),
         }
     }
 
@@ -167,7 +170,12 @@ impl Store {
         self.watchers.retain(|w| w.key != *key);
     }
 
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
     fn record(&mut self, event: Event) {
+        self.changed.send_replace(event.rv);
         self.watchers.retain(|w| {
             if w.key != event.key {
                 return true;

@@ -699,6 +699,23 @@ pub fn delete(
     Ok(Deleted::Gone(old))
 }
 
+/// Remove an object already marked for deletion if no finalizer holds it (graceful pod deletion end).
+pub fn finish_deletion(
+    store: &mut Store,
+    policy: &Policy,
+    rt: &ResourceType,
+    ns: &str,
+    name: &str,
+) -> Result<(), ApiError> {
+    let obj = store.get(&rt.key(), ns, name).cloned().ok_or_else(|| ApiError::not_found(rt, name))?;
+    let held = obj.pointer("/metadata/finalizers").and_then(Value::as_array).is_some_and(|f| !f.is_empty());
+    if !held {
+        remove_object(store, rt, ns, name, obj);
+        collect_garbage(store, policy);
+    }
+    Ok(())
+}
+
 fn dependents_of(store: &Store, uid: &str) -> Vec<(Arc<ResourceType>, String, String)> {
     store
         .all_objects()
