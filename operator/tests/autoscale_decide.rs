@@ -75,11 +75,14 @@ proptest! {
 
     #[test]
     fn a_failed_probe_never_scales_down(policy in policies(), start in 0u32..=40, history in histories()) {
+        let mut failures = 0;
         run(&policy, start, &history, |before, current, probe, _, d| {
             if probe != Probe::Failed {
+                failures = 0;
                 return;
             }
-            let failures = before.consecutive_failures() + 1;
+            failures += 1;
+            assert_eq!(before.consecutive_failures() + 1, failures);
             match policy.fallback {
                 Some(fallback) if failures >= policy.failures_before_fallback => {
                     assert_eq!(d.replicas, bound(&policy, fallback));

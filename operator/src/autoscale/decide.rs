@@ -167,7 +167,7 @@ impl<T: Copy + Ord + Add<Duration, Output = T>> ScalerState<T> {
 
     /// Adds a demand seen at `now` and forgets what left the window; returns the window's highest.
     fn remember(&mut self, stabilization: Duration, now: T, desired: u32) -> u32 {
-        while self.window.back().is_some_and(|&(_, d)| d < desired) {
+        while self.window.back().is_some_and(|&(_, d)| d <= desired) {
             self.window.pop_back();
         }
         self.window.push_back((now, desired));
