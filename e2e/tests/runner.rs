@@ -313,3 +313,91 @@ async fn rolling_update_with_no_unavailability_keeps_capacity() {
     assert!(seen.iter().all(|(_, _, ready, _)| *ready >= 2), "capacity dropped during the rollout: {seen:?}");
     assert!(seen.iter().all(|(old, new, _, _)| old + new <= 3), "surged past maxSurge: {seen:?}");
 }
+
+/// The worker Deployment as the operator generates it (entrypoint, probe, env, emptyDirs).
+fn celery_worker_deployment() -> Value {
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "mail-worker", "namespace": "default"},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "mail-worker"}},
+            "template": {
+                "metadata": {"labels": {"app": "mail-worker"}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 30,
+                    "containers": [{
+                        "name": "worker",
+                        "image": "ghcr.io/celery-operator/worker-example:0.1.0",
+                        "command": ["celery-entrypoint"],
+                        "args": ["celery", "-A", "celery_example.app", "worker", "-Q", "emails", "-c", "1", "-P", "prefork",
+                            "--without-mingle", "--without-gossip", "-n", "mail@$(POD_NAME)", "--loglevel", "INFO"],
+                        "env": [
+                            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                            {"name": "CELERY_BROKER_URL", "valueFrom": {"secretKeyRef": {"name": "celery-broker", "key": "url"}}},
+                            {"name": "CELERY_PROBE_DIR", "value": "/var/run/celery"},
+                        ],
+                        "volumeMounts": [
+                            {"name": "celery-run", "mountPath": "/var/run/celery"},
+                            {"name": "tmp", "mountPath": "/tmp"},
+                        ],
+                        "readinessProbe": {"exec": {"command": ["celery-probe", "readiness"]}, "periodSeconds": 5, "failureThreshold": 1},
+                    }],
+                    "volumes": [{"name": "celery-run", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
+                },
+            },
+        },
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn celery_workers_run_from_the_worker_image_entrypoint_and_shut_down_warmly() {
+    let (redis, config) =
+        tokio::task::spawn_blocking(|| (e2e_harness::RedisServer::start(), RunnerConfig::celery())).await.unwrap();
+    let redis = redis.expect("a private redis-server");
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("NOTICE: skipping the Celery runner test: {e}");
+            return;
+        }
+    };
+    let server = ApiServer::new();
+    let runner = PodRunner::start(&server, config).unwrap();
+    server
+        .create(
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "celery-broker", "namespace": "default"},
+            "stringData": {"url": redis.url()}}),
+        )
+        .unwrap();
+    server.create(celery_worker_deployment()).unwrap();
+    let pod =
+        eventually(&server, "a ready Celery worker pod", || pods(&server, "mail-worker").into_iter().find(ready)).await;
+    let name = pod["metadata"]["name"].as_str().unwrap().to_string();
+    let log = runner.pod_log("default", &name).unwrap();
+    assert!(log.contains(&format!("mail@{name}")), "the worker is named after its pod: {log}");
+
+    let worker_src = concat!(env!("CARGO_MANIFEST_DIR"), "/../worker-image/src");
+    let url = redis.url();
+    tokio::task::spawn_blocking(move || {
+        e2e_harness::python::run_script(
+            "from celery_example.app import app\napp.send_task('celery_example.add', args=[2, 3], queue='emails')\n",
+            &[("PYTHONPATH", worker_src), ("CELERY_BROKER_URL", &url)],
+        )
+    })
+    .await
+    .unwrap()
+    .expect("the task is sent");
+    eventually(&server, "the task to succeed", || {
+        runner.pod_log("default", &name).filter(|l| l.contains("celery_example.add") && l.contains("succeeded"))
+    })
+    .await;
+
+    let pids = runner.pids("default", &name);
+    assert!(server.delete("apps/v1", "Deployment", Some("default"), "mail-worker").unwrap());
+    eventually(&server, "the worker pod to go", || pods(&server, "mail-worker").is_empty().then_some(())).await;
+    assert!(pids.iter().all(|p| !alive(*p)));
+    let log = runner.pod_log("default", &name).unwrap();
+    assert!(log.to_lowercase().contains("warm shutdown"), "SIGTERM starts Celery's warm shutdown: {log}");
+}
