@@ -315,7 +315,9 @@ impl fmt::Display for Reason {
     }
 }
 
-/// The outcome of one poll.
+/// The outcome of one poll. `reason` tells what the demand (or the failure) asked for; `limited`
+/// tells whether a bound kept `replicas` from following it. Whether anything changes is
+/// `replicas != current`: a pool held at maxReplicas still reports the `ScaleUp` that wants more.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Decision {
     /// Replicas to run; always within [min, max].
