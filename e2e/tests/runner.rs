@@ -401,3 +401,38 @@ async fn celery_workers_run_from_the_worker_image_entrypoint_and_shut_down_warml
     let log = runner.pod_log("default", &name).unwrap();
     assert!(log.to_lowercase().contains("warm shutdown"), "SIGTERM starts Celery's warm shutdown: {log}");
 }
+
+#[tokio::test]
+async fn a_simulated_kubelet_makes_deployments_ready_without_processes() {
+    let server = ApiServer::new();
+    let runner = PodRunner::start(&server, RunnerConfig::simulated()).unwrap();
+    server.create(deployment("fast", 2, "exit 1")).unwrap();
+    eventually(&server, "readyReplicas", || (deployment_status(&server, "fast")["readyReplicas"] == 2).then_some(()))
+        .await;
+    let names: Vec<String> =
+        pods(&server, "fast").iter().map(|p| p["metadata"]["name"].as_str().unwrap().to_string()).collect();
+    assert!(names.iter().all(|n| runner.pids("default", n).is_empty()));
+    let mut d = server.get("apps/v1", "Deployment", Some("default"), "fast").unwrap().unwrap();
+    d["spec"]["replicas"] = json!(0);
+    server.put(d).unwrap();
+    eventually(&server, "no pods", || pods(&server, "fast").is_empty().then_some(())).await;
+}
+
+#[tokio::test]
+async fn kubectl_logs_reads_the_runner_logs() {
+    let server = ApiServer::new();
+    let _runner = PodRunner::start(&server, RunnerConfig::default()).unwrap();
+    server.create(deployment("talk", 1, "echo hello-from-the-pod; sleep 60")).unwrap();
+    let pod = eventually(&server, "a ready pod", || pods(&server, "talk").into_iter().find(ready)).await;
+    let name = pod["metadata"]["name"].as_str().unwrap().to_string();
+    let pods_api: Api<Pod> = Api::default_namespaced(server.client());
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let log = pods_api.logs(&name, &Default::default()).await.unwrap();
+        if log.contains("hello-from-the-pod") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no greeting in {log:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

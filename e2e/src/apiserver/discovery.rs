@@ -89,7 +89,7 @@ pub fn resource_list<'a>(types: impl Iterator<Item = &'a ResourceType>, group: &
                 "singularName": "",
                 "namespaced": t.namespaced,
                 "kind": t.kind,
-                "verbs": ["get", "patch", "update"],
+                "verbs": if sub == "log" { vec!["get"] } else { vec!["get", "patch", "update"] },
             });
             if sub == "scale" {
                 entry["group"] = json!("autoscaling");

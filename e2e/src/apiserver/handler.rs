@@ -259,6 +259,7 @@ impl Call {
 enum Reply {
     Json(StatusCode, Value, Vec<String>),
     Stream(Body),
+    Text(String),
 }
 
 async fn resource(
@@ -312,6 +313,12 @@ async fn resource(
             record.status = code.as_u16();
             json_response(code, &v, &warnings)
         }
+        Ok(Reply::Text(text)) => {
+            record.status = 200;
+            let mut r = Response::new(Body::from(text));
+            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            r
+        }
         Ok(Reply::Stream(body)) => {
             record.status = 200;
             let mut r = Response::new(body);
@@ -341,6 +348,7 @@ fn lookup(server: &ApiServer, t: &Target) -> Result<Arc<ResourceType>, ApiError>
         None => {}
         Some("status") if rt.status_subresource => {}
         Some("scale") if rt.scale.is_some() => {}
+        Some("log") if rt.has_log() => {}
         Some(_) => return Err(path_err()),
     }
     Ok(rt)
@@ -357,6 +365,13 @@ fn execute(server: &ApiServer, c: &Call) -> Result<Reply, ApiError> {
             let obj = obj.ok_or_else(|| ApiError::not_found(&c.rt, c.name()))?;
             if c.t.subresource.as_deref() == Some("scale") {
                 return ok(scale_of(&c.rt, &obj));
+            }
+            if c.t.subresource.as_deref() == Some("log") {
+                let container = c.query.get("container").map(String::as_str);
+                let text = server.pod_log(c.ns(), c.name(), container).ok_or_else(|| {
+                    ApiError::bad_request(format!("no logs for pod {:?}: no pod runner ran it", c.name()))
+                })?;
+                return Ok(Reply::Text(tail(&text, c.query.get("tailLines").and_then(|n| n.parse().ok()))));
             }
             if table::wants_table(c.accept()) {
                 let include = IncludeObject::parse(c.query.get("includeObject").map(String::as_str));
@@ -653,6 +668,18 @@ impl WatchRenderer {
             }
         };
         line(&event)
+    }
+}
+
+fn tail(text: &str, lines: Option<usize>) -> String {
+    match lines {
+        Some(n) => {
+            let all: Vec<&str> = text.lines().collect();
+            let mut out = all[all.len().saturating_sub(n)..].join("\n");
+            out.push('\n');
+            out
+        }
+        None => text.to_string(),
     }
 }
 

@@ -54,8 +54,12 @@ pub enum Error {
     Encode(#[from] serde_json::Error),
 }
 
+/// Where `pods/log` reads from: (namespace, pod, container) -> text. Set by the pod runner.
+pub type LogSource = Arc<dyn Fn(&str, &str, Option<&str>) -> Option<String> + Send + Sync>;
+
 struct Inner {
     store: Mutex<Store>,
+    log_source: Mutex<Option<LogSource>>,
     policy: Mutex<Policy>,
     log: Mutex<Vec<RequestRecord>>,
     faults: Mutex<log::Faults>,
@@ -94,6 +98,7 @@ impl ApiServer {
         let server = ApiServer {
             inner: Arc::new(Inner {
                 store: Mutex::new(store),
+                log_source: Mutex::new(None),
                 policy: Mutex::new(Policy::default()),
                 log: Mutex::new(Vec::new()),
                 faults: Mutex::new(log::Faults::default()),
@@ -270,6 +275,16 @@ impl ApiServer {
                 }
             }
         });
+    }
+
+    /// Serve `pods/log` from this source (the pod runner installs one; `None` removes it).
+    pub fn set_log_source(&self, source: Option<LogSource>) {
+        *self.inner.log_source.lock().expect("log source lock") = source;
+    }
+
+    fn pod_log(&self, namespace: &str, pod: &str, container: Option<&str>) -> Option<String> {
+        let source = self.inner.log_source.lock().expect("log source lock").clone()?;
+        source(namespace, pod, container)
     }
 
     // ------------------------------------------------------------------ behaviour switches

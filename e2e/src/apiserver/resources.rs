@@ -136,7 +136,15 @@ impl ResourceType {
         if self.scale.is_some() {
             subs.push("scale");
         }
+        if self.has_log() {
+            subs.push("log");
+        }
         subs
+    }
+
+    /// Pods serve `pods/log` (from the pod runner's log files).
+    pub fn has_log(&self) -> bool {
+        self.group.is_empty() && self.kind == "Pod"
     }
 }
 

@@ -62,6 +62,9 @@ pub struct RunnerConfig {
     pub tick: Duration,
     /// `spec.nodeName` given to the pods it runs.
     pub node_name: String,
+    /// Start no processes: containers are running and ready at once, deleted pods go at once.
+    /// A fast stand-in kubelet for reconcile tests that only need Deployments to become ready.
+    pub simulate: bool,
     /// Keeps generated command shims alive as long as the config.
     shims: Option<Arc<tempfile::TempDir>>,
 }
@@ -76,6 +79,7 @@ impl Default for RunnerConfig {
             restart_backoff: Duration::from_millis(500),
             tick: Duration::from_millis(100),
             node_name: "celery-e2e-node".to_string(),
+            simulate: false,
             shims: None,
         }
     }
@@ -90,6 +94,11 @@ fn shim(venv_python: &Path, module: &str, name: &str) -> String {
 }
 
 impl RunnerConfig {
+    /// No processes: see [`RunnerConfig::simulate`].
+    pub fn simulated() -> Self {
+        RunnerConfig { simulate: true, ..Default::default() }
+    }
+
     /// Containers run the worker image's `celery-entrypoint` / `celery-probe` and `celery` from the
     /// Celery venv of `e2e_harness` (created on first use), with `worker-image/src` importable (the
     /// `celery_example` app included) and unbuffered Python output.
@@ -144,6 +153,10 @@ impl PodRunner {
             .map_err(|source| RunnerError::Io { what: "create the pods directory".into(), source })?;
         server.set_graceful_pod_deletion(true);
         let shared = Arc::new(workload::Shared::new(server.clone(), config, dir));
+        let weak = Arc::downgrade(&shared);
+        server.set_log_source(Some(Arc::new(move |ns: &str, pod: &str, container: Option<&str>| {
+            weak.upgrade()?.log(ns, pod, container)
+        })));
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(workload::run(shared.clone(), server.changes(), stop_rx));
         Ok(PodRunner { shared, stop, task })
@@ -151,7 +164,7 @@ impl PodRunner {
 
     /// Everything a pod's containers wrote to stdout/stderr so far (also after the pod is gone).
     pub fn pod_log(&self, namespace: &str, pod: &str) -> Option<String> {
-        self.shared.log(namespace, pod)
+        self.shared.log(namespace, pod, None)
     }
 
     /// Process ids of a pod's running containers.
@@ -173,6 +186,7 @@ impl PodRunner {
 
 impl Drop for PodRunner {
     fn drop(&mut self) {
+        self.shared.server().set_log_source(None);
         let _ = self.stop.send(true);
         self.task.abort();
         self.shared.kill_all();

@@ -32,6 +32,8 @@ struct Container {
     last_exit: Option<Value>,
     restart_at: Option<Instant>,
     probes: Option<(Arc<ProbeState>, tokio::task::JoinHandle<()>)>,
+    /// Running without a process ([`RunnerConfig::simulate`]).
+    simulated: bool,
 }
 
 impl Container {
@@ -46,11 +48,17 @@ impl Container {
             last_exit: None,
             restart_at: None,
             probes: None,
+            simulated: false,
         }
     }
 
     fn ready(&self) -> bool {
-        self.child.is_some() && self.probes.as_ref().is_some_and(|(s, _)| s.ready.load(Ordering::SeqCst))
+        self.simulated
+            || (self.child.is_some() && self.probes.as_ref().is_some_and(|(s, _)| s.ready.load(Ordering::SeqCst)))
+    }
+
+    fn running(&self) -> bool {
+        self.simulated || self.child.is_some()
     }
 
     fn stop_probes(&mut self) {
@@ -81,10 +89,21 @@ impl Shared {
         Shared { server, config, dir, pods: Mutex::new(HashMap::new()), logs: Mutex::new(HashMap::new()) }
     }
 
-    pub fn log(&self, ns: &str, pod: &str) -> Option<String> {
+    /// A pod's output (one container's, or all of them concatenated).
+    pub fn log(&self, ns: &str, pod: &str, container: Option<&str>) -> Option<String> {
         let logs = self.logs.lock().expect("logs lock");
         let files = logs.get(&(ns.to_string(), pod.to_string()))?;
-        Some(files.iter().filter_map(|f| std::fs::read_to_string(f).ok()).collect::<Vec<_>>().join(""))
+        let wanted = container.map(|c| format!("{c}.log"));
+        let texts: Vec<String> = files
+            .iter()
+            .filter(|f| wanted.as_deref().is_none_or(|w| f.file_name().is_some_and(|n| n == w)))
+            .filter_map(|f| std::fs::read_to_string(f).ok())
+            .collect();
+        Some(texts.join(""))
+    }
+
+    pub fn server(&self) -> &ApiServer {
+        &self.server
     }
 
     pub fn pids(&self, ns: &str, pod: &str) -> Vec<u32> {
@@ -221,6 +240,7 @@ fn terminate(obj: &Value, pod: &mut Pod) -> bool {
         for c in pod.containers.iter_mut() {
             c.stop_probes();
             c.restart_at = None;
+            c.simulated = false;
             if let (Some(pid), Some(_)) = (c.pid, c.child.as_ref()) {
                 process::signal_group(pid, libc::SIGTERM);
             }
@@ -264,6 +284,14 @@ fn run_containers(shared: &Shared, key: &PodKey, obj: &Value, pod: &mut Pod) {
     let mut all_done = true;
     let mut any_failed = false;
     for (c, spec) in pod.containers.iter_mut().zip(specs.iter()) {
+        if shared.config.simulate {
+            if !c.simulated {
+                c.simulated = true;
+                c.started_at = Some(meta::now());
+            }
+            all_done = false;
+            continue;
+        }
         // Reap an exited process; schedule a restart as restartPolicy says.
         if let Some(child) = c.child.as_mut() {
             let liveness_failed = c.probes.as_ref().is_some_and(|(s, _)| s.liveness_failed.load(Ordering::SeqCst));
@@ -371,15 +399,15 @@ fn pod_status(obj: &Value, pod: &Pod) -> Value {
     let mut statuses = Vec::new();
     for (c, spec) in pod.containers.iter().zip(specs.iter()) {
         let ready = c.ready();
-        let state = match (&c.child, &pod.config_error, &c.last_exit) {
-            (Some(_), _, _) => json!({"running": {"startedAt": c.started_at}}),
-            (None, Some(e), _) => json!({"waiting": {"reason": e.reason, "message": e.message}}),
-            (None, None, Some(_)) if c.restart_at.is_some() => json!({"waiting": {
+        let state = match (c.running(), &pod.config_error, &c.last_exit) {
+            (true, _, _) => json!({"running": {"startedAt": c.started_at}}),
+            (false, Some(e), _) => json!({"waiting": {"reason": e.reason, "message": e.message}}),
+            (false, None, Some(_)) if c.restart_at.is_some() => json!({"waiting": {
                 "reason": "CrashLoopBackOff",
                 "message": format!("back-off restarting failed container {}", c.name),
             }}),
-            (None, None, Some(exit)) => exit.clone(),
-            (None, None, None) => json!({"waiting": {"reason": "ContainerCreating"}}),
+            (false, None, Some(exit)) => exit.clone(),
+            (false, None, None) => json!({"waiting": {"reason": "ContainerCreating"}}),
         };
         let mut status = json!({
             "name": c.name,
@@ -387,7 +415,7 @@ fn pod_status(obj: &Value, pod: &Pod) -> Value {
             "imageID": "",
             "containerID": c.pid.map(|p| format!("process://{p}")).unwrap_or_default(),
             "ready": ready,
-            "started": c.child.is_some(),
+            "started": c.running(),
             "restartCount": c.restarts,
             "state": state,
         });
@@ -399,7 +427,7 @@ fn pod_status(obj: &Value, pod: &Pod) -> Value {
         statuses.push(status);
     }
     let all_ready = !pod.containers.is_empty() && pod.containers.iter().all(Container::ready);
-    let running = pod.containers.iter().any(|c| c.child.is_some() || c.restart_at.is_some());
+    let running = pod.containers.iter().any(|c| c.running() || c.restart_at.is_some());
     let phase = match (pod.finished, running) {
         (Some(done), _) => done,
         (None, true) => "Running",
