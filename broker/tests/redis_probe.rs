@@ -151,6 +151,43 @@ for _ in range(3):
 }
 
 #[tokio::test]
+async fn a_large_unacked_hash_is_estimated_from_a_sample_past_the_scan_limit() {
+    let app = tempfile::tempdir().unwrap();
+    write_app(app.path());
+    let redis = RedisServer::start().unwrap();
+    let url = redis.url();
+    publish(app.path(), &url, "{}", &[("a", 0, 300), ("b", 0, 300)], &["a", "b"]);
+    // A kombu consumer takes 150 from each queue without acking and dies: 300 unacked entries,
+    // enough for Redis to store the hash as a real hash table (paged HSCAN).
+    let take = r#"
+import os
+from kombu import Connection
+conn = Connection(os.environ["URL"])
+ch = conn.default_channel
+for queue in ("a", "b"):
+    for _ in range(150):
+        assert ch.basic_get(queue, no_ack=False) is not None
+os._exit(0)
+"#;
+    e2e_harness::python::run_script(take, &[("URL", &url)]).unwrap();
+    assert_eq!(redis.cli(&["HLEN", "unacked"]).unwrap().trim(), "300");
+
+    let exact = Broker::new(BrokerConfig::new(url.clone())).unwrap();
+    let seen = exact.probe(&["a", "b"]).await.unwrap();
+    assert_eq!((seen.queues["a"].unacked, seen.queues["b"].unacked), (Some(150), Some(150)));
+    assert_eq!((seen.queues["a"].ready, seen.queues["b"].ready), (150, 150));
+    assert!(seen.findings.iter().all(|f| f.reason != Reason::UnackedSampled));
+
+    let sampling = BrokerConfig { unacked_scan_limit: 60, ..BrokerConfig::new(url) };
+    let seen = Broker::new(sampling).unwrap().probe(&["a", "b"]).await.unwrap();
+    assert!(seen.findings.iter().any(|f| f.reason == Reason::UnackedSampled));
+    let (a, b) = (seen.queues["a"].unacked.unwrap(), seen.queues["b"].unacked.unwrap());
+    // Scaled to the whole hash; each share is an estimate from a sample of ~60.
+    assert!((270..=300).contains(&(a + b)), "{a} + {b}");
+    assert!((60..=240).contains(&a), "{a}");
+}
+
+#[tokio::test]
 async fn allkeys_eviction_with_a_memory_limit_is_unsafe_and_noeviction_is_safe() {
     let lru = RedisServer::builder().config("maxmemory 10mb").config("maxmemory-policy allkeys-lru").start().unwrap();
     let seen = Broker::new(BrokerConfig::new(lru.url())).unwrap().probe(&["celery"]).await.unwrap();
