@@ -89,6 +89,8 @@ pub fn validate(crd: &Value, obj: &Value, old: Option<&Value>) -> Result<Value, 
 pub struct CompiledVersion {
     schema: Value,
     structural: jsonschema::Validator,
+    /// Building a CEL context registers every extension function: do it once per schema.
+    cel: std::sync::Mutex<CelValidator>,
 }
 
 impl fmt::Debug for CompiledVersion {
@@ -114,7 +116,7 @@ impl CompiledVersion {
             .should_ignore_unknown_formats(true)
             .build(&json_schema)
             .map_err(|e| e.to_string())?;
-        Ok(CompiledVersion { schema: schema.clone(), structural })
+        Ok(CompiledVersion { schema: schema.clone(), structural, cel: std::sync::Mutex::new(CelValidator::new()) })
     }
 
     /// Prune, default and validate `obj`; `old` enables CEL transition rules.
@@ -135,9 +137,8 @@ impl CompiledVersion {
                 }
                 o
             });
-            if let Err(cel_errors) =
-                CelValidator::new().validate_with_context(&self.schema, &object, old_pruned.as_ref(), Some(ctx))
-            {
+            let cel = self.cel.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Err(cel_errors) = cel.validate_with_context(&self.schema, &object, old_pruned.as_ref(), Some(ctx)) {
                 errors.extend(cel_errors.iter().map(|e| cel_error(e, &object)));
             }
         }

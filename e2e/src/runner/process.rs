@@ -370,6 +370,14 @@ pub fn spawn(launch: &Launch) -> std::io::Result<tokio::process::Child> {
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(err))
         .process_group(0);
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent. If the test process
+    // dies without unwinding (killed by a timeout), the container's main process dies with it.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
     cmd.spawn()
 }
 
