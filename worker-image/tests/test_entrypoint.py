@@ -35,7 +35,7 @@ def test_unusable_probe_dir_fails_fast_with_the_cause(tmp_path: Path) -> None:
     env = {**os.environ, "CELERY_PROBE_DIR": str(blocker / "probe")}
     result = subprocess.run([ENTRYPOINT, "celery", "--version"], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
-    assert "probe directory unusable" in result.stderr and str(blocker) in result.stderr
+    assert "probe setup failed" in result.stderr and str(blocker) in result.stderr
 
 
 def test_celery_cli_runs_without_probe_dir() -> None:

@@ -45,3 +45,21 @@ def test_sigterm_lets_the_running_task_finish_then_exits_zero(
     assert worker.proc.wait(timeout=60) == 0
     assert "Warm shutdown" in worker.output()
     assert not worker.passes("readiness")
+
+
+def test_sighup_restart_comes_back_through_the_entrypoint(
+    spawn: Spawner, redis_server: RedisServer, client_app
+) -> None:
+    worker = spawn(redis_server.url)
+    worker.wait_ready()
+    pid = worker.proc.pid
+
+    worker.proc.send_signal(signal.SIGHUP)
+    # Celery re-execs `python sys.argv...` in the same pid; the entrypoint must
+    # run again (it resets the probe files) and the worker must come back ready.
+    wait_until(lambda: worker.output().count(" ready.") >= 2, 60, "the restarted worker to be ready")
+    assert "Restarting celery worker" in worker.output()
+    assert worker.proc.poll() is None and worker.proc.pid == pid
+    worker.wait_ready()
+    app = client_app(redis_server.url)
+    assert app.send_task("celery_example.add", (1, 1), queue=worker.queue).get(timeout=60) == 2

@@ -48,16 +48,17 @@ def run_celery(celery_args: list[str]) -> int:
             files.start_process()
     except (ProbeConfigError, OSError) as err:
         # Fail fast with the cause instead of a liveness restart loop later.
-        print(f"celery-entrypoint: probe directory unusable: {err}", file=sys.stderr)
+        print(f"celery-entrypoint: probe setup failed: {err}", file=sys.stderr)
         return 1
 
-    sys.argv = ["celery", *celery_args]
+    # sys.argv stays the entrypoint's own: Celery's SIGHUP restart re-execs
+    # `python sys.argv...`, which must come back through here.
     import celery
 
     # Exactly what `python -m celery` does first: gevent/eventlet pools must
     # monkey-patch before anything else imports socket or threading.
-    if "multi" not in sys.argv:
-        celery.maybe_patch_concurrency()
+    if "multi" not in celery_args:
+        celery.maybe_patch_concurrency(["celery", *celery_args])
 
     from kombu.exceptions import SerializerNotInstalled
 
@@ -74,9 +75,10 @@ def run_celery(celery_args: list[str]) -> int:
 
         hooks.install(files, interval)
 
-    from celery.bin.celery import main as celery_main
+    from celery.bin.celery import celery as celery_cli
 
-    return celery_main()
+    # What `celery.bin.celery.main()` does, with our argv instead of sys.argv.
+    return celery_cli.main(args=celery_args, prog_name="celery", auto_envvar_prefix="CELERY")
 
 
 if __name__ == "__main__":
