@@ -769,3 +769,124 @@ async fn streaming_list_watchers_get_initial_events_then_a_bookmark() {
     .expect("InitDone before the deadline");
     assert_eq!(initial, vec!["a".to_string()]);
 }
+
+#[tokio::test]
+async fn watches_stream_over_http_too() {
+    let server = server();
+    let served = server.serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let cms: Api<ConfigMap> = Api::default_namespaced(served.client().await.unwrap());
+    let mut stream = cms.watch(&WatchParams::default().disable_bookmarks(), "0").await.unwrap().boxed();
+    server.create(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "over-http"}})).unwrap();
+    assert_eq!(describe(&next_event(&mut stream).await), ("ADDED".to_string(), "over-http".to_string()));
+}
+
+#[tokio::test]
+async fn delete_collection_honours_label_selectors() {
+    let server = server();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    for (name, tier) in [("a", "x"), ("b", "x"), ("c", "y")] {
+        cms.create(&PostParams::default(), &cm(name, json!({"tier": tier}))).await.unwrap();
+    }
+    cms.delete_collection(&DeleteParams::default(), &ListParams::default().labels("tier=x")).await.unwrap();
+    let left: Vec<String> =
+        cms.list(&ListParams::default()).await.unwrap().items.into_iter().map(|c| c.metadata.name.unwrap()).collect();
+    assert_eq!(left, vec!["c".to_string()]);
+}
+
+#[tokio::test]
+async fn foreground_deletion_removes_dependents_before_the_owner() {
+    let server = server();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    let owner = cms.create(&PostParams::default(), &cm("owner", json!({}))).await.unwrap();
+    let mut child = serde_json::to_value(cm("child", json!({}))).unwrap();
+    child["metadata"]["ownerReferences"] =
+        json!([{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner.metadata.uid.unwrap()}]);
+    cms.create(&PostParams::default(), &serde_json::from_value(child).unwrap()).await.unwrap();
+    let mut stream = cms
+        .watch(&WatchParams::default().disable_bookmarks(), &rv(&cms.get("child").await.unwrap()))
+        .await
+        .unwrap()
+        .boxed();
+    cms.delete("owner", &DeleteParams::foreground()).await.unwrap();
+    assert_eq!(describe(&next_event(&mut stream).await), ("DELETED".to_string(), "child".to_string()));
+    assert_eq!(describe(&next_event(&mut stream).await), ("DELETED".to_string(), "owner".to_string()));
+}
+
+#[tokio::test]
+async fn kube_event_recorder_publishes_events() {
+    use k8s_openapi::api::events::v1::Event;
+    use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+    let server = server();
+    let client = server.client();
+    let cm_obj = Api::<ConfigMap>::default_namespaced(client.clone())
+        .create(&PostParams::default(), &cm("a", json!({})))
+        .await
+        .unwrap();
+    let recorder = Recorder::new(client.clone(), Reporter { controller: "celery-operator".into(), instance: None });
+    let reference = kube::Resource::object_ref(&cm_obj, &());
+    let event = KubeEvent {
+        type_: EventType::Warning,
+        reason: "BrokerUnsafe".into(),
+        note: Some("maxmemory-policy allkeys-lru can evict queues".into()),
+        action: "Probe".into(),
+        secondary: None,
+    };
+    recorder.publish(&event, &reference).await.unwrap();
+    recorder.publish(&event, &reference).await.unwrap();
+    let events: Vec<Event> = Api::<Event>::default_namespaced(client).list(&ListParams::default()).await.unwrap().items;
+    assert_eq!(events.len(), 1, "repeats are folded into one event series");
+    assert_eq!(events[0].reason.as_deref(), Some("BrokerUnsafe"));
+}
+
+#[tokio::test]
+async fn status_server_side_apply_owns_status_fields_and_repeats_store_nothing() {
+    let server = server();
+    let pools = pools(server.client());
+    pools.create(&PostParams::default(), &pool("p", json!({"app": "a", "queues": ["q"]}))).await.unwrap();
+    let pp = PatchParams::apply("celery-operator").force();
+    let status = json!({"apiVersion": "celery-operator.dev/v1alpha1", "kind": "WorkerPool", "metadata": {"name": "p"},
+        "spec": {"concurrency": 42},
+        "status": {"replicas": 2, "conditions": [{"type": "Ready", "status": "True"}]}});
+    let applied = pools.patch_status("p", &pp, &Patch::Apply(&status)).await.unwrap();
+    assert_eq!(applied.data["status"]["replicas"], 2);
+    assert_eq!(applied.data["spec"]["concurrency"], 4, "status apply ignores spec");
+    let entry = applied
+        .metadata
+        .managed_fields
+        .unwrap()
+        .into_iter()
+        .find(|m| m.manager.as_deref() == Some("celery-operator"))
+        .unwrap();
+    assert_eq!(entry.subresource.as_deref(), Some("status"));
+    assert_eq!(entry.operation.as_deref(), Some("Apply"));
+    let before = server.resource_version();
+    pools.patch_status("p", &pp, &Patch::Apply(&status)).await.unwrap();
+    assert_eq!(server.resource_version(), before);
+}
+
+#[tokio::test]
+async fn injected_latency_delays_only_matching_requests() {
+    let server = server();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    for name in ["slow", "fast"] {
+        cms.create(&PostParams::default(), &cm(name, json!({}))).await.unwrap();
+    }
+    server.inject(Fault::latency(Duration::from_millis(300)).on(RequestMatch::any().verb(Verb::Get).name("slow")));
+    let (order_tx, mut order_rx) = tokio::sync::mpsc::unbounded_channel();
+    let slow = {
+        let (cms, tx) = (cms.clone(), order_tx.clone());
+        tokio::spawn(async move {
+            cms.get("slow").await.unwrap();
+            tx.send("slow").unwrap();
+        })
+    };
+    // Let the slow request reach its injected delay before the fast one is sent.
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    cms.get("fast").await.unwrap();
+    order_tx.send("fast").unwrap();
+    slow.await.unwrap();
+    assert_eq!(order_rx.recv().await, Some("fast"));
+    assert_eq!(order_rx.recv().await, Some("slow"));
+}
