@@ -222,3 +222,19 @@ async fn rabbitmq_errors_never_carry_the_password() {
     assert!(!finding.message.contains("m4nagement-pw"), "{}", finding.message);
     assert_eq!(seen.queues[queue].unacked, None);
 }
+
+#[tokio::test]
+async fn amqps_is_probed_with_a_custom_ca() {
+    let rabbit = rabbit();
+    let queue = "rq-tls-q";
+    declare(&rabbit.amqp_url(), queue, "{}");
+    let ca = std::fs::read_to_string(rabbit.ca_cert_path()).unwrap();
+    let trusted = BrokerConfig { ca_cert_pem: Some(ca), ..BrokerConfig::new(rabbit.amqps_url()) };
+    let seen = Broker::new(trusted).unwrap().probe(&[queue]).await.unwrap();
+    assert_eq!(seen.queues[queue].consumers, Some(0));
+
+    // The public web PKI does not vouch for the test CA.
+    let untrusted = Broker::new(BrokerConfig::new(rabbit.amqps_url())).unwrap();
+    let err = untrusted.probe(&[queue]).await.unwrap_err();
+    assert!(matches!(err, ProbeError::Connect { .. }), "{err:?}");
+}

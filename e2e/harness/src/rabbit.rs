@@ -1,4 +1,5 @@
-//! A private RabbitMQ node (own node name, ports and directories) with the management plugin.
+//! A private RabbitMQ node (own node name, ports and directories) with the management plugin and
+//! a TLS listener (certificates from a throw-away CA, see [`RabbitServer::ca_cert_path`]).
 //!
 //! The node runs as the invoking user straight from `/usr/lib/rabbitmq/bin` (the Debian wrapper in
 //! `/usr/sbin` would switch to the `rabbitmq` user and reset `HOME`), with every directory, the Erlang
@@ -12,7 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use tempfile::TempDir;
 
 use crate::process::Supervised;
-use crate::{HarnessError, Result, free_port, io_err};
+use crate::{HarnessError, Result, TestCertificates, free_port, io_err};
 
 const RABBIT_BIN: &str = "/usr/lib/rabbitmq/bin";
 const BOOT_TIMEOUT_SECS: u32 = 90;
@@ -25,6 +26,8 @@ pub struct RabbitServer {
     dir: TempDir,
     node: String,
     amqp_port: u16,
+    amqps_port: u16,
+    certs: TestCertificates,
     management_port: u16,
     _process: Supervised,
 }
@@ -36,8 +39,9 @@ impl RabbitServer {
         let dir =
             tempfile::Builder::new().prefix("rabbit-test-").tempdir().map_err(io_err("create rabbitmq temp dir"))?;
         let node = format!("t{}-{}@localhost", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
-        let (amqp_port, management_port, dist_port) = (free_port(), free_port(), free_port());
-        write_node_files(dir.path(), amqp_port, management_port)?;
+        let (amqp_port, amqps_port, management_port, dist_port) = (free_port(), free_port(), free_port(), free_port());
+        let certs = TestCertificates::generate(dir.path())?;
+        write_node_files(dir.path(), &certs, [amqp_port, amqps_port, management_port])?;
         let mut cmd = Command::new(Path::new(RABBIT_BIN).join("rabbitmq-server"));
         node_env(&mut cmd, dir.path(), &node)
             .env("RABBITMQ_DIST_PORT", dist_port.to_string())
@@ -45,7 +49,7 @@ impl RabbitServer {
             .stdout(log_file(dir.path(), "stdout.log")?)
             .stderr(log_file(dir.path(), "stderr.log")?);
         let process = Supervised::spawn("rabbitmq-server", &mut cmd, Some(dir.path()))?;
-        let server = Self { dir, node, amqp_port, management_port, _process: process };
+        let server = Self { dir, node, amqp_port, amqps_port, certs, management_port, _process: process };
         let pid_file = server.dir.path().join("rabbit.pid");
         let timeout = BOOT_TIMEOUT_SECS.to_string();
         let pid_arg = pid_file.to_string_lossy();
@@ -78,6 +82,17 @@ impl RabbitServer {
     /// `http://guest:guest@127.0.0.1:PORT` — the management API root (append `/api/...`).
     pub fn management_url(&self) -> String {
         format!("http://guest:guest@127.0.0.1:{}", self.management_port)
+    }
+
+    /// `amqps://guest:guest@127.0.0.1:PORT/%2F`: the same node over TLS; trust
+    /// [`ca_cert_path`](Self::ca_cert_path).
+    pub fn amqps_url(&self) -> String {
+        format!("amqps://guest:guest@127.0.0.1:{}/%2F", self.amqps_port)
+    }
+
+    /// The CA that signed the node's TLS certificate (for 127.0.0.1 and localhost).
+    pub fn ca_cert_path(&self) -> &Path {
+        &self.certs.ca_cert
     }
 
     pub fn amqp_port(&self) -> u16 {
@@ -137,7 +152,7 @@ fn encode_vhost(vhost: &str) -> String {
         .collect()
 }
 
-fn write_node_files(dir: &Path, amqp_port: u16, management_port: u16) -> Result<()> {
+fn write_node_files(dir: &Path, certs: &TestCertificates, [amqp, amqps, management]: [u16; 3]) -> Result<()> {
     for sub in ["mnesia", "log", "home"] {
         std::fs::create_dir_all(dir.join(sub)).map_err(io_err("create rabbitmq dirs"))?;
     }
@@ -145,11 +160,20 @@ fn write_node_files(dir: &Path, amqp_port: u16, management_port: u16) -> Result<
         (
             "rabbitmq.conf",
             format!(
-                "listeners.tcp.default = 127.0.0.1:{amqp_port}\n\
+                "listeners.tcp.default = 127.0.0.1:{amqp}\n\
+                 listeners.ssl.default = 127.0.0.1:{amqps}\n\
+                 ssl_options.cacertfile = {}\n\
+                 ssl_options.certfile = {}\n\
+                 ssl_options.keyfile = {}\n\
+                 ssl_options.verify = verify_none\n\
+                 ssl_options.fail_if_no_peer_cert = false\n\
                  management.tcp.ip = 127.0.0.1\n\
-                 management.tcp.port = {management_port}\n\
+                 management.tcp.port = {management}\n\
                  loopback_users = none\n\
-                 collect_statistics_interval = 500\n"
+                 collect_statistics_interval = 500\n",
+                certs.ca_cert.display(),
+                certs.server_cert.display(),
+                certs.server_key.display(),
             ),
         ),
         ("enabled_plugins", "[rabbitmq_management].\n".to_owned()),
