@@ -8,9 +8,26 @@ use super::resources::ResourceType;
 use super::selector::LabelSelector;
 use crate::admission::FieldError;
 
-pub fn admit(rt: &ResourceType, obj: &mut Value, creating: bool) -> Result<(), Vec<FieldError>> {
+pub fn admit(rt: &ResourceType, obj: &mut Value, old: Option<&Value>) -> Result<(), Vec<FieldError>> {
+    let creating = old.is_none();
     match (rt.group.as_str(), rt.kind.as_str()) {
-        ("apps", "Deployment") => deployment(obj),
+        ("apps", "Deployment") => {
+            deployment(obj)?;
+            immutable(obj, old, "/spec/selector", "spec.selector")
+        }
+        ("", "Secret" | "ConfigMap") => {
+            if rt.kind == "Secret" {
+                secret(obj);
+            }
+            let locked = old.is_some_and(|o| o.get("immutable") == Some(&json!(true)));
+            if locked {
+                for (pointer, field) in [("/data", "data"), ("/binaryData", "binaryData"), ("/immutable", "immutable")]
+                {
+                    immutable(obj, old, pointer, field)?;
+                }
+            }
+            Ok(())
+        }
         ("", "Pod") => {
             if let Some(spec) = obj.get_mut("spec") {
                 default_pod_spec(spec);
@@ -20,15 +37,22 @@ pub fn admit(rt: &ResourceType, obj: &mut Value, creating: bool) -> Result<(), V
             }
             require_containers(obj.get("spec"), "spec")
         }
-        ("", "Secret") => {
-            secret(obj);
-            Ok(())
-        }
         ("", "Namespace") => {
             if obj.pointer("/status/phase").is_none() {
                 obj["status"] = json!({"phase": "Active"});
             }
             Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Refuse a change of a field the real server treats as immutable.
+fn immutable(obj: &Value, old: Option<&Value>, pointer: &str, field: &str) -> Result<(), Vec<FieldError>> {
+    match old {
+        Some(old) if old.pointer(pointer) != obj.pointer(pointer) => {
+            let value = obj.pointer(pointer).cloned().unwrap_or(Value::Null);
+            Err(vec![FieldError::invalid(field, &value, "field is immutable")])
         }
         _ => Ok(()),
     }
@@ -221,7 +245,7 @@ mod tests {
     #[test]
     fn deployments_get_the_real_defaults() {
         let mut d = minimal_deployment();
-        admit(&deployment_type(), &mut d, true).unwrap();
+        admit(&deployment_type(), &mut d, None).unwrap();
         assert_eq!(d["spec"]["replicas"], 1);
         assert_eq!(d["spec"]["strategy"]["rollingUpdate"]["maxSurge"], "25%");
         assert_eq!(d["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"], "IfNotPresent");
@@ -232,15 +256,27 @@ mod tests {
     fn recreate_with_leftover_rolling_update_is_forbidden() {
         let mut d = minimal_deployment();
         d["spec"]["strategy"] = json!({"type": "Recreate", "rollingUpdate": {"maxSurge": 1}});
-        let errors = admit(&deployment_type(), &mut d, true).unwrap_err();
+        let errors = admit(&deployment_type(), &mut d, None).unwrap_err();
         assert_eq!(errors[0].field, "spec.strategy.rollingUpdate");
+    }
+
+    #[test]
+    fn deployment_selectors_are_immutable() {
+        let mut d = minimal_deployment();
+        admit(&deployment_type(), &mut d, None).unwrap();
+        let old = d.clone();
+        d["spec"]["selector"]["matchLabels"]["tier"] = json!("x");
+        d["spec"]["template"]["metadata"]["labels"]["tier"] = json!("x");
+        let errors = admit(&deployment_type(), &mut d, Some(&old)).unwrap_err();
+        assert_eq!(errors[0].field, "spec.selector");
+        assert!(errors[0].message.ends_with("field is immutable"), "{}", errors[0].message);
     }
 
     #[test]
     fn selector_must_match_template_labels() {
         let mut d = minimal_deployment();
         d["spec"]["template"]["metadata"]["labels"] = json!({"app": "other"});
-        let errors = admit(&deployment_type(), &mut d, true).unwrap_err();
+        let errors = admit(&deployment_type(), &mut d, None).unwrap_err();
         assert_eq!(errors[0].field, "spec.template.metadata.labels");
     }
 }

@@ -498,7 +498,7 @@ fn admit(
         *obj = admitted.object;
         return Ok(());
     }
-    builtin::admit(rt, obj, old.is_none()).map_err(|errors| ApiError::invalid(rt, &name, &errors))
+    builtin::admit(rt, obj, old).map_err(|errors| ApiError::invalid(rt, &name, &errors))
 }
 
 fn unknown_field_policy(
