@@ -99,19 +99,10 @@ impl std::fmt::Debug for Broker {
 impl Broker {
     /// Validates the URL (and CA) and prepares the client; no network I/O.
     pub fn new(config: BrokerConfig) -> Result<Self, ProbeError> {
-        let scheme =
-            config.url.expose().split_once("://").map(|(scheme, _)| scheme.to_ascii_lowercase()).unwrap_or_default();
-        let inner = match scheme.as_str() {
-            "redis" | "rediss" | "redis+socket" | "socket" | "unix" | "redis+unix" => {
-                Inner::Redis(redis::RedisBroker::new(&config)?)
-            }
-            "amqp" | "amqps" | "pyamqp" => Inner::Rabbitmq(rabbitmq::RabbitBroker::new(&config)?),
-            _ => {
-                return Err(ProbeError::invalid_url(
-                    &config.url,
-                    "expected a redis://, rediss://, amqp:// or amqps:// URL",
-                ));
-            }
+        let inner = if rabbitmq::is_amqp_url(&config.url) {
+            Inner::Rabbitmq(rabbitmq::RabbitBroker::new(&config)?)
+        } else {
+            Inner::Redis(redis::RedisBroker::new(&config)?)
         };
         Ok(Self { inner })
     }

@@ -48,6 +48,12 @@ struct Management {
     client: reqwest::Client,
 }
 
+/// Whether `url` names an AMQP broker (`amqp://`, `amqps://`, Celery's `pyamqp://`).
+pub(crate) fn is_amqp_url(url: &SecretUrl) -> bool {
+    let scheme = url.expose().split_once("://").map(|(scheme, _)| scheme.to_ascii_lowercase());
+    matches!(scheme.as_deref(), Some("amqp" | "amqps" | "pyamqp"))
+}
+
 /// Kombu's reading of the AMQP URL path: `amqp://h`, `amqp://h/` and `amqp://h//` all mean vhost
 /// `/`; otherwise the percent-decoded path after the first `/`.
 fn vhost_of(uri: &AMQPUri) -> String {

@@ -49,7 +49,7 @@ fn redact_parsed(url: &url::Url) -> String {
     }
     // Kombu joins several URLs with `;` (failover, sentinel); the `url` crate sees one URL and the rest
     // as path, so any later userinfo is scrubbed by hand.
-    scrub_embedded_userinfo(out.as_str().replace("%2A%2A%2A", MASK))
+    scrub_embedded_userinfo(out.to_string())
 }
 
 fn scrub_embedded_userinfo(text: String) -> String {

@@ -50,7 +50,7 @@ pub(crate) fn client(url: &SecretUrl, ca_cert_pem: Option<&str>) -> Result<Clien
         other => {
             return Err(ProbeError::invalid_url(
                 url,
-                format!("scheme {other}:// is not a Redis URL (redis, rediss, redis+socket)"),
+                format!("unsupported scheme {other}://; expected redis, rediss, redis+socket, amqp or amqps"),
             ));
         }
     };

@@ -112,8 +112,14 @@ impl RedisBroker {
 
     async fn probe_once(&self, queues: &[&str]) -> Result<BrokerObservation, ProbeError> {
         let mut con = self.connection().await?;
-        let steps = self.options.priority_steps.len();
         let orphaned_before = now_secs() - self.options.visibility_timeout.as_secs_f64();
+        let mut invocation = self.script.prepare_invoke();
+        invocation
+            .key(self.options.unacked_key())
+            .key(self.options.unacked_index_key())
+            .arg(format!("{orphaned_before:.6}"))
+            .arg(self.unacked_scan_limit)
+            .arg(self.options.binding_key(""));
 
         let mut pipe = ::redis::pipe();
         pipe.ignore_errors();
@@ -122,39 +128,22 @@ impl RedisBroker {
                 pipe.cmd("LLEN").arg(key);
             }
         }
-        let mut invocation = self.script.prepare_invoke();
-        invocation
-            .key(self.options.unacked_key())
-            .key(self.options.unacked_index_key())
-            .arg(format!("{orphaned_before:.6}"))
-            .arg(self.unacked_scan_limit)
-            .arg(self.options.binding_key(""));
         pipe.invoke_script(&invocation);
         for section in info::SECTIONS {
             pipe.cmd("INFO").arg(section);
         }
-        let mut replies: Vec<RedisResult<Value>> = pipe.query_async(&mut con).await.map_err(|e| self.error(&e))?;
+        let replies: Vec<RedisResult<Value>> = pipe.query_async(&mut con).await.map_err(|e| self.error(&e))?;
 
-        let info_replies: Vec<String> = replies
-            .split_off(queues.len() * steps + 1)
-            .into_iter()
-            .filter_map(|r| r.ok().and_then(|v| ::redis::from_redis_value(v).ok()))
-            .collect();
-        let script_reply = match replies.pop().expect("script reply") {
+        let mut replies = replies.into_iter();
+        let ready = self.ready_counts(&mut replies, queues.len())?;
+        let script_reply = match replies.next().expect("the script's reply") {
             Err(e) if e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) => {
                 invocation.invoke_async::<Value>(&mut con).await
             }
             other => other,
         };
-        let mut ready = Vec::with_capacity(queues.len());
-        for chunk in replies.chunks(steps.max(1)) {
-            let mut sum = 0u64;
-            for reply in chunk {
-                let value = reply.as_ref().map_err(|e| self.error(e))?;
-                sum += ::redis::from_redis_value_ref::<u64>(value).map_err(|e| ProbeError::broker(&self.url, e))?;
-            }
-            ready.push(sum);
-        }
+        let info_replies: Vec<String> =
+            replies.filter_map(|r| r.ok().and_then(|v| ::redis::from_redis_value(v).ok())).collect();
 
         let mut findings = Vec::new();
         let unacked = self.unacked(script_reply, queues, &mut findings);
@@ -169,15 +158,31 @@ impl RedisBroker {
             .iter()
             .zip(ready)
             .map(|(queue, ready)| {
-                let (unacked, orphaned) = match &unacked {
-                    Some(map) => map.get(*queue).map_or((Some(0), Some(0)), |(u, o)| (Some(*u), Some(*o))),
-                    None => (None, None),
-                };
+                let (unacked, orphaned) =
+                    unacked.as_ref().and_then(|m| m.get(*queue)).map_or((None, None), |&(u, o)| (Some(u), Some(o)));
                 let observation = QueueObservation { ready, unacked, orphaned_unacked: orphaned, consumers: None };
                 ((*queue).to_owned(), observation)
             })
             .collect();
         Ok(BrokerObservation { queues, info, findings })
+    }
+
+    /// Sums the `LLEN` replies of each queue's priority lists, in queue order.
+    fn ready_counts(
+        &self,
+        replies: &mut impl Iterator<Item = RedisResult<Value>>,
+        queues: usize,
+    ) -> Result<Vec<u64>, ProbeError> {
+        let steps = self.options.priority_steps.len();
+        (0..queues)
+            .map(|_| {
+                replies.by_ref().take(steps).try_fold(0u64, |sum, reply| {
+                    let value = reply.map_err(|e| self.error(&e))?;
+                    let len = ::redis::from_redis_value::<u64>(value).map_err(|e| ProbeError::broker(&self.url, e))?;
+                    Ok(sum + len)
+                })
+            })
+            .collect()
     }
 
     /// Per-queue `(unacked, orphaned)` from the script's reply; `None` (with a finding) when the
