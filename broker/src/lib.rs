@@ -122,11 +122,12 @@ impl Broker {
         }
     }
 
-    /// Reads every queue in `queues` (Celery queue names) in one go. A failure of the whole probe
-    /// (unreachable, timeout, refused) is an error; a missing queue or an unavailable part
-    /// (management API, unacked counts) is a finding.
+    /// Reads every queue in `queues` (Celery queue names; duplicates are read once) in one go.
+    /// A failure of the whole probe (unreachable, timeout, refused) is an error; a missing queue or
+    /// an unavailable part (management API, unacked counts) is a finding.
     pub async fn probe<Q: AsRef<str>>(&self, queues: &[Q]) -> Result<BrokerObservation, ProbeError> {
-        let queues: Vec<&str> = queues.iter().map(AsRef::as_ref).collect();
+        let mut seen = std::collections::HashSet::new();
+        let queues: Vec<&str> = queues.iter().map(AsRef::as_ref).filter(|q| seen.insert(*q)).collect();
         match &self.inner {
             Inner::Redis(b) => b.probe(&queues).await,
             Inner::Rabbitmq(b) => b.probe(&queues).await,

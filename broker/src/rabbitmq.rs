@@ -125,15 +125,16 @@ impl RabbitBroker {
                         Reason::QueueMissing,
                         Severity::Warning,
                         format!(
-                            "queue {queue} does not exist in vhost {}: tasks sent to it before a \
-                             worker declares it are dropped by RabbitMQ; start a worker for it or \
-                             declare it",
+                            "queue {queue} does not exist in vhost {}: nothing buffers its tasks, \
+                             and publishers that do not declare it lose them as unroutable; check \
+                             the queue name and vhost, or start a worker that declares it",
                             self.vhost
                         ),
                     )
                     .for_queue(queue),
                 );
-                observed.insert((*queue).to_owned(), QueueObservation::default());
+                let empty = QueueObservation { unacked: Some(0), consumers: Some(0), ..QueueObservation::default() };
+                observed.insert((*queue).to_owned(), empty);
                 continue;
             };
             if let (Some(detail), true) = (detail, self.safety != SafetyMode::Off) {
