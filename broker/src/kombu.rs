@@ -25,7 +25,8 @@ const UNACKED: &str = "unacked";
 const UNACKED_INDEX: &str = "unacked_index";
 const BINDING_PREFIX: &str = "_kombu.binding.";
 
-/// The subset of Celery's `broker_transport_options` that decides where kombu keeps messages.
+/// The subset of Celery's `broker_transport_options` that decides where kombu keeps messages (and,
+/// for `sentinel://` URLs, which master to ask the Sentinels for).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct TransportOptions {
@@ -39,6 +40,9 @@ pub struct TransportOptions {
     /// (`visibility_timeout`); default one hour.
     #[serde(with = "seconds")]
     pub visibility_timeout: Duration,
+    /// The Sentinel master name (`master_name`); required with `sentinel://` URLs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub master_name: Option<String>,
 }
 
 impl Default for TransportOptions {
@@ -48,6 +52,7 @@ impl Default for TransportOptions {
             priority_steps: DEFAULT_PRIORITY_STEPS.to_vec(),
             separator: DEFAULT_SEPARATOR.to_owned(),
             visibility_timeout: DEFAULT_VISIBILITY_TIMEOUT,
+            master_name: None,
         }
     }
 }

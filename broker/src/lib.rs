@@ -86,8 +86,8 @@ pub struct Broker {
 }
 
 enum Inner {
-    Redis(redis::RedisBroker),
-    Rabbitmq(rabbitmq::RabbitBroker),
+    Redis(Box<redis::RedisBroker>),
+    Rabbitmq(Box<rabbitmq::RabbitBroker>),
 }
 
 impl std::fmt::Debug for Broker {
@@ -100,9 +100,9 @@ impl Broker {
     /// Validates the URL (and CA) and prepares the client; no network I/O.
     pub fn new(config: BrokerConfig) -> Result<Self, ProbeError> {
         let inner = if rabbitmq::is_amqp_url(&config.url) {
-            Inner::Rabbitmq(rabbitmq::RabbitBroker::new(&config)?)
+            Inner::Rabbitmq(Box::new(rabbitmq::RabbitBroker::new(&config)?))
         } else {
-            Inner::Redis(redis::RedisBroker::new(&config)?)
+            Inner::Redis(Box::new(redis::RedisBroker::new(&config)?))
         };
         Ok(Self { inner })
     }

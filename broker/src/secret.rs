@@ -14,31 +14,32 @@ fn is_secret_param(key: &str) -> bool {
 }
 
 /// `url` with its password (and credential-like query values) replaced by `***`; the user name,
-/// host, port, path and other parameters are kept so the endpoint stays recognisable.
+/// host, port, path and other parameters are kept so the endpoint stays recognisable. Kombu's
+/// `;`-joined lists (failover URLs, Sentinels) are redacted URL by URL.
 ///
-/// A string that does not parse as a URL is redacted from its last `@` backwards, so
+/// A part that does not parse as a URL is redacted from its last `@` backwards, so
 /// `"not a url with :pw@host"` never leaks the password either.
 pub fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(parsed) => redact_parsed(&parsed),
-        Err(_) => match (url.find("://"), url.rfind('@')) {
+    url.split(';').map(redact_one).collect::<Vec<_>>().join(";")
+}
+
+fn redact_one(url: &str) -> String {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return match (url.find("://"), url.rfind('@')) {
             (Some(scheme_end), Some(at)) if at > scheme_end => {
                 format!("{}{MASK}{}", &url[..scheme_end + 3], &url[at..])
             }
             (None, Some(at)) => format!("{MASK}{}", &url[at..]),
             _ => url.to_owned(),
-        },
-    }
-}
-
-fn redact_parsed(url: &url::Url) -> String {
-    let mut out = url.clone();
-    if url.password().is_some() {
+        };
+    };
+    let mut out = parsed.clone();
+    if parsed.password().is_some() {
         // Only fails for URLs that cannot have credentials, which have no password either.
         let _ = out.set_password(Some(MASK));
     }
-    if url.query_pairs().any(|(k, _)| is_secret_param(&k)) {
-        let pairs: Vec<(String, String)> = url
+    if parsed.query_pairs().any(|(k, _)| is_secret_param(&k)) {
+        let pairs: Vec<(String, String)> = parsed
             .query_pairs()
             .map(|(k, v)| {
                 let v = if is_secret_param(&k) { MASK.into() } else { v.into_owned() };
@@ -47,22 +48,7 @@ fn redact_parsed(url: &url::Url) -> String {
             .collect();
         out.query_pairs_mut().clear().extend_pairs(pairs);
     }
-    // Kombu joins several URLs with `;` (failover, sentinel); the `url` crate sees one URL and the rest
-    // as path, so any later userinfo is scrubbed by hand.
-    scrub_embedded_userinfo(out.to_string())
-}
-
-fn scrub_embedded_userinfo(text: String) -> String {
-    if !text.contains(';') {
-        return text;
-    }
-    text.split(';')
-        .map(|part| match url::Url::parse(part) {
-            Ok(url) if url.password().is_some() => redact_parsed(&url),
-            _ => part.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join(";")
+    out.to_string()
 }
 
 /// A broker URL whose `Debug`, `Display` and serde form never show the password. Use

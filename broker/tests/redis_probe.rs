@@ -338,3 +338,47 @@ async fn the_probe_recovers_after_redis_restarts() {
     assert_eq!(seen.queues["celery"].ready, 0);
     assert_eq!(seen.queues["celery"].unacked, Some(0));
 }
+
+#[tokio::test]
+async fn sentinel_urls_resolve_the_master_with_its_password() {
+    let master = RedisServer::builder().password("m4ster-pw").start().unwrap();
+    let sentinel = RedisServer::builder()
+        .sentinel("celery-master", &master)
+        .config("sentinel auth-pass celery-master m4ster-pw")
+        .start()
+        .unwrap();
+    master.cli(&["LPUSH", "emails", "a", "b", "c"]).unwrap();
+    // Celery's form: several Sentinels joined by `;`, the master's password in the URL; the first
+    // one is down and skipped.
+    let url = format!(
+        "sentinel://:m4ster-pw@127.0.0.1:{};sentinel://:m4ster-pw@127.0.0.1:{}/0",
+        e2e_harness::free_port(),
+        sentinel.port()
+    );
+    let options = TransportOptions { master_name: Some("celery-master".into()), ..TransportOptions::default() };
+    let broker = Broker::new(config(&url, &options)).unwrap();
+    assert!(!broker.endpoint().contains("m4ster-pw"), "{}", broker.endpoint());
+    let seen = broker.probe(&["emails"]).await.unwrap();
+    assert_eq!(seen.queues["emails"].ready, 3);
+    assert_eq!(seen.queues["emails"].unacked, Some(0));
+
+    // The master moves (as after a failover): the probe fails once, then asks the Sentinel again.
+    drop(master);
+    let moved = RedisServer::builder().password("m4ster-pw").start().unwrap();
+    moved.cli(&["LPUSH", "emails", "z"]).unwrap();
+    let port = moved.port().to_string();
+    sentinel.cli(&["SENTINEL", "REMOVE", "celery-master"]).unwrap();
+    sentinel.cli(&["SENTINEL", "MONITOR", "celery-master", "127.0.0.1", &port, "1"]).unwrap();
+    sentinel.cli(&["SENTINEL", "SET", "celery-master", "auth-pass", "m4ster-pw"]).unwrap();
+    poll("the probe to follow the master", Duration::from_secs(20), || async {
+        match broker.probe(&["emails"]).await {
+            Ok(seen) if seen.queues["emails"].ready == 1 => Ok(()),
+            other => Err(other.map(|seen| seen.queues)),
+        }
+    })
+    .await;
+
+    let err = Broker::new(config(&url, &TransportOptions::default())).unwrap_err();
+    assert!(err.to_string().contains("master_name"), "{err}");
+    assert!(!format!("{err:?}").contains("m4ster-pw"));
+}

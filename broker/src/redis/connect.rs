@@ -1,9 +1,68 @@
-//! From a Celery broker URL to a `redis::Client`, honouring kombu's TLS query options.
+//! From a Celery broker URL to a `redis::Client` — directly, honouring kombu's TLS query options,
+//! or through Redis Sentinel.
 
-use ::redis::{Client, TlsCertificates};
+use ::redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use ::redis::{Client, ConnectionAddr, RedisResult, TlsCertificates};
+use tokio::sync::Mutex;
 
 use crate::ProbeError;
 use crate::secret::SecretUrl;
+
+/// Where the probe's connections go.
+pub(crate) enum Target {
+    Direct(Client),
+    /// `sentinel://` URLs: the master is asked of the Sentinels whenever a connection is made.
+    Sentinel(Mutex<SentinelClient>),
+}
+
+impl Target {
+    pub(crate) async fn client(&self) -> RedisResult<Client> {
+        match self {
+            Self::Direct(client) => Ok(client.clone()),
+            Self::Sentinel(sentinel) => sentinel.lock().await.async_get_client().await,
+        }
+    }
+}
+
+/// The target for `url`: Sentinel for Celery's `sentinel://h1:26379;sentinel://h2:26379/0` form
+/// (credentials and db of the URL are the master's; `master_name` is required), else [`client`].
+pub(crate) fn target(
+    url: &SecretUrl,
+    ca_cert_pem: Option<&str>,
+    master_name: Option<&str>,
+) -> Result<Target, ProbeError> {
+    if !url.expose().starts_with("sentinel://") {
+        return client(url, ca_cert_pem).map(Target::Direct);
+    }
+    let master_name = master_name
+        .ok_or_else(|| ProbeError::invalid_url(url, "sentinel:// needs the master_name transport option"))?;
+    let mut sentinels = Vec::new();
+    let (mut user, mut password, mut db) = (None, None, 0);
+    for part in url.expose().split(';') {
+        let parsed = url::Url::parse(part.trim()).map_err(|e| ProbeError::invalid_url(url, e))?;
+        let host = parsed.host_str().ok_or_else(|| ProbeError::invalid_url(url, "a Sentinel without a host"))?;
+        sentinels.push(ConnectionAddr::Tcp(host.to_owned(), parsed.port().unwrap_or(26379)));
+        let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+        if password.is_none() && parsed.password().is_some() {
+            user = Some(decode(parsed.username())).filter(|u| !u.is_empty());
+            password = parsed.password().map(decode);
+        }
+        if let Ok(n) = parsed.path().trim_matches('/').parse() {
+            db = n;
+        }
+    }
+    let mut builder = SentinelClientBuilder::new(sentinels, master_name, SentinelServerType::Master)
+        .map_err(|e| ProbeError::invalid_url(url, e))?
+        .set_client_to_redis_db(db);
+    if let Some(user) = user {
+        builder = builder.set_client_to_redis_username(user);
+    }
+    if let Some(password) = password {
+        builder = builder.set_client_to_redis_password(password);
+    }
+    let sentinel = builder.build().map_err(|e| ProbeError::invalid_url(url, e))?;
+    Ok(Target::Sentinel(Mutex::new(sentinel)))
+}
 
 /// Builds the client for `url`. Accepts Celery's forms: `redis://`, `rediss://` (TLS) and
 /// `redis+socket://` / `socket://` / `unix://` (a Unix socket path, db from `?db=N` or

@@ -30,7 +30,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::{RedisError, RedisResult, Script, Value};
-use tokio::sync::OnceCell;
+use tokio::sync::Mutex as AsyncMutex;
 
 use crate::kombu::{TransportOptions, UnackedGroup, attribute_unacked};
 use crate::observation::{BrokerInfo, BrokerObservation, QueueObservation};
@@ -50,8 +50,8 @@ struct History {
 
 pub(crate) struct RedisBroker {
     url: SecretUrl,
-    client: ::redis::Client,
-    connection: OnceCell<ConnectionManager>,
+    target: connect::Target,
+    connection: AsyncMutex<Option<ConnectionManager>>,
     options: TransportOptions,
     safety: SafetyMode,
     timeout: Duration,
@@ -66,9 +66,13 @@ type UnackedReply = (u64, u64, Vec<(String, String, u64, u64)>, Vec<(String, Vec
 impl RedisBroker {
     pub(crate) fn new(config: &BrokerConfig) -> Result<Self, ProbeError> {
         Ok(Self {
-            client: connect::client(&config.url, config.ca_cert_pem.as_deref())?,
+            target: connect::target(
+                &config.url,
+                config.ca_cert_pem.as_deref(),
+                config.transport.master_name.as_deref(),
+            )?,
             url: config.url.clone(),
-            connection: OnceCell::new(),
+            connection: AsyncMutex::new(None),
             options: config.transport.clone(),
             safety: config.safety,
             timeout: config.timeout,
@@ -82,18 +86,22 @@ impl RedisBroker {
         &self.url
     }
 
+    /// The endpoint's connection manager. Behind Sentinel the master is resolved when the manager
+    /// is created, and again after a connection error (a failover moves it).
     async fn connection(&self) -> Result<ConnectionManager, ProbeError> {
-        self.connection
-            .get_or_try_init(|| async {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(self.timeout))
-                    .set_response_timeout(Some(self.timeout))
-                    .set_number_of_retries(1);
-                ConnectionManager::new_lazy_with_config(self.client.clone(), config)
-            })
-            .await
-            .cloned()
-            .map_err(|e| ProbeError::connect(&self.url, e))
+        let mut slot = self.connection.lock().await;
+        if let Some(manager) = slot.as_ref() {
+            return Ok(manager.clone());
+        }
+        let client = self.target.client().await.map_err(|e| self.error(&e))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(1);
+        let manager =
+            ConnectionManager::new_lazy_with_config(client, config).map_err(|e| ProbeError::connect(&self.url, e))?;
+        *slot = Some(manager.clone());
+        Ok(manager)
     }
 
     fn error(&self, e: &RedisError) -> ProbeError {
@@ -105,9 +113,13 @@ impl RedisBroker {
     }
 
     pub(crate) async fn probe(&self, queues: &[&str]) -> Result<BrokerObservation, ProbeError> {
-        tokio::time::timeout(self.timeout, self.probe_once(queues))
+        let result = tokio::time::timeout(self.timeout, self.probe_once(queues))
             .await
-            .map_err(|_| ProbeError::timeout(&self.url, self.timeout))?
+            .unwrap_or_else(|_| Err(ProbeError::timeout(&self.url, self.timeout)));
+        if let Err(ProbeError::Connect { .. } | ProbeError::Timeout { .. }) = &result {
+            *self.connection.lock().await = None;
+        }
+        result
     }
 
     async fn probe_once(&self, queues: &[&str]) -> Result<BrokerObservation, ProbeError> {

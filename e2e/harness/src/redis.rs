@@ -19,6 +19,8 @@ pub struct RedisBuilder {
     tls: bool,
     password: Option<String>,
     user: Option<(String, String)>,
+    /// Sentinel mode: the master's name and port.
+    monitor: Option<(String, u16)>,
 }
 
 impl RedisBuilder {
@@ -49,6 +51,13 @@ impl RedisBuilder {
         self
     }
 
+    /// Runs a Redis Sentinel (`redis-server --sentinel`) that monitors `master` under `name`
+    /// (quorum 1) instead of a data server; [`RedisServer::url`] is then `sentinel://127.0.0.1:PORT`.
+    pub fn sentinel(mut self, name: impl Into<String>, master: &RedisServer) -> Self {
+        self.monitor = Some((name.into(), master.port()));
+        self
+    }
+
     pub fn start(self) -> Result<RedisServer> {
         let dir = tempfile::Builder::new().prefix("redis-test-").tempdir().map_err(io_err("create redis temp dir"))?;
         let port = free_port();
@@ -67,7 +76,8 @@ impl RedisBuilder {
             port,
             certs,
             userinfo,
-            cli_auth: self.user.or(self.password.map(|p| ("default".into(), p))),
+            cli_auth: self.user.clone().or(self.password.clone().map(|p| ("default".into(), p))),
+            sentinel: self.monitor.is_some(),
             process: None,
         };
         server.restart()?;
@@ -98,6 +108,9 @@ fn render_config(opts: &RedisBuilder, dir: &Path, port: u16, certs: Option<&Test
     if let Some(password) = &opts.password {
         lines.push(format!("requirepass {password}"));
     }
+    if let Some((name, master_port)) = &opts.monitor {
+        lines.push(format!("sentinel monitor {name} 127.0.0.1 {master_port} 1"));
+    }
     if let Some((name, password)) = &opts.user {
         lines.push(format!("user {name} on >{password} ~* &* +@all"));
     }
@@ -114,6 +127,7 @@ pub struct RedisServer {
     certs: Option<TestCertificates>,
     userinfo: String,
     cli_auth: Option<(String, String)>,
+    sentinel: bool,
     process: Option<Supervised>,
 }
 
@@ -127,9 +141,14 @@ impl RedisServer {
         RedisBuilder::default()
     }
 
-    /// `redis://[userinfo@]127.0.0.1:PORT/0`, or `rediss://…` for a TLS server.
+    /// `redis://[userinfo@]127.0.0.1:PORT/0`, `rediss://…` for a TLS server, `sentinel://…` for a
+    /// Sentinel.
     pub fn url(&self) -> String {
-        let scheme = if self.certs.is_some() { "rediss" } else { "redis" };
+        let scheme = match (self.sentinel, self.certs.is_some()) {
+            (true, _) => "sentinel",
+            (false, true) => "rediss",
+            (false, false) => "redis",
+        };
         format!("{scheme}://{}127.0.0.1:{}/0", self.userinfo, self.port)
     }
 
@@ -182,13 +201,18 @@ impl RedisServer {
         let _ = std::fs::remove_file(&log);
         let mut cmd = Command::new("redis-server");
         cmd.arg(&self.conf_path).stdout(Stdio::null()).stderr(Stdio::null());
+        if self.sentinel {
+            cmd.arg("--sentinel");
+        }
         let mut process = Supervised::spawn("redis-server", &mut cmd, Some(self.dir.path()))?;
+        // A Sentinel logs no "ready" line; it listens before it starts monitoring.
+        let ready_line = if self.sentinel { "+monitor master" } else { "Ready to accept connections" };
         let ready = wait_until("redis-server to accept connections", BOOT_TIMEOUT, || {
             if process.exited().is_some() {
                 return Some(false);
             }
             let text = std::fs::read_to_string(&log).unwrap_or_default();
-            text.contains("Ready to accept connections").then_some(true)
+            text.contains(ready_line).then_some(true)
         });
         match ready {
             Ok(true) => {

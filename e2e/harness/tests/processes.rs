@@ -128,3 +128,12 @@ fn celery_worker_consumes_from_a_private_redis_and_dies_with_its_pool() {
     })
     .unwrap();
 }
+
+#[test]
+fn sentinel_monitors_a_private_master() {
+    let master = RedisServer::start().unwrap();
+    let sentinel = RedisServer::builder().sentinel("mymaster", &master).start().unwrap();
+    assert_eq!(sentinel.url(), format!("sentinel://127.0.0.1:{}/0", sentinel.port()));
+    let addr = sentinel.cli(&["SENTINEL", "get-master-addr-by-name", "mymaster"]).unwrap();
+    assert_eq!(addr.lines().collect::<Vec<_>>(), ["127.0.0.1", &master.port().to_string()]);
+}
