@@ -17,7 +17,10 @@
 //!
 //! One [`Broker`] per endpoint holds one connection (a Redis `ConnectionManager`, one AMQP
 //! connection) shared by every probe; create it once and probe all of the endpoint's queues in one
-//! call — for Redis that is one round trip (see [`redis`](crate::redis) module docs).
+//! call. For Redis that is one pipelined round trip: every priority list's `LLEN`, a server-side
+//! script that counts the shared unacked hash per queue, and `INFO` for the safety checks (design
+//! and trade-offs in `src/redis/mod.rs`, numbers in `BENCHMARKS-broker.md`). For RabbitMQ it is a
+//! passive `queue.declare` per queue plus, optionally, the management API.
 
 mod audit;
 mod error;
