@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use celery_broker::{Broker, BrokerConfig, BrokerObservation, ProbeError, Reason, SafetyMode};
-use common::{poll, publish, write_app};
-use e2e_harness::python::{self, CeleryWorker};
+use common::{poll, publish, send_blocking, start_worker, write_app};
+use e2e_harness::python;
 use e2e_harness::{RabbitServer, RedisServer};
 
 fn rabbit() -> &'static RabbitServer {
@@ -61,34 +61,8 @@ async fn ready_consumers_and_unacked_match_rabbitmq() {
 
     let control_url = control.url();
     let env = vec![("BROKER", url.as_str()), ("CONTROL", control_url.as_str())];
-    let mut worker = CeleryWorker::spawn(
-        app.path(),
-        &[
-            "-A",
-            "tasks",
-            "worker",
-            "-Q",
-            busy,
-            "-c",
-            "1",
-            "--prefetch-multiplier",
-            "2",
-            "-l",
-            "INFO",
-            "--without-mingle",
-            "--without-gossip",
-            "--without-heartbeat",
-        ],
-        &env,
-    )
-    .unwrap();
-    worker.wait_for_log("ready.", Duration::from_secs(60)).unwrap();
-    let send = "import os, sys\nsys.path.insert(0, os.environ['APP_DIR'])\nfrom tasks import app\n\
-                [app.send_task('tasks.block', queue=os.environ['Q']) for _ in range(4)]\n";
-    let app_dir = app.path().to_string_lossy().into_owned();
-    let mut send_env = env.clone();
-    send_env.extend([("APP_DIR", app_dir.as_str()), ("Q", busy)]);
-    python::run_script(send, &send_env).unwrap();
+    let worker = start_worker(app.path(), &env, busy, 2);
+    send_blocking(app.path(), &env, busy, 4);
 
     let broker = Broker::new(with_management(rabbit, url.clone())).unwrap();
     // One task runs (acked at start), two are prefetched (unacked), one waits.

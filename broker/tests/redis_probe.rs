@@ -6,9 +6,8 @@ mod common;
 use std::time::Duration;
 
 use celery_broker::{Broker, BrokerConfig, ProbeError, Reason, SafetyMode, Severity, TransportOptions, audit};
-use common::{kombu_transport, poll, publish, write_app};
+use common::{kombu_transport, poll, publish, send_blocking, start_worker, write_app};
 use e2e_harness::RedisServer;
-use e2e_harness::python::CeleryWorker;
 
 fn config(url: &str, transport: &TransportOptions) -> BrokerConfig {
     BrokerConfig { transport: transport.clone(), ..BrokerConfig::new(url) }
@@ -81,42 +80,9 @@ async fn unacked_messages_are_attributed_to_the_queue_a_worker_prefetched_from()
     let url = redis.url();
     let env = [("BROKER", url.as_str()), ("CONTROL", url.as_str()), ("TRANSPORT", transport.as_str())];
     // 10 blocking tasks for `emails` (served by a worker), 3 for `reports` (nobody serves it).
-    let send = r#"
-import sys, os
-sys.path.insert(0, os.environ["APP_DIR"])
-from tasks import app
-for _ in range(10):
-    app.send_task("tasks.block", queue="emails")
-for _ in range(3):
-    app.send_task("tasks.block", queue="reports")
-"#;
-    let app_dir = app.path().to_string_lossy().into_owned();
-    let mut send_env = env.to_vec();
-    send_env.push(("APP_DIR", &app_dir));
-    e2e_harness::python::run_script(send, &send_env).unwrap();
-
-    let mut worker = CeleryWorker::spawn(
-        app.path(),
-        &[
-            "-A",
-            "tasks",
-            "worker",
-            "-Q",
-            "emails",
-            "-c",
-            "1",
-            "--prefetch-multiplier",
-            "4",
-            "-l",
-            "INFO",
-            "--without-mingle",
-            "--without-gossip",
-            "--without-heartbeat",
-        ],
-        &env,
-    )
-    .unwrap();
-    worker.wait_for_log("ready.", Duration::from_secs(60)).unwrap();
+    send_blocking(app.path(), &env, "emails", 10);
+    send_blocking(app.path(), &env, "reports", 3);
+    let worker = start_worker(app.path(), &env, "emails", 4);
 
     let broker = Broker::new(config(&url, &options)).unwrap();
     let queues = ["emails", "reports"];

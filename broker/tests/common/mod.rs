@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use celery_broker::TransportOptions;
-use e2e_harness::python;
+use e2e_harness::python::{self, CeleryWorker};
 
 /// A Celery app module: `tasks.block` waits on the Redis list `release` (in `CONTROL`, a plain
 /// Redis URL) so a worker can be held mid-task; `tasks.noop` does nothing.
@@ -95,6 +95,41 @@ pub fn publish(app_dir: &Path, broker: &str, transport: &str, plan: &[(&str, u8,
     let map =
         |v: &serde_json::Value| v.as_object().unwrap().iter().map(|(k, n)| (k.clone(), n.as_u64().unwrap())).collect();
     KombuView { sizes: map(&json["sizes"]), lists: map(&json["lists"]) }
+}
+
+/// Sends `count` `tasks.block` tasks to `queue` with real Celery (`env` names BROKER, TRANSPORT).
+pub fn send_blocking(app_dir: &Path, env: &[(&str, &str)], queue: &str, count: u32) {
+    let code = "import os, sys\nsys.path.insert(0, os.environ['APP_DIR'])\nfrom tasks import app\n\
+                [app.send_task('tasks.block', queue=os.environ['Q']) for _ in range(int(os.environ['N']))]\n";
+    let (dir, n) = (app_dir.to_string_lossy(), count.to_string());
+    let mut env = env.to_vec();
+    env.extend([("APP_DIR", dir.as_ref()), ("Q", queue), ("N", n.as_str())]);
+    python::run_script(code, &env).unwrap();
+}
+
+/// A real Celery worker consuming `queue` with one process and `--prefetch-multiplier prefetch`
+/// (`env` names BROKER, CONTROL and TRANSPORT), returned once it consumes.
+pub fn start_worker(app_dir: &Path, env: &[(&str, &str)], queue: &str, prefetch: u32) -> CeleryWorker {
+    let prefetch = prefetch.to_string();
+    let args = [
+        "-A",
+        "tasks",
+        "worker",
+        "-Q",
+        queue,
+        "-c",
+        "1",
+        "--prefetch-multiplier",
+        &prefetch,
+        "-l",
+        "INFO",
+        "--without-mingle",
+        "--without-gossip",
+        "--without-heartbeat",
+    ];
+    let mut worker = CeleryWorker::spawn(app_dir, &args, env).unwrap();
+    worker.wait_for_log("ready.", Duration::from_secs(60)).unwrap();
+    worker
 }
 
 /// Polls `check` until it yields `Some`, panicking with `what` and the last value seen after
