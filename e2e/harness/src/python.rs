@@ -16,8 +16,8 @@ use std::time::Duration;
 use crate::process::Supervised;
 use crate::{HarnessError, Result, io_err, wait_until};
 
-/// Pins used when `worker-image/requirements.txt` does not exist.
-pub const FALLBACK_REQUIREMENTS: &str = "celery[redis,amqp]==5.7.0\n";
+/// Pins used when `worker-image/requirements.txt` does not exist (py-amqp comes with kombu).
+pub const FALLBACK_REQUIREMENTS: &str = "celery[redis]==5.7.0\n";
 
 const STAMP: &str = ".harness-requirements";
 
