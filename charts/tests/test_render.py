@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import kubernetes_validate
 import pytest
@@ -45,23 +46,15 @@ def _grant(group: str, resources: list[str], verbs: list[str]) -> set[tuple[str,
     return {(group, r, v) for r in resources for v in verbs}
 
 
-# The operator's API access, from its contract. The e2e request log will pin this down further.
-WATCHED_NAMESPACE_GRANTS = (
-    _grant("celery-operator.dev", ["taskqueues", "workerpools"], ["get", "list", "watch", "patch", "update"])
-    | _grant(
-        "celery-operator.dev",
-        ["taskqueues/status", "workerpools/status", "workerpools/scale"],
-        ["get", "patch", "update"],
-    )
-    | _grant("apps", ["deployments"], ["get", "list", "watch", "create", "patch", "update", "delete"])
-    | _grant("", ["pods"], ["get", "list", "watch", "patch"])
-    | _grant("", ["secrets"], ["get", "list", "watch"])
-    | _grant("", ["events"], ["create", "patch"])
-    | _grant("events.k8s.io", ["events"], ["create", "patch"])
-    | _grant("autoscaling", ["horizontalpodautoscalers"], ["get", "list", "watch"])
-    | _grant("keda.sh", ["scaledobjects"], ["get", "list", "watch"])
-)
-LEASE_GRANTS = _grant("coordination.k8s.io", ["leases"], ["get", "create", "update", "patch"])
+# Every API call the operator makes, recorded from the control-plane double's request log by
+# operator/tests/rbac.rs (which fails when the operator's calls change and this file is stale). The
+# chart must grant exactly these: nothing missing, nothing extra.
+_OBSERVED = {
+    (c["apiGroup"], c["resource"], c["verb"])
+    for c in json.loads((Path(__file__).parent / "rbac-observed.json").read_text())
+}
+WATCHED_NAMESPACE_GRANTS = {c for c in _OBSERVED if c[0] != "coordination.k8s.io"}
+LEASE_GRANTS = {c for c in _OBSERVED if c[0] == "coordination.k8s.io"}
 
 _cache: dict[str, helm.Rendered] = {}
 

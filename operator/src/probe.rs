@@ -50,6 +50,7 @@ impl Brokers {
             priority_steps: transport.priority_steps.iter().map(|&p| p.clamp(0, 255) as u8).collect(),
             separator: transport.separator.clone(),
             visibility_timeout: std::time::Duration::from_secs(transport.visibility_timeout_seconds.max(1) as u64),
+            ..Default::default()
         };
         config.safety = match safety {
             SafetyCheck::Warn => SafetyMode::Warn,

@@ -203,7 +203,7 @@ async fn a_second_beat_for_the_same_app_is_refused() {
     let status = h.pool("second").await.status.clone().unwrap();
     let beat = condition(&status.conditions, "BeatSingleton");
     assert_eq!((beat.status.as_str(), beat.reason.as_str()), ("False", "BeatConflict"));
-    assert!(beat.message.contains("WorkerPool \"first\" already runs beat"), "{}", beat.message);
+    assert!(beat.message.contains("WorkerPool \"first\" holds beat for app \"proj.celery_app\""), "{}", beat.message);
 
     let events = Api::<Event>::namespaced(h.client.clone(), "prod").list(&ListParams::default()).await.unwrap();
     let warning =

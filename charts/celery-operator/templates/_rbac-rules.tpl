@@ -5,40 +5,30 @@ the operator actually makes, so add a rule here only together with the code that
 
 {{/* Rules in each watched namespace (cluster-wide when watchNamespaces is empty). */}}
 {{- define "celery-operator.rbac.watchedNamespaceRules" -}}
-# TaskQueue and WorkerPool objects: watched, finalized and annotated by the operator.
+# TaskQueues (read) and WorkerPools (listed for beat ownership), watched by the controllers.
 - apiGroups: ["celery-operator.dev"]
-  resources: ["taskqueues", "workerpools"]
-  verbs: ["get", "list", "watch", "patch", "update"]
-# Status (kstatus conditions, observedGeneration, probe results) and the WorkerPool scale subresource.
+  resources: ["taskqueues"]
+  verbs: ["get", "list", "watch"]
 - apiGroups: ["celery-operator.dev"]
-  resources: ["taskqueues/status", "workerpools/status", "workerpools/scale"]
-  verbs: ["get", "patch", "update"]
-# The generated <pool>-worker and <pool>-beat Deployments.
+  resources: ["workerpools"]
+  verbs: ["list", "watch"]
+# Status: kstatus conditions, observedGeneration, probe results.
+- apiGroups: ["celery-operator.dev"]
+  resources: ["taskqueues/status", "workerpools/status"]
+  verbs: ["patch"]
+# The generated <pool>-worker and <pool>-beat Deployments (server-side apply creates them via patch).
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
-# Worker pods: read for heartbeats/readiness, patched with controller.kubernetes.io/pod-deletion-cost.
-- apiGroups: [""]
-  resources: ["pods"]
-  verbs: ["get", "list", "watch", "patch"]
-# Broker URLs and management credentials referenced by TaskQueues (urlFrom.secretKeyRef).
+  verbs: ["get", "list", "watch", "patch", "delete"]
+# Broker URLs and management credentials referenced by TaskQueues (urlFrom.secretKeyRef); only
+# metadata is watched.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch"]
-# Events on TaskQueues and WorkerPools (broker safety warnings, scaling decisions, beat conflicts).
-- apiGroups: [""]
-  resources: ["events"]
-  verbs: ["create", "patch"]
+# Events on TaskQueues and WorkerPools (broker safety warnings, beat conflicts); repeats are patched.
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
-# Detect an HPA or KEDA ScaledObject targeting a pool's Deployment (ScalerConflict) instead of fighting it.
-- apiGroups: ["autoscaling"]
-  resources: ["horizontalpodautoscalers"]
-  verbs: ["get", "list", "watch"]
-- apiGroups: ["keda.sh"]
-  resources: ["scaledobjects"]
-  verbs: ["get", "list", "watch"]
 {{- end }}
 
 {{/* Rules in the release namespace for leader election. */}}
@@ -50,5 +40,5 @@ the operator actually makes, so add a rule here only together with the code that
 - apiGroups: ["coordination.k8s.io"]
   resources: ["leases"]
   resourceNames: [{{ include "celery-operator.leaseName" . | quote }}]
-  verbs: ["get", "update", "patch"]
+  verbs: ["get", "patch"]
 {{- end }}

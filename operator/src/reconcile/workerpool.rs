@@ -178,7 +178,7 @@ async fn reconcile_beat(
         )),
         (true, Some(holder)) => {
             let message = format!(
-                "spec.beat.enabled: WorkerPool \"{holder}\" already runs beat for app \"{}\" in this namespace; a second beat would fire every periodic task twice, so none is started here. Disable beat on one of the pools.",
+                "spec.beat.enabled: WorkerPool \"{holder}\" holds beat for app \"{}\" in this namespace (the oldest pool enabling beat for an app runs it, even while it is stalled, so that beat never moves while running); a second beat would fire every periodic task twice, so none is started here. Disable beat on one of the pools.",
                 pool.spec.app
             );
             Some(Wanted::no(kind::BEAT_SINGLETON, "BeatConflict", message))

@@ -1,0 +1,146 @@
+//! Every API call the operator makes, recorded from the control-plane double's request log while
+//! the real controllers (with leader election) run through the reconcile paths. The result is
+//! checked in as charts/tests/rbac-observed.json; the chart's tests assert its RBAC rules grant
+//! exactly these permissions — nothing missing, nothing extra.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use celery_e2e::ApiServer;
+use celery_operator::controller::run_all;
+use celery_operator::leader::{LeaseOptions, Shutdown};
+use celery_operator::metrics::Metrics;
+use celery_operator::reconcile::Context;
+use futures::FutureExt;
+use serde_json::{Value, json};
+
+/// Creates an object through the double's direct state access: not an API request, so the
+/// request log holds the operator's calls only.
+fn create(api: &ApiServer, kind: &str, api_version: &str, mut doc: Value) {
+    doc["apiVersion"] = api_version.into();
+    doc["kind"] = kind.into();
+    doc["metadata"]["namespace"] = "prod".into();
+    api.create(doc).unwrap();
+}
+
+fn exists(api: &ApiServer, kind: &str, name: &str) -> bool {
+    api.get("apps/v1", kind, Some("prod"), name).unwrap().is_some()
+}
+
+async fn poll<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "{what}: not reached within the deadline");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_operators_api_calls_match_the_checked_in_rbac_set() {
+    let redis = e2e_harness::RedisServer::start().unwrap();
+    let api = ApiServer::new();
+    api.load_crds_from_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds")).unwrap();
+    let ctx = Arc::new(Context::new(api.client(), Arc::new(Metrics::new()), Some("rbac".into())));
+    let lease = LeaseOptions {
+        name: "celery-operator".into(),
+        namespace: "prod".into(),
+        identity: "rbac".into(),
+        duration_seconds: 5,
+        grace_seconds: 1,
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let shutdown: Shutdown = (Box::pin(async move {
+        let _ = stopped.await;
+    }) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>)
+        .shared();
+    let operator = tokio::spawn(run_all(ctx, vec![Some("prod".into())], Some(lease), shutdown));
+
+    // Every reconcile path: a queue whose Secret appears later, pools with beat and a conflict, a
+    // pool whose queue is missing, beat scaled by hand, a beat pool deleted.
+    const CRD: &str = "celery-operator.dev/v1alpha1";
+    create(
+        &api,
+        "TaskQueue",
+        CRD,
+        json!({"metadata": {"name": "emails"},
+        "spec": {"broker": {"urlFrom": {"secretKeyRef": {"name": "redis", "key": "url"}}}}}),
+    );
+    let pool = |name: &str, queue: &str| {
+        json!({"metadata": {"name": name},
+        "spec": {"app": "a.app", "image": "i", "queues": [queue], "beat": {"enabled": true}}})
+    };
+    create(&api, "WorkerPool", CRD, pool("mail", "emails"));
+    create(&api, "WorkerPool", CRD, pool("other", "emails"));
+    create(
+        &api,
+        "WorkerPool",
+        CRD,
+        json!({"metadata": {"name": "lost"}, "spec": {"app": "a.app", "image": "i", "queues": ["nope"]}}),
+    );
+    create(&api, "Secret", "v1", json!({"metadata": {"name": "redis"}, "stringData": {"url": redis.url()}}));
+    poll("beat runs", || async { exists(&api, "Deployment", "mail-beat") }).await;
+    let mut beat = api.get("apps/v1", "Deployment", Some("prod"), "mail-beat").unwrap().unwrap();
+    beat["spec"]["replicas"] = 2.into();
+    api.put(beat).unwrap();
+    api.delete(CRD, "WorkerPool", Some("prod"), "mail").unwrap();
+    api.collect_garbage();
+    poll("the other pool takes beat over", || async { exists(&api, "Deployment", "other-beat") }).await;
+    // The pool gives beat up: the operator deletes its beat Deployment.
+    let mut other = api.get(CRD, "WorkerPool", Some("prod"), "other").unwrap().unwrap();
+    other["spec"]["beat"]["enabled"] = false.into();
+    api.put(other).unwrap();
+    poll("beat removed", || async { !exists(&api, "Deployment", "other-beat") }).await;
+    // The same warning twice: the event recorder patches the first event into a series.
+    for _ in 0..2 {
+        create(&api, "TaskQueue", CRD, json!({"metadata": {"name": "nope"}, "spec": {"broker": {"url": redis.url()}}}));
+        poll("the lost pool recovers", || async { exists(&api, "Deployment", "lost-worker") }).await;
+        api.delete(CRD, "TaskQueue", Some("prod"), "nope").unwrap();
+        poll("the lost pool stalls again", || async {
+            let p = api.get(CRD, "WorkerPool", Some("prod"), "lost").unwrap().unwrap();
+            p["status"]["conditions"].as_array().is_some_and(|c| c.iter().any(|c| c["type"] == "Stalled"))
+        })
+        .await;
+        api.delete("apps/v1", "Deployment", Some("prod"), "lost-worker").unwrap();
+    }
+    poll("the queue is probed", || async {
+        let tq = api.get(CRD, "TaskQueue", Some("prod"), "emails").unwrap().unwrap();
+        tq["status"]["conditions"].as_array().is_some_and(|c| c.iter().any(|c| c["type"] == "BrokerReachable"))
+    })
+    .await;
+    stop.send(()).unwrap();
+    operator.await.unwrap().unwrap();
+
+    let observed: BTreeSet<(String, String, String)> = api
+        .requests()
+        .into_iter()
+        .map(|r| {
+            let resource = match &r.subresource {
+                Some(sub) => format!("{}/{sub}", r.resource),
+                None => r.resource.clone(),
+            };
+            (r.group.clone(), resource, r.verb.as_str().to_string())
+        })
+        .collect();
+
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/tests/rbac-observed.json");
+    let rendered = serde_json::to_string_pretty(
+        &observed.iter().map(|(g, r, v)| json!({"apiGroup": g, "resource": r, "verb": v})).collect::<Vec<_>>(),
+    )
+    .unwrap()
+        + "\n";
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &rendered).unwrap();
+    }
+    let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        checked_in == rendered,
+        "the operator's API calls changed: rerun with UPDATE_GOLDEN=1, review charts/tests/rbac-observed.json \
+         and update charts/celery-operator/templates/_rbac-rules.tpl to match. Observed:\n{rendered}"
+    );
+}
