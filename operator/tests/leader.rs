@@ -1,9 +1,11 @@
 //! Two operator instances against one control-plane double: only the Lease holder reconciles, and
 //! when it dies without releasing, the other takes over once the lease expires.
 
+mod common;
+use common::poll;
+
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use celery_e2e::ApiServer;
 use celery_operator::controller::run_all;
@@ -47,18 +49,6 @@ fn reconciles(metrics: &Metrics) -> u64 {
         .filter(|l| l.starts_with("celery_operator_reconcile_total"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
-}
-
-async fn poll<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "{what}: not reached within the deadline");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn create_pool(client: &Client, name: &str) {

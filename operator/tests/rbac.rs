@@ -3,10 +3,12 @@
 //! checked in as charts/tests/rbac-observed.json; the chart's tests assert its RBAC rules grant
 //! exactly these permissions — nothing missing, nothing extra.
 
+mod common;
+use common::poll;
+
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use celery_e2e::ApiServer;
 use celery_operator::controller::run_all;
@@ -27,18 +29,6 @@ fn create(api: &ApiServer, kind: &str, api_version: &str, mut doc: Value) {
 
 fn exists(api: &ApiServer, kind: &str, name: &str) -> bool {
     api.get("apps/v1", kind, Some("prod"), name).unwrap().is_some()
-}
-
-async fn poll<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "{what}: not reached within the deadline");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]

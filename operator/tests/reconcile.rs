@@ -4,9 +4,11 @@
 //! we can count. (kube-fake-client is built on kube 4 and a tower-test verifier scripts requests
 //! instead of holding state; neither could show a no-op reconcile or a GC.)
 
+mod common;
+use common::poll;
+
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use celery_e2e::ApiServer;
 use celery_operator::crd::{TaskQueue, WorkerPool};
@@ -178,11 +180,13 @@ async fn beat_scaled_by_hand_goes_back_to_one() {
 
     let deployments = Api::<Deployment>::namespaced(h.client.clone(), "prod");
     let replicas = |d: Option<Deployment>| d.and_then(|d| d.spec).and_then(|s| s.replicas);
-    poll(|| async { replicas(deployments.get_opt("mail-beat").await.unwrap()) == Some(1) }).await;
+    poll("beat at one replica", || async { replicas(deployments.get_opt("mail-beat").await.unwrap()) == Some(1) })
+        .await;
 
     let scale = json!({"spec": {"replicas": 3}});
     deployments.patch_scale("mail-beat", &PatchParams::default(), &Patch::Merge(&scale)).await.unwrap();
-    poll(|| async { replicas(deployments.get_opt("mail-beat").await.unwrap()) == Some(1) }).await;
+    poll("beat at one replica", || async { replicas(deployments.get_opt("mail-beat").await.unwrap()) == Some(1) })
+        .await;
 
     stop.send(()).unwrap();
     controller.await.unwrap();
@@ -328,17 +332,4 @@ async fn deleting_a_pool_removes_its_deployments() {
     h.api.collect_garbage();
     assert!(h.deployment("mail-worker").await.is_none());
     assert!(h.deployment("mail-beat").await.is_none());
-}
-
-/// Polls `check` until it holds, failing after a generous deadline (no fixed sleeps).
-async fn poll<F, Fut>(mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "condition not reached within the deadline");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
