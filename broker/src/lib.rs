@@ -42,7 +42,7 @@ pub use secret::{SecretUrl, redact_url};
 
 /// Default bound on one probe (connect + round trip).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Default largest Redis unacked hash scanned in full (about 9 ms of Redis time); larger ones are
+/// Default largest Redis unacked hash scanned in full (about 7 ms of Redis time); larger ones are
 /// sampled.
 pub const DEFAULT_UNACKED_SCAN_LIMIT: u64 = 2_000;
 

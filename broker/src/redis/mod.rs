@@ -11,7 +11,7 @@
 //! downloading it (`HGETALL`/`HVALS`) every poll would cost O(unacked × message size) bandwidth and
 //! client CPU. The script costs the server O(unacked) CPU instead — about 4 µs per 1.5 KB entry,
 //! measured in BENCHMARKS-broker.md — and returns a few hundred bytes. Lua blocks Redis while it
-//! runs, so the scan stops after `unacked_scan_limit` entries (default 2,000, ~9 ms) and larger
+//! runs, so the scan stops after `unacked_scan_limit` entries (default 2,000, ~7 ms) and larger
 //! hashes are estimated from that sample (HSCAN order follows the hash of the random delivery
 //! tags, not the queue), reported with an `UnackedSampled` finding. A client-side cache of tag →
 //! queue would avoid re-reading values but needs every tag each poll and a second round trip for
