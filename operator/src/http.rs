@@ -54,3 +54,34 @@ pub async fn serve(addr: SocketAddr, health: Health) -> std::io::Result<()> {
     tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
     axum::serve(listener, router(health)).await
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    async fn get(health: &Health, path: &str) -> (StatusCode, String) {
+        let response = router(health.clone()).oneshot(Request::get(path).body(Body::empty()).unwrap()).await.unwrap();
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn readyz_fails_until_ready_while_healthz_and_metrics_always_answer() {
+        let metrics = Arc::new(Metrics::new());
+        let health = Health::new(metrics.clone());
+        assert_eq!(get(&health, "/healthz").await.0, StatusCode::OK);
+        assert_eq!(get(&health, "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+        health.set_ready(true);
+        assert_eq!(get(&health, "/readyz").await.0, StatusCode::OK);
+        drop(metrics.reconcile_timer("TaskQueue"));
+        let (status, body) = get(&health, "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("celery_operator_reconcile_total{kind=\"TaskQueue\"} 1"), "{body}");
+    }
+}
