@@ -24,7 +24,7 @@ chart-test:
 ## Regenerate crds/ (and the chart's copy) from the Rust types.
 crds:
 	$(CARGO) run -q -p celery-operator -- crd --out-dir crds
-	cp crds/*.yaml charts/celery-operator/files/crds/
+	bash charts/sync-crds.sh
 
 ## The operator's main job, locally: print the CRDs and the Deployments it would create from examples/.
 demo:

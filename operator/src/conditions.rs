@@ -115,11 +115,6 @@ pub fn is_warning(c: &Condition) -> bool {
     }
 }
 
-/// Finds a condition by type.
-pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
-    conditions.iter().find(|c| c.type_ == type_)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

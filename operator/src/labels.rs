@@ -16,16 +16,11 @@ pub const MANAGER: &str = "celery-operator";
 
 /// Field manager of everything the reconciler applies (server-side apply).
 pub const FIELD_MANAGER: &str = "celery-operator";
-/// Field manager of worker replicas set by the autoscaler: a separate owner of `spec.replicas`.
-pub const AUTOSCALER_FIELD_MANAGER: &str = "celery-operator-autoscaler";
 
 /// Component value of worker Deployments.
 pub const WORKER: &str = "worker";
 /// Component value of beat Deployments.
 pub const BEAT: &str = "beat";
-
-/// Pod annotation Kubernetes reads to choose which pods a ReplicaSet removes first on scale-in.
-pub const POD_DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
 
 /// Label selector that matches every object this operator generates.
 pub fn managed_selector() -> String {

@@ -29,6 +29,11 @@ pub struct LeaseOptions {
 /// A future that completes once, cloneable: the shutdown signal handed to every controller.
 pub type Shutdown = Shared<std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>>;
 
+/// A shutdown signal that fires when `signal` completes.
+pub fn shutdown_when(signal: impl Future<Output = ()> + Send + Sync + 'static) -> Shutdown {
+    (Box::pin(signal) as std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>).shared()
+}
+
 /// Runs `work` while this replica holds the Lease, until `shutdown` completes. `work` receives a
 /// signal that fires when leadership is lost or the process shuts down, and must return then.
 pub async fn run_while_leader<W, F>(
@@ -58,13 +63,12 @@ where
         info!(identity = %options.identity, lease = %options.name, "acquired the lease: reconciling");
         let mut lost = leading.clone();
         let stop = shutdown.clone();
-        let signal: Shutdown = (Box::pin(async move {
+        let signal = shutdown_when(async move {
             tokio::select! {
                 _ = stop => {},
                 _ = lost.wait_for(|is_leader| !*is_leader) => {},
             }
-        }) as std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>)
-            .shared();
+        });
         work(signal).await;
         if shutdown.clone().now_or_never().is_some() {
             break;

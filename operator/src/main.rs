@@ -3,10 +3,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use celery_operator::leader::{LeaseOptions, Shutdown};
+use celery_operator::leader::{LeaseOptions, Shutdown, shutdown_when};
 use celery_operator::{controller, crd, http, metrics::Metrics, reconcile::Context, render};
 use clap::{Parser, Subcommand, ValueEnum};
-use futures::FutureExt;
 use tracing::{error, info};
 
 /// Kubernetes operator and autoscaler for Celery worker fleets.
@@ -183,7 +182,7 @@ fn termination() -> Shutdown {
         }
         info!("shutting down");
     };
-    (Box::pin(signal) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>).shared()
+    shutdown_when(signal)
 }
 
 fn hostname() -> String {

@@ -10,10 +10,9 @@ use std::sync::Arc;
 use celery_e2e::ApiServer;
 use celery_operator::controller::run_all;
 use celery_operator::crd::{TaskQueue, WorkerPool};
-use celery_operator::leader::{LeaseOptions, Shutdown};
+use celery_operator::leader::{LeaseOptions, Shutdown, shutdown_when};
 use celery_operator::metrics::Metrics;
 use celery_operator::reconcile::Context;
-use futures::FutureExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::PostParams;
@@ -21,9 +20,7 @@ use kube::{Api, Client};
 use serde_json::json;
 
 fn never() -> Shutdown {
-    (Box::pin(futures::future::pending::<()>())
-        as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>)
-        .shared()
+    shutdown_when(futures::future::pending())
 }
 
 fn instance(client: &Client, identity: &str) -> (Arc<Metrics>, tokio::task::JoinHandle<()>) {

@@ -12,10 +12,9 @@ use std::sync::Arc;
 
 use celery_e2e::ApiServer;
 use celery_operator::controller::run_all;
-use celery_operator::leader::{LeaseOptions, Shutdown};
+use celery_operator::leader::{LeaseOptions, shutdown_when};
 use celery_operator::metrics::Metrics;
 use celery_operator::reconcile::Context;
-use futures::FutureExt;
 use serde_json::{Value, json};
 
 /// Creates an object through the double's direct state access: not an API request, so the
@@ -45,10 +44,9 @@ async fn the_operators_api_calls_match_the_checked_in_rbac_set() {
         grace_seconds: 1,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let shutdown: Shutdown = (Box::pin(async move {
+    let shutdown = shutdown_when(async move {
         let _ = stopped.await;
-    }) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>)
-        .shared();
+    });
     let operator = tokio::spawn(run_all(ctx, vec![Some("prod".into())], Some(lease), shutdown));
 
     // Every reconcile path: a queue whose Secret appears later, pools with beat and a conflict, a

@@ -173,9 +173,9 @@ async fn beat_scaled_by_hand_goes_back_to_one() {
     h.seed_queue("emails").await;
     h.create::<WorkerPool>(pool_doc("mail", json!({"beat": {"enabled": true}}))).await;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let shutdown = futures::FutureExt::shared(Box::pin(async move {
+    let shutdown = celery_operator::leader::shutdown_when(async move {
         let _ = stopped.await;
-    }));
+    });
     let controller = tokio::spawn(celery_operator::controller::run(h.ctx.clone(), Some("prod".into()), shutdown));
 
     let deployments = Api::<Deployment>::namespaced(h.client.clone(), "prod");

@@ -390,11 +390,7 @@ impl ApiServer {
     pub fn delete(&self, api_version: &str, kind: &str, namespace: Option<&str>, name: &str) -> Result<bool, Error> {
         let rt = self.resolve(api_version, kind)?;
         let opts = write::DeleteOpts::default();
-        match self.write(|s, p| write::delete(s, p, &rt, namespace.unwrap_or_default(), name, &opts)) {
-            Ok(_) => Ok(true),
-            Err(e) if e.code == 404 => Ok(false),
-            Err(e) => Err(e.into()),
-        }
+        existed(self.write(|s, p| write::delete(s, p, &rt, namespace.unwrap_or_default(), name, &opts)))
     }
 
     /// Delete at once, skipping graceful deletion (grace period 0), as kubelet does once a pod's
@@ -415,11 +411,7 @@ impl ApiServer {
             }
             write::delete(s, p, &rt, ns, name, &opts).map(|_| ())
         });
-        match result {
-            Ok(()) => Ok(true),
-            Err(e) if e.code == 404 => Ok(false),
-            Err(e) => Err(e.into()),
-        }
+        existed(result)
     }
 
     /// Replace the whole `.status` of an object (its status subresource when it has one).
@@ -551,5 +543,14 @@ impl std::fmt::Debug for ServedApi {
             .field("addr", &self.addr)
             .field("kubeconfig_path", &self.kubeconfig_path)
             .finish_non_exhaustive()
+    }
+}
+
+/// A delete's outcome as "did it exist": 404 is `false`, not an error.
+fn existed<T>(result: Result<T, ApiError>) -> Result<bool, Error> {
+    match result {
+        Ok(_) => Ok(true),
+        Err(e) if e.code == 404 => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }

@@ -8,11 +8,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-/// Worker options that the operator always sets itself; `extraArgs` may not carry them.
-pub const RESERVED_WORKER_FLAGS: &str = "-A/--app, -Q/--queues, -X/--exclude-queues, -c/--concurrency, \
-     -P/--pool, -n/--hostname, -B/--beat, -D/--detach, --purge/--discard, --prefetch-multiplier, \
-     --max-tasks-per-child, --max-memory-per-child, --time-limit, --soft-time-limit";
-
 /// CEL regex matching an argument that sets a reserved flag (long forms with or without `=value`,
 /// short forms with or without a glued value).
 const RESERVED_FLAG_REGEX: &str = "^(-[AQXcPn].*|-[BD]|--(app|queues|exclude-queues|concurrency|pool|hostname|beat|detach|purge|discard|prefetch-multiplier|max-tasks-per-child|max-memory-per-child|time-limit|soft-time-limit)(=.*)?)$";
