@@ -24,6 +24,7 @@
 
 mod audit;
 mod error;
+pub mod events;
 pub mod kombu;
 mod observation;
 mod rabbitmq;
