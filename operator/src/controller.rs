@@ -1,5 +1,5 @@
 //! Wires the reconcilers to watches: WorkerPools own their Deployments and follow their TaskQueues;
-//! TaskQueues follow the Secrets they reference.
+//! TaskQueues follow the Secrets they reference; the autoscaler runs beside them.
 
 use std::sync::Arc;
 
@@ -60,7 +60,8 @@ pub async fn run(
     info!(namespace = namespace.as_deref().unwrap_or("<all>"), "starting controllers");
     tokio::join!(
         run_pools(ctx.clone(), namespace.as_deref(), shutdown.clone()),
-        run_queues(ctx, namespace.as_deref(), shutdown)
+        run_queues(ctx.clone(), namespace.as_deref(), shutdown.clone()),
+        crate::autoscale::scaler::run(ctx, namespace.clone(), shutdown)
     );
 }
 

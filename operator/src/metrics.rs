@@ -20,7 +20,16 @@ pub struct Metrics {
     broker_safe: IntGaugeVec,
     probe_duration: HistogramVec,
     probe_errors: IntCounterVec,
+    pool_desired: IntGaugeVec,
+    pool_current: IntGaugeVec,
+    pool_backlog: IntGaugeVec,
+    pool_in_flight: IntGaugeVec,
+    decision_latency: prometheus::Histogram,
+    scale_events: IntCounterVec,
 }
+
+/// Labels of per-pool metrics.
+const POOL_LABELS: [&str; 2] = ["namespace", "workerpool"];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -63,7 +72,34 @@ impl Metrics {
             &["namespace", "taskqueue", "error"],
         )
         .expect("valid metric");
-        let collectors: [Box<dyn prometheus::core::Collector>; 8] = [
+        let pool_gauge =
+            |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &POOL_LABELS).expect("valid metric");
+        let pool_desired = pool_gauge("celery_operator_pool_desired_replicas", "Worker replicas the autoscaler wants");
+        let pool_current =
+            pool_gauge("celery_operator_pool_current_replicas", "Worker replicas of the Deployment (spec.replicas)");
+        let pool_backlog = pool_gauge("celery_operator_pool_backlog", "Messages waiting in the pool's queues");
+        let pool_in_flight =
+            pool_gauge("celery_operator_pool_in_flight", "Tasks being worked on by the pool (unacked + active)");
+        let decision_latency = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "celery_operator_autoscaler_decision_seconds",
+                "From the start of a broker poll to its decisions applied (replicas patched when they changed)",
+            )
+            .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+        )
+        .expect("valid metric");
+        let scale_events = IntCounterVec::new(
+            Opts::new("celery_operator_autoscaler_scale_events_total", "Replica changes made by the autoscaler"),
+            &["namespace", "workerpool", "direction"],
+        )
+        .expect("valid metric");
+        let collectors: [Box<dyn prometheus::core::Collector>; 14] = [
+            Box::new(pool_desired.clone()),
+            Box::new(pool_current.clone()),
+            Box::new(pool_backlog.clone()),
+            Box::new(pool_in_flight.clone()),
+            Box::new(decision_latency.clone()),
+            Box::new(scale_events.clone()),
             Box::new(reconciles.clone()),
             Box::new(failures.clone()),
             Box::new(duration.clone()),
@@ -86,6 +122,49 @@ impl Metrics {
             broker_safe,
             probe_duration,
             probe_errors,
+            pool_desired,
+            pool_current,
+            pool_backlog,
+            pool_in_flight,
+            decision_latency,
+            scale_events,
+        }
+    }
+
+    /// Records one autoscaling decision for a pool (`[namespace, workerpool]`).
+    pub fn pool_decided(
+        &self,
+        pool: &[&str; 2],
+        desired: u32,
+        current: u32,
+        backlog: Option<u64>,
+        in_flight: Option<u64>,
+    ) {
+        self.pool_desired.with_label_values(pool).set(i64::from(desired));
+        self.pool_current.with_label_values(pool).set(i64::from(current));
+        if let Some(backlog) = backlog {
+            self.pool_backlog.with_label_values(pool).set(backlog.try_into().unwrap_or(i64::MAX));
+        }
+        if let Some(in_flight) = in_flight {
+            self.pool_in_flight.with_label_values(pool).set(in_flight.try_into().unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Counts a replica change made by the autoscaler.
+    pub fn pool_scaled(&self, pool: &[&str; 2], up: bool) {
+        let direction = if up { "up" } else { "down" };
+        self.scale_events.with_label_values(&[pool[0], pool[1], direction]).inc();
+    }
+
+    /// Records how long one broker poll took from probe start to decisions applied.
+    pub fn decision_latency(&self, took: Duration) {
+        self.decision_latency.observe(took.as_secs_f64());
+    }
+
+    /// Drops a pool's gauges (the pool was deleted or stopped autoscaling).
+    pub fn forget_pool(&self, pool: &[&str; 2]) {
+        for gauge in [&self.pool_desired, &self.pool_current, &self.pool_backlog, &self.pool_in_flight] {
+            let _ = gauge.remove_label_values(pool);
         }
     }
 

@@ -63,6 +63,14 @@ impl Brokers {
     }
 }
 
+impl Brokers {
+    /// Tasks running per worker hostname on this broker, from worker heartbeats; `None` while
+    /// heartbeats are not (yet) available.
+    pub fn activity(&self, _broker: &Arc<Broker>) -> Option<crate::autoscale::plan::Activity> {
+        None
+    }
+}
+
 /// Depth fields and conditions for one queue from a successful probe.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QueueReport {

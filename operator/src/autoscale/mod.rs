@@ -1,3 +1,6 @@
-//! Queue-depth autoscaling: a pure decision function (`decide`) and, later, the loop around it.
+//! Queue-depth autoscaling: the pure decision function ([`decide`]), its pure helpers ([`plan`])
+//! and the loop around them ([`scaler`]).
 
 pub mod decide;
+pub mod plan;
+pub mod scaler;

@@ -242,6 +242,13 @@ pub struct AutoscalingSpec {
     #[schemars(range(min = 0, max = 3600))]
     pub scale_down_stabilization_seconds: i32,
 
+    /// Whether the app acknowledges tasks late (Celery's `task_acks_late`). Late-acked tasks stay
+    /// unacknowledged in the broker while they run, so the broker already counts them as in flight.
+    /// Otherwise running tasks are invisible in the broker and the autoscaler counts them from the
+    /// workers' heartbeat events. Default false (Celery's default).
+    #[serde(default)]
+    pub acks_late: bool,
+
     /// Replicas to run after repeated broker probe failures. When absent, the current count is held.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 10_000))]

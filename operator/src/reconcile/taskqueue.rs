@@ -92,7 +92,7 @@ async fn probe_queue(
 }
 
 /// The broker URL (and management URL) from the spec or the referenced Secrets, or why not.
-async fn resolve(tq: &TaskQueue, ctx: &Context) -> Result<Result<(SecretUrl, Option<SecretUrl>), Blocked>> {
+pub(crate) async fn resolve(tq: &TaskQueue, ctx: &Context) -> Result<Result<(SecretUrl, Option<SecretUrl>), Blocked>> {
     let errors = validate::check_task_queue(tq);
     if !errors.is_empty() {
         return Ok(Err(Blocked::new("InvalidSpec", &errors)));

@@ -26,6 +26,15 @@ pub fn replicas_from_spec(pool: &WorkerPool) -> Option<i32> {
     pool.spec.autoscaling.is_none().then_some(pool.spec.replicas)
 }
 
+/// Replicas an autoscaled pool's new worker Deployment starts with: the last desired count in
+/// status (the Deployment was deleted by hand), else minReplicas; `None` without autoscaling.
+pub fn initial_replicas(pool: &WorkerPool) -> Option<i32> {
+    let policy = crate::autoscale::decide::Policy::from_spec(&pool.spec)?;
+    let last = pool.status.as_ref().and_then(|s| s.desired_replicas).map(|d| d.max(0).unsigned_abs());
+    let n = last.unwrap_or(policy.min).max(policy.min).min(policy.max);
+    Some(i32::try_from(n).unwrap_or(i32::MAX))
+}
+
 /// Resolves the pool's TaskQueues (`found[i]` is the TaskQueue named by `spec.queues[i]`, if any)
 /// into the builders' inputs. All queues must share one broker.
 pub fn resolve_inputs(pool: &WorkerPool, found: &[Option<TaskQueue>]) -> Result<PoolInputs, Blocked> {
@@ -110,9 +119,27 @@ pub async fn reconcile(pool: Arc<WorkerPool>, ctx: Arc<Context>) -> Result<Actio
             wanted = blocked.conditions();
             Action::await_change()
         }
-        Ok((inputs, holder)) => {
+        Ok((mut inputs, holder)) => {
+            // An autoscaled pool's Deployment is created at the autoscaler's starting point rather
+            // than Kubernetes' default of one replica, and the autoscaler's field manager is made a
+            // co-owner of spec.replicas at once, so the reconciler's later applies (which leave
+            // replicas out) never drop the field.
+            let initial = worker.is_none().then(|| initial_replicas(&pool)).flatten();
+            if initial.is_some() {
+                inputs.replicas = initial;
+            }
             let desired = deployment::worker_deployment(&pool, &inputs);
             let applied = apply_if_changed(&deployments, &desired, worker, labels::FIELD_MANAGER).await?;
+            if let Some(replicas) = initial {
+                let body = json!({
+                    "apiVersion": "apps/v1",
+                    "kind": "Deployment",
+                    "metadata": { "name": applied.name_any(), "namespace": ns },
+                    "spec": { "replicas": replicas },
+                });
+                let params = PatchParams::apply(crate::autoscale::scaler::FIELD_MANAGER).force();
+                deployments.patch(&applied.name_any(), &params, &Patch::Apply(&body)).await?;
+            }
             let beat_condition = reconcile_beat(&pool, &deployments, &inputs, holder, beat).await?;
             wanted.extend(rollout_conditions(&applied));
             worker = Some(applied);
@@ -205,7 +232,15 @@ fn rollout_conditions(d: &Deployment) -> Vec<Wanted> {
     }
 }
 
+/// Condition types the WorkerPool reconciler owns; the autoscaler owns ScalingActive and
+/// ScalingLimited. Each writes only its own through server-side apply, so neither overwrites the
+/// other's.
+const OWN_CONDITIONS: [&str; 4] = [kind::READY, kind::RECONCILING, kind::STALLED, kind::BEAT_SINGLETON];
+
 /// Writes status when it differs from the live status, and publishes Events for transitions.
+///
+/// Status is shared with the autoscaler (desiredReplicas, backlog, inFlight, lastScale*, its
+/// conditions): it is written by server-side apply of this reconciler's fields only.
 async fn write_status(
     pool: &WorkerPool,
     ctx: &Context,
@@ -215,21 +250,49 @@ async fn write_status(
     let old = pool.status.clone().unwrap_or_default();
     let generation = pool.meta().generation;
     let deployment_status = worker.and_then(|d| d.status.clone()).unwrap_or_default();
-    let new = WorkerPoolStatus {
+    let (theirs, ours): (Vec<_>, Vec<_>) =
+        old.conditions.iter().cloned().partition(|c| !OWN_CONDITIONS.contains(&c.type_.as_str()));
+    let own = conditions::merge(&ours, &wanted, generation, Timestamp::now());
+    let mine = WorkerPoolStatus {
         observed_generation: generation,
         replicas: deployment_status.replicas.unwrap_or(0),
         ready_replicas: deployment_status.ready_replicas.unwrap_or(0),
-        desired_replicas: replicas_from_spec(pool).or(old.desired_replicas),
+        desired_replicas: replicas_from_spec(pool),
         selector: Some(deployment::worker_selector(pool)),
-        conditions: conditions::merge(&old.conditions, &wanted, generation, Timestamp::now()),
-        ..old.clone()
+        conditions: own.clone(),
+        ..Default::default()
     };
-    if new == old {
+    let new = WorkerPoolStatus {
+        desired_replicas: mine.desired_replicas.or(old.desired_replicas),
+        conditions: own.iter().cloned().chain(theirs).collect(),
+        backlog: old.backlog,
+        in_flight: old.in_flight,
+        last_scale_time: old.last_scale_time.clone(),
+        last_scale_reason: old.last_scale_reason.clone(),
+        ..mine.clone()
+    };
+    if same_status(&new, &old) {
         return Ok(());
     }
     let api: Api<WorkerPool> = Api::namespaced(ctx.client.clone(), &pool.namespace().unwrap_or_default());
-    let patch = json!({ "status": new });
-    api.patch_status(&pool.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
-    ctx.publish_transitions(&pool.object_ref(&()), &old.conditions, &new.conditions).await;
+    let body = json!({
+        "apiVersion": WorkerPool::api_version(&()),
+        "kind": WorkerPool::kind(&()),
+        "metadata": { "name": pool.name_any() },
+        "status": mine,
+    });
+    api.patch_status(&pool.name_any(), &PatchParams::apply(labels::FIELD_MANAGER).force(), &Patch::Apply(&body))
+        .await?;
+    ctx.publish_transitions(&pool.object_ref(&()), &ours, &own).await;
     Ok(())
+}
+
+/// Equal up to the order of conditions (the two writers' conditions interleave on the server).
+fn same_status(a: &WorkerPoolStatus, b: &WorkerPoolStatus) -> bool {
+    let sorted = |s: &WorkerPoolStatus| {
+        let mut s = s.clone();
+        s.conditions.sort_by(|x, y| x.type_.cmp(&y.type_));
+        s
+    };
+    sorted(a) == sorted(b)
 }
