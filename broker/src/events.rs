@@ -80,11 +80,8 @@ use serde_json::Value;
 use crate::secret::SecretUrl;
 use crate::{BrokerConfig, ProbeError};
 
-// The Redis probe's URL handling (TLS options, CA, Sentinel), shared rather than copied. It is the
-// private `crate::redis::connect`; once that is `pub(crate)`, this becomes a plain `use`.
-#[allow(clippy::duplicate_mod)]
-#[path = "redis/connect.rs"]
-mod redis_connect;
+// The Redis probe's URL handling (TLS options, CA, Sentinel), shared rather than copied.
+use crate::redis::connect as redis_connect;
 
 /// Celery's event exchange (`event_exchange` setting, default `celeryev`).
 pub const EVENT_EXCHANGE: &str = "celeryev";

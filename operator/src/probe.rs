@@ -4,8 +4,12 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use std::time::{Duration, Instant};
+
+use celery_broker::events::WorkerEvents;
 use celery_broker::{Broker, BrokerConfig, BrokerObservation, ProbeError, SafetyMode, SecretUrl, Severity};
 
+use crate::autoscale::plan::Activity;
 use crate::conditions::{Wanted, kind};
 use crate::crd::{BrokerSummary, SafetyCheck, TransportOptions};
 
@@ -22,7 +26,24 @@ struct EndpointKey {
 #[derive(Default)]
 pub struct Brokers {
     by_endpoint: Mutex<HashMap<EndpointKey, Arc<Broker>>>,
+    /// Worker-event subscriptions, by the address of the endpoint's [`Broker`]; started by the
+    /// autoscaler on first use, one per endpoint.
+    events: Mutex<HashMap<usize, Subscription>>,
+    configs: Mutex<HashMap<usize, BrokerConfig>>,
 }
+
+/// One endpoint's worker-event subscription.
+struct Subscription {
+    /// Keeps the Broker alive so its address is never reused by another endpoint.
+    _broker: Arc<Broker>,
+    events: Option<WorkerEvents>,
+    /// Since when the subscription has been up without a break.
+    up_since: Option<Instant>,
+}
+
+/// How long a fresh subscription listens before its view of the fleet is trusted: workers send a
+/// heartbeat every 2 s, so after this every live worker has been heard.
+const EVENTS_WARM_UP: Duration = Duration::from_secs(5);
 
 impl Brokers {
     /// The broker for this endpoint, created on first use (no network I/O here).
@@ -43,6 +64,54 @@ impl Brokers {
         if let Some(broker) = brokers.get(&key) {
             return Ok(broker.clone());
         }
+        let config = endpoint_config(url, management, transport, safety);
+        let broker = Arc::new(Broker::new(config.clone())?);
+        // The subscription starts with the broker, lazily: only pools that autoscale ask for it.
+        let subscription = Subscription { _broker: broker.clone(), events: None, up_since: None };
+        self.events.lock().expect("events map lock").insert(Arc::as_ptr(&broker) as usize, subscription);
+        self.configs.lock().expect("config map lock").insert(Arc::as_ptr(&broker) as usize, config);
+        brokers.insert(key, broker.clone());
+        Ok(broker)
+    }
+
+    /// Tasks running per worker hostname on this broker, from worker heartbeats (the subscription
+    /// starts on the first call). `None` until the subscription has been up for a few heartbeats,
+    /// and while it is down: nothing is then known about running tasks.
+    pub fn activity(&self, broker: &Arc<Broker>) -> Option<Activity> {
+        let id = Arc::as_ptr(broker) as usize;
+        let mut subscriptions = self.events.lock().expect("events map lock");
+        let sub = subscriptions.get_mut(&id)?;
+        if sub.events.is_none() {
+            let config = self.configs.lock().expect("config map lock").get(&id).cloned()?;
+            match WorkerEvents::start(&config) {
+                Ok(events) => sub.events = Some(events),
+                Err(e) => {
+                    tracing::warn!(broker = %broker.endpoint(), error = %e, "cannot subscribe to worker events");
+                    return None;
+                }
+            }
+        }
+        let events = sub.events.as_ref()?;
+        if !events.is_subscribed() {
+            sub.up_since = None;
+            return None;
+        }
+        let up_since = *sub.up_since.get_or_insert_with(Instant::now);
+        if up_since.elapsed() < EVENTS_WARM_UP {
+            return None;
+        }
+        Some(events.alive().into_iter().map(|w| (w.hostname, w.active)).collect())
+    }
+}
+
+/// The probe configuration of an endpoint.
+fn endpoint_config(
+    url: &SecretUrl,
+    management: Option<&SecretUrl>,
+    transport: &TransportOptions,
+    safety: SafetyCheck,
+) -> BrokerConfig {
+    {
         let mut config = BrokerConfig::new(url.clone());
         config.management_url = management.cloned();
         config.transport = celery_broker::TransportOptions {
@@ -57,17 +126,7 @@ impl Brokers {
             SafetyCheck::Fix => SafetyMode::Fix,
             SafetyCheck::Off => SafetyMode::Off,
         };
-        let broker = Arc::new(Broker::new(config)?);
-        brokers.insert(key, broker.clone());
-        Ok(broker)
-    }
-}
-
-impl Brokers {
-    /// Tasks running per worker hostname on this broker, from worker heartbeats; `None` while
-    /// heartbeats are not (yet) available.
-    pub fn activity(&self, _broker: &Arc<Broker>) -> Option<crate::autoscale::plan::Activity> {
-        None
+        config
     }
 }
 

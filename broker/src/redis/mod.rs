@@ -21,7 +21,7 @@
 //! is loaded and re-run), when `INFO` lacks the eviction policy (`CONFIG GET` fallback), and in Fix
 //! mode when the policy is being fixed.
 
-mod connect;
+pub(crate) mod connect;
 mod info;
 
 use std::collections::{BTreeMap, HashMap};
