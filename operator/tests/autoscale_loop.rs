@@ -36,6 +36,7 @@ impl Env {
         let redis = RedisServer::builder().start().unwrap();
         let api = ApiServer::new();
         api.load_crds_from_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds")).unwrap();
+        api.add_crd(&common::keda_scaled_object_crd()).unwrap();
         let runner = PodRunner::start(&api, RunnerConfig::simulated()).unwrap();
         let metrics = Arc::new(Metrics::new());
         let ctx = Arc::new(Context::new(api.client(), metrics.clone(), Some("test".into())));
@@ -300,5 +301,23 @@ async fn without_autoscaling_the_scale_subresource_sets_the_replicas() {
     })
     .await;
     assert_eq!(env.autoscaler_writes("deployments", None), 0, "the autoscaler leaves fixed pools alone");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_keda_scaled_object_on_the_pool_is_a_conflict_too() {
+    let env = Env::start().await;
+    env.queue("jobs");
+    env.pool("auto", "jobs", policy(0, 10, 0));
+    poll("the Deployment exists", || async { env.replicas("auto-worker") == Some(0) }).await;
+    env.create(
+        "ScaledObject",
+        "keda.sh/v1alpha1",
+        json!({"metadata": {"name": "jobs-scaler"}, "spec": {"scaleTargetRef": {"name": "auto-worker"}}}),
+    );
+    poll("ScalerConflict", || async {
+        env.condition("auto", "ScalingActive") == Some(("False".into(), "ScalerConflict".into()))
+    })
+    .await;
     env.stop().await;
 }

@@ -35,6 +35,8 @@ async fn the_operators_api_calls_match_the_checked_in_rbac_set() {
     let redis = e2e_harness::RedisServer::start().unwrap();
     let api = ApiServer::new();
     api.load_crds_from_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds")).unwrap();
+    // KEDA installed: the autoscaler watches ScaledObjects for conflicts.
+    api.add_crd(&common::keda_scaled_object_crd()).unwrap();
     let ctx = Arc::new(Context::new(api.client(), Arc::new(Metrics::new()), Some("rbac".into())));
     let lease = LeaseOptions {
         name: "celery-operator".into(),
@@ -96,6 +98,64 @@ async fn the_operators_api_calls_match_the_checked_in_rbac_set() {
         .await;
         api.delete("apps/v1", "Deployment", Some("prod"), "lost-worker").unwrap();
     }
+    // The autoscaler: a backlog scales an autoscaled pool up; once the backlog is gone, a worker
+    // heartbeat (published as a Celery worker would) marks one pod busy, and the scale-in first
+    // sets pod deletion costs. An HPA on another pool is watched for conflicts.
+    create(
+        &api,
+        "WorkerPool",
+        CRD,
+        json!({"metadata": {"name": "auto"}, "spec": {"app": "a.app", "image": "i", "queues": ["emails"],
+               "autoscaling": {"minReplicas": 0, "maxReplicas": 3, "targetPerReplica": 1,
+                               "scaleDownStabilizationSeconds": 0}}}),
+    );
+    let mut conn = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let _: i64 = redis::cmd("LPUSH").arg("emails").arg(&["a", "b", "c"]).query_async(&mut conn).await.unwrap();
+    poll("the autoscaler scales up", || async {
+        api.get("apps/v1", "Deployment", Some("prod"), "auto-worker")
+            .unwrap()
+            .is_some_and(|d| d["spec"]["replicas"] == 3)
+    })
+    .await;
+    create(
+        &api,
+        "Pod",
+        "v1",
+        json!({"metadata": {"name": "auto-worker-1", "labels": {"app.kubernetes.io/name": "celery",
+               "app.kubernetes.io/instance": "auto", "app.kubernetes.io/component": "worker"}},
+               "spec": {"containers": [{"name": "worker", "image": "i"}]}}),
+    );
+    let heartbeat = json!({"hostname": "auto@auto-worker-1", "active": 1, "processed": 1, "freq": 2.0,
+                           "timestamp": 0.0, "type": "worker-heartbeat"});
+    let envelope = json!({"body": heartbeat.to_string(), "content-type": "application/json",
+                          "properties": {}})
+    .to_string();
+    let publisher = tokio::spawn(async move {
+        loop {
+            let _: Result<i64, _> =
+                redis::cmd("PUBLISH").arg("/0.celeryev/worker.heartbeat").arg(&envelope).query_async(&mut conn).await;
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    });
+    poll("the heartbeat is counted as in flight", || async {
+        api.get(CRD, "WorkerPool", Some("prod"), "auto").unwrap().is_some_and(|p| p["status"]["inFlight"] == 1)
+    })
+    .await;
+    let mut conn = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let _: i64 = redis::cmd("DEL").arg("emails").query_async(&mut conn).await.unwrap();
+    poll("the busy pod is marked before the scale-in", || async {
+        api.get("v1", "Pod", Some("prod"), "auto-worker-1")
+            .unwrap()
+            .is_some_and(|p| p["metadata"]["annotations"]["controller.kubernetes.io/pod-deletion-cost"] == "1")
+    })
+    .await;
+    poll("scaled in to the one busy worker", || async {
+        api.get("apps/v1", "Deployment", Some("prod"), "auto-worker")
+            .unwrap()
+            .is_some_and(|d| d["spec"]["replicas"] == 1)
+    })
+    .await;
+    publisher.abort();
     poll("the queue is probed", || async {
         let tq = api.get(CRD, "TaskQueue", Some("prod"), "emails").unwrap().unwrap();
         tq["status"]["conditions"].as_array().is_some_and(|c| c.iter().any(|c| c["type"] == "BrokerReachable"))

@@ -25,7 +25,21 @@ the operator actually makes, so add a rule here only together with the code that
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch"]
-# Events on TaskQueues and WorkerPools (broker safety warnings, beat conflicts); repeats are patched.
+# The autoscaler: worker pods are listed and annotated with controller.kubernetes.io/pod-deletion-cost
+# before a scale-in (idle workers go first).
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "patch"]
+# Another autoscaler on the same Deployment (an HPA, or a KEDA ScaledObject where KEDA is installed)
+# stops the operator from scaling that pool (ScalingActive=False, ScalerConflict).
+- apiGroups: ["autoscaling"]
+  resources: ["horizontalpodautoscalers"]
+  verbs: ["list", "watch"]
+- apiGroups: ["keda.sh"]
+  resources: ["scaledobjects"]
+  verbs: ["list", "watch"]
+# Events on TaskQueues and WorkerPools (broker safety warnings, beat conflicts, scale actions);
+# repeats are patched.
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]

@@ -14,3 +14,23 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A minimal KEDA ScaledObject CRD (keda.sh/v1alpha1), so the double serves ScaledObjects as a
+/// cluster with KEDA installed does.
+#[allow(dead_code)]
+pub fn keda_scaled_object_crd() -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "scaledobjects.keda.sh"},
+        "spec": {
+            "group": "keda.sh",
+            "scope": "Namespaced",
+            "names": {"plural": "scaledobjects", "singular": "scaledobject", "kind": "ScaledObject",
+                      "listKind": "ScaledObjectList", "shortNames": ["so"]},
+            "versions": [{"name": "v1alpha1", "served": true, "storage": true,
+                          "schema": {"openAPIV3Schema": {"type": "object",
+                                     "x-kubernetes-preserve-unknown-fields": true}}}]
+        }
+    })
+}
