@@ -121,7 +121,14 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl st
             }
         },
     };
-    let mut scaler = Scaler { ctx, caches, pools: HashMap::new(), brokers: HashMap::new(), resolved: HashMap::new() };
+    let mut scaler = Scaler {
+        ctx,
+        caches,
+        pools: HashMap::new(),
+        brokers: HashMap::new(),
+        resolved: HashMap::new(),
+        valid: HashMap::new(),
+    };
     tokio::pin!(shutdown);
     let ready = async {
         let c = &scaler.caches;
@@ -167,6 +174,9 @@ struct PoolState {
     last_event: Option<Instant>,
     suppressed_events: u32,
     last_scale: Option<(String, String)>,
+    /// The replicas last applied, and the Deployment's resourceVersion before that write: while
+    /// the watch cache still shows that version, the applied count is the current one.
+    applied: Option<(Option<String>, u32)>,
 }
 
 impl PoolState {
@@ -185,6 +195,7 @@ impl PoolState {
             last_event: None,
             suppressed_events: 0,
             last_scale,
+            applied: None,
         }
     }
 }
@@ -226,6 +237,9 @@ struct Scaler {
     pools: HashMap<String, Option<PoolState>>,
     brokers: HashMap<usize, BrokerSchedule>,
     resolved: HashMap<String, Resolved>,
+    /// Whether each pool's spec passed validation, by resourceVersion (CEL is not free; the
+    /// reconciler reports what is wrong).
+    valid: HashMap<String, (Option<String>, bool)>,
 }
 
 fn key_of<K: ResourceExt>(obj: &K) -> String {
@@ -240,10 +254,10 @@ impl Scaler {
         let mut seen = HashSet::new();
         for pool in self.caches.pools.state() {
             let Some(policy) = Policy::from_spec(&pool.spec) else { continue };
-            if pool.meta().deletion_timestamp.is_some() || !crate::validate::check_worker_pool(&pool).is_empty() {
+            let key = key_of(&*pool);
+            if pool.meta().deletion_timestamp.is_some() || !self.is_valid(&key, &pool) {
                 continue;
             }
-            let key = key_of(&*pool);
             seen.insert(key.clone());
             let Some((broker, queues)) = self.target(&pool).await else { continue };
             let id = Arc::as_ptr(&broker) as usize;
@@ -277,6 +291,19 @@ impl Scaler {
         }
     }
 
+    /// Whether the pool's spec validates (cached per resourceVersion).
+    fn is_valid(&mut self, key: &str, pool: &WorkerPool) -> bool {
+        let rv = pool.resource_version();
+        if let Some((seen, valid)) = self.valid.get(key)
+            && *seen == rv
+        {
+            return *valid;
+        }
+        let valid = crate::validate::check_worker_pool(pool).is_empty();
+        self.valid.insert(key.to_string(), (rv, valid));
+        valid
+    }
+
     /// Puts the polled pools' state back.
     fn finished(&mut self, broker: usize, members: Vec<Member>) {
         if let Some(s) = self.brokers.get_mut(&broker) {
@@ -299,6 +326,7 @@ impl Scaler {
                 continue;
             }
             let state = self.pools.remove(&key).flatten();
+            self.valid.remove(&key);
             let (ns, name) = key.split_once('/').unwrap_or_default();
             self.ctx.metrics.forget_pool(&[ns, name]);
             let still_there = self.caches.pools.state().into_iter().find(|p| key_of(&**p) == key);
@@ -429,7 +457,11 @@ impl Poll {
             // Not created yet: the reconciler creates it (with minReplicas) and we scale it next poll.
             return Ok(());
         };
-        let current = deployment.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1).max(0).unsigned_abs();
+        let cached = deployment.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1).max(0).unsigned_abs();
+        let current = match &m.state.applied {
+            Some((before, applied)) if *before == deployment.resource_version() => *applied,
+            _ => cached,
+        };
         let active = activity.map(|a| plan::active_by_pod(&name, a));
         let running = active.as_ref().map(|a| a.values().map(|&n| u64::from(n)).sum());
         let seen = observation.map(|o| plan::observe(&m.queues, o, running, m.policy_acks_late()));
@@ -484,6 +516,7 @@ impl Poll {
             "spec": { "replicas": to },
         });
         deployments.patch(&deployment.name_any(), &apply_params(), &Patch::Apply(&body)).await?;
+        m.state.applied = Some((deployment.resource_version(), to));
         let message = plan::scale_message(current, to, &decision.reason);
         info!(pool = %m.key, from = current, to, reason = %decision.reason, "scaled");
         self.ctx.metrics.pool_scaled(&[ns.as_str(), &pool.name_any()], to > current);
