@@ -12,6 +12,7 @@
 
 pub mod admission;
 pub mod apiserver;
+pub mod demo;
 pub mod runner;
 pub mod stack;
 
