@@ -26,8 +26,9 @@ crds:
 	$(CARGO) run -q -p celery-operator -- crd --out-dir crds
 	bash charts/sync-crds.sh
 
-## The operator's main job, locally: print the CRDs and the Deployments it would create from examples/.
+## The operator's main job, live: the operator against the e2e control-plane double with a private
+## Redis and real Celery workers; a burst of tasks, a timeline and target/demo/demo.svg. Not part of
+## `make test`. `make demo DEMO_ARGS=--hold` keeps it running for kubectl until Ctrl-C.
 demo:
 	$(CARGO) build -q -p celery-operator
-	./target/debug/celery-operator crd | grep -E '^(kind|  name):'
-	./target/debug/celery-operator render examples/
+	$(CARGO) run -q -p celery-e2e --example demo -- $(DEMO_ARGS)
