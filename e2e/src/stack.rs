@@ -688,6 +688,14 @@ impl Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.operator_log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- operator log, last {} lines ({}) ---", tail.len(), self.operator_log_path().display());
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
         // The operator first, so that it does not react to the rest going away.
         if let Some(mut op) = self.operator.take() {
             let _ = op.child.start_kill();
@@ -827,22 +835,38 @@ pub struct SampleReport {
     pub distinct: BTreeSet<String>,
     /// Each change of the alive set: (time since start, instances alive).
     pub changes: Vec<(Duration, Vec<String>)>,
+    /// The longest time between two samples (what a shorter-lived instance could slip through).
+    pub max_gap: Duration,
+    last_at: Duration,
 }
 
 impl SampleReport {
+    /// The most instances alive at once from `since` (a [`Sampler::elapsed`] mark) on, counting
+    /// the set that was alive at that moment.
+    pub fn max_simultaneous_since(&self, since: Duration) -> usize {
+        let first = self.changes.iter().rposition(|(at, _)| *at <= since).unwrap_or(0);
+        self.changes[first..].iter().map(|(_, alive)| alive.len()).max().unwrap_or(0)
+    }
+
     fn record(&mut self, start: Instant, alive: Vec<String>) {
+        let now = start.elapsed();
+        if self.samples > 0 {
+            self.max_gap = self.max_gap.max(now - self.last_at);
+        }
+        self.last_at = now;
         self.samples += 1;
         self.max_simultaneous = self.max_simultaneous.max(alive.len());
         self.last = alive.len();
         if self.changes.last().is_none_or(|(_, prev)| *prev != alive) {
             self.distinct.extend(alive.iter().cloned());
-            self.changes.push((start.elapsed(), alive));
+            self.changes.push((now, alive));
         }
     }
 }
 
 /// Samples a set of live instances in the background until [`Sampler::finish`].
 pub struct Sampler {
+    started: Instant,
     stop: Arc<AtomicBool>,
     report: Arc<Mutex<SampleReport>>,
     task: Option<SamplerTask>,
@@ -865,15 +889,16 @@ impl Sampler {
         let stop = Arc::new(AtomicBool::new(false));
         let report = Arc::new(Mutex::new(SampleReport::default()));
         let (stop2, report2) = (stop.clone(), report.clone());
+        let started = Instant::now();
         let thread = std::thread::spawn(move || {
-            let start = Instant::now();
+            let start = started;
             while !stop2.load(Ordering::Relaxed) {
                 let alive = matching_processes(&matches).into_iter().map(|p| p.to_string()).collect();
                 report2.lock().expect("report lock").record(start, alive);
                 std::thread::sleep(every);
             }
         });
-        Sampler { stop, report, task: Some(SamplerTask::Thread(thread)) }
+        Sampler { started, stop, report, task: Some(SamplerTask::Thread(thread)) }
     }
 
     /// Lists pods matching `selector` every 50 ms and counts those with a running container.
@@ -881,8 +906,9 @@ impl Sampler {
         let stop = Arc::new(AtomicBool::new(false));
         let report = Arc::new(Mutex::new(SampleReport::default()));
         let (stop2, report2) = (stop.clone(), report.clone());
+        let started = Instant::now();
         let task = tokio::spawn(async move {
-            let start = Instant::now();
+            let start = started;
             while !stop2.load(Ordering::Relaxed) {
                 if let Ok(list) = api.list(&ListParams::default().labels(&selector)).await {
                     let alive = list
@@ -900,7 +926,12 @@ impl Sampler {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         });
-        Sampler { stop, report, task: Some(SamplerTask::Task(task)) }
+        Sampler { started, stop, report, task: Some(SamplerTask::Task(task)) }
+    }
+
+    /// Time since sampling started: a mark for [`SampleReport::max_simultaneous_since`].
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
     }
 
     /// What was seen so far.
