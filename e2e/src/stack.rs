@@ -23,8 +23,10 @@
 //! With `E2E_KUBECONFIG=<path>` the stack uses that cluster: `crds/` are applied, a namespace
 //! `e2e-<pid>-<n>` is created per stack (deleted on drop), the operator still runs locally (with
 //! `KUBECONFIG` and `--watch-namespaces <ns>`), pods run `E2E_WORKER_IMAGE` (every applied
-//! WorkerPool's image is rewritten to it), and the broker is `E2E_REDIS_URL`, which must be
-//! reachable both from the pods and from this machine (tasks are sent and results read from here).
+//! WorkerPool's image is rewritten to it), and the broker is the Redis of `E2E_REDIS_URL`, which
+//! must be reachable both from the pods and from this machine (tasks are sent and results read from
+//! here); each stack uses (and first empties) its own two databases of it
+//! ([`CLUSTER_REDIS_DATABASES`]), so that concurrent scenarios do not consume each other's tasks.
 //! There is no [`Stack::server`] (no request log) and no [`Stack::runner`] (no process-level view):
 //! callers fall back to API-level checks, e.g. [`Stack::sample_beat`] counts pods with a running
 //! container instead of beat processes.
@@ -212,6 +214,10 @@ impl std::fmt::Debug for Stack {
 
 static NAMESPACES: AtomicUsize = AtomicUsize::new(0);
 
+/// Databases of the `E2E_REDIS_URL` Redis the stacks of one test binary cycle through (Redis'
+/// default `databases 16`): stack n uses `2 * (n % 8)` for the broker and the next for results.
+pub const CLUSTER_REDIS_DATABASES: usize = 16;
+
 impl Stack {
     /// Brings everything up. Must be called inside a multi-threaded Tokio runtime (the operator
     /// and the runner's processes are tied to the runtime's threads).
@@ -281,18 +287,31 @@ impl Stack {
             std::env::var(name)
                 .map_err(|_| StackError::Invalid(format!("E2E_KUBECONFIG is set, so {name} must be too")))
         };
-        let broker_url = need("E2E_REDIS_URL")?;
+        let shared_url = need("E2E_REDIS_URL")?;
         let worker_image = need("E2E_WORKER_IMAGE")?;
         let client = client_from(&kubeconfig_path).await?;
-        let namespace = format!("e2e-{}-{}", std::process::id(), NAMESPACES.fetch_add(1, Ordering::Relaxed));
-        let mut stack = Stack {
+        let n = NAMESPACES.fetch_add(1, Ordering::Relaxed);
+        let namespace = format!("e2e-{}-{n}", std::process::id());
+        // Stacks running at the same time share the Redis: each gets its own pair of databases
+        // (queue names, the unacked hash and worker events are per database), emptied first.
+        let db = 2 * (n % (CLUSTER_REDIS_DATABASES / 2));
+        let broker_url = with_db(&shared_url, db)?;
+        let result_backend_url = with_db(&shared_url, db + 1)?;
+        let flush =
+            "import os, redis\nfor u in os.environ['E2E_FLUSH'].split(' '): redis.Redis.from_url(u).flushdb()\n";
+        let urls = format!("{broker_url} {result_backend_url}");
+        tokio::task::spawn_blocking(move || e2e_harness::python::run_script(flush, &[("E2E_FLUSH", &urls)]))
+            .await
+            .expect("flush thread")
+            .map_err(|_| StackError::Invalid("could not empty the E2E_REDIS_URL databases of this stack".into()))?;
+        let stack = Stack {
             operator: None,
             local: None,
             client,
             namespace: namespace.clone(),
             owned_namespace: true,
             kubeconfig_path,
-            result_backend_url: with_db(&broker_url, 1)?,
+            result_backend_url,
             broker_url,
             worker_image: Some(worker_image),
             metrics_addr,
@@ -309,7 +328,17 @@ impl Stack {
         }
         docs.push(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}));
         stack.apply_docs(docs, &|_| {}).await?;
-        stack.owned_namespace = true;
+        // A new CRD is served a moment after it is created.
+        let deadline = Instant::now() + DEADLINE;
+        for kind in ["WorkerPool", "TaskQueue"] {
+            while stack.resource_of(&json!({"apiVersion": "celery-operator.dev/v1alpha1", "kind": kind})).await.is_err()
+            {
+                if Instant::now() > deadline {
+                    return Err(StackError::Timeout { what: format!("the {kind} CRD to be served"), after: DEADLINE });
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
         Ok(stack)
     }
 
@@ -729,7 +758,7 @@ async fn client_from(kubeconfig: &Path) -> Result<kube::Client> {
 }
 
 /// `url` with its path set to `/<db>` (Redis database number).
-fn with_db(url: &str, db: u32) -> Result<String> {
+fn with_db(url: &str, db: usize) -> Result<String> {
     let mut parsed = url::Url::parse(url).map_err(|_| StackError::Invalid("the broker URL does not parse".into()))?;
     parsed.set_path(&format!("/{db}"));
     Ok(parsed.to_string())
