@@ -291,8 +291,8 @@ async fn beat_returns_to_one_after_hand_scaling_and_never_doubles_in_a_rollout()
 
 /// The strict form of the hand-scaling half: not even for a moment may a second beat process run.
 /// It fails today: the Deployment's scale to 3 is acted on by the pod runner (which starts
-/// processes within milliseconds) before the operator's watch sets it back to 1 (~100 ms), so 2-3
-/// beat processes live for about 100 ms. On a real cluster the new pods are usually still Pending
+/// processes within milliseconds) before the operator's watch sets it back to 1 (100-250 ms), so 2-3
+/// beat processes live for that long. On a real cluster the new pods are usually still Pending
 /// (scheduling, sandbox, image) when the ReplicaSet deletes them, but nothing guarantees it, and
 /// while the operator is down a hand scale runs several beats. Closing the gap needs an admission
 /// rule on beat Deployments' replicas or a broker lock taken by the beat entrypoint.
