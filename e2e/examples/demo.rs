@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 use celery_e2e::demo::{self, Sample, ScaleEvents};
 use celery_e2e::stack::{Pods, Stack, StackConfig, examples_dir, workspace_root};
 use celery_e2e::{PodRunner, RunnerConfig};
+use futures::StreamExt;
 use kube::api::{Api, DynamicObject};
+use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::{Value, json};
 
 const POOL: &str = "mail";
@@ -264,9 +266,26 @@ async fn run(stack: &Stack, args: &Args) -> Result<Outcome, Error> {
     // Two samples before the burst show the pool at rest; t = 0 is when the burst starts.
     let start = tokio::time::Instant::now();
     let t0 = start.into_std() + Duration::from_secs(2);
-    let since =
-        |at: Instant| at.saturating_duration_since(t0).as_secs_f64() - t0.saturating_duration_since(at).as_secs_f64();
+    let since = move |at: Instant| {
+        at.saturating_duration_since(t0).as_secs_f64() - t0.saturating_duration_since(at).as_secs_f64()
+    };
+    // Scale events come from a watch on the pool, so that two scales between samples both show.
+    let (event_tx, mut event_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut events = ScaleEvents::starting_from(&before);
+    let watch_config = watcher::Config::default().fields(&format!("metadata.name={POOL}"));
+    let watch_stream = watcher(pools.clone(), watch_config).default_backoff().applied_objects();
+    let watch = tokio::spawn(async move {
+        futures::pin_mut!(watch_stream);
+        while let Some(item) = watch_stream.next().await {
+            if let Some(e) = item
+                .ok()
+                .and_then(|pool| serde_json::to_value(pool).ok())
+                .and_then(|pool| events.observe(since(Instant::now()), &pool))
+            {
+                let _ = event_tx.send(e);
+            }
+        }
+    });
     let mut samples: Vec<Sample> = Vec::new();
     let mut scale_events = Vec::new();
     let mut timeline = vec![demo::header()];
@@ -296,19 +315,21 @@ async fn run(stack: &Stack, args: &Args) -> Result<Outcome, Error> {
             ids = Some(sent);
             sending = None;
         }
-        let (pool, sample) = observe(since(now)).await?;
-        let row = demo::format_row(&sample);
-        println!("{row}");
-        timeline.push(row);
-        if let Some(e) = events.observe(sample.t, &pool) {
+        while let Ok(e) = event_rx.try_recv() {
             let line = demo::format_event(&e);
             println!("{line}");
             timeline.push(line);
             scale_events.push(e);
         }
+        let (_, sample) = observe(since(now)).await?;
+        let row = demo::format_row(&sample);
+        println!("{row}");
+        timeline.push(row);
+        let sample_t = sample.t;
         samples.push(sample);
         let summary = demo::summarize(&samples, min);
-        if ids.is_some() && summary.back_to_min.is_some() {
+        // A few more samples after the return to min, so the plot shows the pool at rest.
+        if ids.is_some() && summary.back_to_min.is_some_and(|t| sample_t >= t + 3.0) {
             break Outcome::Done;
         }
         if now > end_deadline {
@@ -319,6 +340,7 @@ async fn run(stack: &Stack, args: &Args) -> Result<Outcome, Error> {
             ));
         }
     };
+    watch.abort();
     // A burst still being sent at the deadline would be cancelled by this drop; the summary says so.
     drop(sending);
 

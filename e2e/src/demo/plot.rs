@@ -271,13 +271,15 @@ pub fn render_svg(title: &str, samples: &[Sample], events: &[ScaleEvent]) -> Str
     for e in events {
         let px = x.map(e.t.clamp(lo, hi));
         let to = e.desired.map_or_else(|| "?".to_owned(), |d| d.to_string());
+        // The label goes right of the line, or left of it near the right edge.
+        let (label_x, anchor) = if px + 40.0 > RIGHT { (px - 3.0, "end") } else { (px + 3.0, "start") };
         let _ = writeln!(
             out,
-            r##"<g class="scale-event"><title>{}</title><line x1="{px:.1}" y1="{}" x2="{px:.1}" y2="{}" stroke="#555" stroke-dasharray="2 3"/><text x="{:.1}" y="{:.1}" fill="#555">→{}</text></g>"##,
+            r##"<g class="scale-event"><title>{}</title><line x1="{px:.1}" y1="{}" x2="{px:.1}" y2="{}" stroke="#555" stroke-dasharray="2 3"/><text x="{:.1}" y="{:.1}" fill="#555" text-anchor="{anchor}">→{}</text></g>"##,
             escape(&format!("{:.1} s: scale to {to}: {}", e.t, e.reason)),
             TOP_PANEL.0,
             BOTTOM_PANEL.1,
-            px + 3.0,
+            label_x,
             TOP_PANEL.0 + 14.0,
             escape(&to)
         );
@@ -396,6 +398,18 @@ mod tests {
         assert!(svg.contains("<title>1.0 s: scale to 1: backlog &lt;1&gt; &amp; &quot;x&quot; &gt; 0</title>"));
         let x = format!(r#"x1="{:.1}""#, LEFT + (RIGHT - LEFT) / 4.0);
         assert!(svg.contains(r#"<g class="scale-event"><title>"#) && svg.contains(&x), "{svg}");
+        assert!(svg.contains(r#"text-anchor="start">→1</text>"#));
+        // At the right edge the label goes left of its line, inside the plot.
+        let late = [ScaleEvent { t: 4.0, desired: Some(0), reason: "down".into() }];
+        let svg = render_svg("late", &samples, &late);
+        assert!(
+            svg.contains(&format!(
+                r##"x="{:.1}" y="{:.1}" fill="#555" text-anchor="end">→0</text>"##,
+                RIGHT - 3.0,
+                TOP_PANEL.0 + 14.0
+            )),
+            "{svg}"
+        );
     }
 
     #[test]
