@@ -425,6 +425,30 @@ async fn deployment_scale_subresource_reads_and_writes_replicas() {
 }
 
 #[tokio::test]
+async fn a_scale_patch_conflicts_only_when_it_names_a_stale_resource_version() {
+    let server = server();
+    let deploys: Api<Deployment> = Api::default_namespaced(server.client());
+    deploys.create(&PostParams::default(), &deployment("w", 2)).await.unwrap();
+    let stale = deploys.get_scale("w").await.unwrap().metadata.resource_version.unwrap();
+    // Another writer (a controller updating status) moves the object on.
+    let mut d = server.get("apps/v1", "Deployment", Some("default"), "w").unwrap().unwrap();
+    d["metadata"]["labels"] = json!({"touched": "yes"});
+    server.put(d).unwrap();
+    // A patch without a resourceVersion applies to the latest object, as on a real API server.
+    let patched = deploys
+        .patch_scale("w", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 4}})))
+        .await
+        .unwrap();
+    assert_eq!(patched.spec.unwrap().replicas, Some(4));
+    // One naming the stale version is a 409.
+    let stale_patch = json!({"metadata": {"resourceVersion": stale}, "spec": {"replicas": 5}});
+    let err =
+        api_error(deploys.patch_scale("w", &PatchParams::default(), &Patch::Merge(stale_patch)).await.unwrap_err());
+    assert_eq!(err.code, 409);
+    assert_eq!(deploys.get("w").await.unwrap().spec.unwrap().replicas, Some(4));
+}
+
+#[tokio::test]
 async fn custom_resource_scale_subresource_uses_the_crd_paths() {
     let server = server();
     let pools = pools(server.client());

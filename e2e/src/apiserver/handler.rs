@@ -443,22 +443,31 @@ fn patch(server: &ApiServer, c: &Call) -> Result<Reply, ApiError> {
         ApiError::unsupported_media_type(format!("the body of the request was in an unknown format - {ct:?}"))
     })?;
     if c.t.subresource.as_deref() == Some("scale") {
-        let obj = server
-            .with_store(|s| s.get(&c.rt.key(), c.ns(), c.name()).cloned())
-            .ok_or_else(|| ApiError::not_found(&c.rt, c.name()))?;
-        let current = scale_of(&c.rt, &obj);
-        let patched = match kind {
-            PatchKind::Apply => {
-                let mut merged = current.clone();
-                json_patch::merge(&mut merged, &c.parse_body()?);
-                merged
-            }
-            other => patch::apply_patch(other, &current, &c.body)?,
-        };
-        let replicas = patched.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(0);
-        let rv = meta::rv_of(&patched).to_string();
-        let written =
-            server.write(|s, p| write::write_scale(s, p, &c.rt, c.ns(), c.name(), replicas, &rv, &c.write_opts()))?;
+        // Read, patch and write in one step under the store's lock, as the API server's patch retry
+        // loop makes it: a concurrent write to the object is no conflict unless the client's patch
+        // itself names a resourceVersion.
+        let written = server.write(|s, p| {
+            let obj =
+                s.get(&c.rt.key(), c.ns(), c.name()).cloned().ok_or_else(|| ApiError::not_found(&c.rt, c.name()))?;
+            let current = scale_of(&c.rt, &obj);
+            let (patched, sent_rv) = match kind {
+                PatchKind::Apply | PatchKind::Merge => {
+                    let body = c.parse_body()?;
+                    let mut merged = current.clone();
+                    json_patch::merge(&mut merged, &body);
+                    (merged, meta::rv_of(&body).to_string())
+                }
+                other => {
+                    let mut unversioned = current.clone();
+                    unversioned["metadata"].as_object_mut().map(|m| m.remove("resourceVersion"));
+                    let patched = patch::apply_patch(other, &unversioned, &c.body)?;
+                    let rv = meta::rv_of(&patched).to_string();
+                    (patched, rv)
+                }
+            };
+            let replicas = patched.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(0);
+            write::write_scale(s, p, &c.rt, c.ns(), c.name(), replicas, &sent_rv, &c.write_opts())
+        })?;
         return Ok(Reply::Json(StatusCode::OK, scale_of(&c.rt, &written.object), Vec::new()));
     }
     let req = PatchRequest { kind, body: &c.body, force: flag(&c.query, "force") };
