@@ -72,8 +72,11 @@ async fn probe_queue(
             // DEPTH_WRITE_INTERVAL, while condition and configuration changes are written at once.
             let mut broker = report.broker;
             let previous_memory = status.broker.as_ref().and_then(|b| b.used_memory_bytes);
-            let moving = (Some(report.ready), report.unacked, report.consumers, broker.used_memory_bytes);
-            let changed = moving != (status.ready, status.unacked, status.consumers, previous_memory);
+            // Used memory alone never triggers a write: it drifts on every live Redis, and an idle
+            // queue would otherwise rewrite its status every interval forever. It is refreshed
+            // whenever the depth is written.
+            let moving = (Some(report.ready), report.unacked, report.consumers);
+            let changed = moving != (status.ready, status.unacked, status.consumers);
             let last_written = status.last_probe_time.as_ref().map(|t| t.0);
             let due =
                 last_written.is_none_or(|t| Timestamp::now().duration_since(t).unsigned_abs() >= DEPTH_WRITE_INTERVAL);
