@@ -167,6 +167,8 @@ async fn main() -> ExitCode {
     if args.hold && !interrupted {
         println!("\nHolding (--hold): everything keeps running. Try");
         println!("  {}", kubectl_line(&stack));
+        println!("The example app's beat sends a `tick` task to the celery queue every 5 s: each one wakes the");
+        println!("pool from 0 to 1 replica, and it goes back to 0 after the stabilization window.");
         println!("Press Ctrl-C to tear down.");
         let _ = tokio::signal::ctrl_c().await;
         code = ExitCode::SUCCESS;
