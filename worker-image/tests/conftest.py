@@ -1,4 +1,4 @@
-"""Fixtures: a real redis-server on a free port, and workers run through the real entrypoint."""
+"""Fixtures: a real redis-server (and RabbitMQ node) on free ports, and workers run through the real entrypoint."""
 
 from __future__ import annotations
 
@@ -115,6 +115,92 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path / "redis").start()
     yield server
     server.stop()
+
+
+class RabbitServer:
+    """A private RabbitMQ node (own node name, ports, cookie and directories) in a temp dir.
+
+    Runs straight from /usr/lib/rabbitmq/bin (the /usr/sbin wrapper would switch users and
+    reset HOME), so the machine's own node is never touched. Boots in about 5 s.
+    """
+
+    BIN = Path("/usr/lib/rabbitmq/bin")
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.node = f"wi{os.getpid()}-{uuid.uuid4().hex[:6]}@localhost"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def env(self) -> dict[str, str]:
+        d = self.workdir
+        return {
+            **os.environ,
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_CONF_ENV_FILE": str(d / "rabbitmq-env.conf"),
+            "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(d / "log"),
+            "RABBITMQ_PID_FILE": str(d / "rabbit.pid"),
+            "RABBITMQ_FEATURE_FLAGS_FILE": str(d / "feature_flags"),
+            "HOME": str(d / "home"),
+        }
+
+    def start(self) -> RabbitServer:
+        if not (self.BIN / "rabbitmq-server").exists():
+            pytest.skip("rabbitmq-server is not installed")
+        for sub in ("mnesia", "log", "home"):
+            (self.workdir / sub).mkdir(parents=True, exist_ok=True)
+        conf = f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n"
+        (self.workdir / "rabbitmq.conf").write_text(conf)
+        (self.workdir / "enabled_plugins").write_text("[].\n")
+        (self.workdir / "rabbitmq-env.conf").write_text("ERL_EPMD_ADDRESS=127.0.0.1\n")
+        env = {**self.env(), "RABBITMQ_DIST_PORT": str(free_port())}
+        with open(self.workdir / "rabbitmq.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(self.BIN / "rabbitmq-server")],
+                env=env,
+                cwd=self.workdir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.ctl("wait", str(self.workdir / "rabbit.pid"), "--timeout", "120")
+        return self
+
+    def ctl(self, *args: str) -> str:
+        result = subprocess.run(
+            [str(self.BIN / "rabbitmqctl"), "-n", self.node, *args],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert result.returncode == 0, f"rabbitmqctl {' '.join(args)}: {result.stdout}{result.stderr}"
+        return result.stdout
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+
+@pytest.fixture(scope="session")
+def rabbit_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitServer]:
+    server = RabbitServer(tmp_path_factory.mktemp("rabbit"))
+    try:
+        yield server.start()
+    finally:
+        server.stop()
 
 
 @dataclass

@@ -5,6 +5,9 @@ shell, no child): as PID 1 the SIGTERM from kubelet reaches Celery's main
 process, whose handler starts a warm shutdown. Before Celery loads the app it
 installs the probe hooks and the serialization policy.
 
+``celery ... beat`` with ``CELERY_BEAT_LOCK`` set first waits for that lock
+on the broker and holds it while beat runs (see ``beat_lock``).
+
 Anything else is exec'd as-is, so ``kubectl debug``-style commands and
 one-off scripts work through the same image.
 """
@@ -75,10 +78,36 @@ def run_celery(celery_args: list[str]) -> int:
 
         hooks.install(files, interval)
 
+    from . import beat_lock
+
+    try:
+        settings = beat_lock.LockSettings.from_env(celery_args)
+        backend = beat_lock.backend_for(settings) if settings is not None else None
+    except beat_lock.LockConfigError as err:
+        print(f"celery-entrypoint: {beat_lock.LOCK_ENV}: {err}", file=sys.stderr)
+        return 2
+    if settings is not None and backend is None:
+        beat_lock.log(
+            f"{beat_lock.LOCK_ENV}: cannot lock on a {settings.scheme}:// broker "
+            f"(supported: redis, rediss, amqp, amqps); beat runs WITHOUT the lock"
+        )
+    held = None
+    if settings is not None and backend is not None:
+        # Before Celery starts: a beat that waits here has opened no schedule and sends nothing.
+        held = beat_lock.acquire(settings, backend, files.touch_alive if files else None, interval)
+        if held is None:
+            return 0
+        held.install_celery_hooks()
+        held.start()
+
     from celery.bin.celery import celery as celery_cli
 
-    # What `celery.bin.celery.main()` does, with our argv instead of sys.argv.
-    return celery_cli.main(args=celery_args, prog_name="celery", auto_envvar_prefix="CELERY")
+    try:
+        # What `celery.bin.celery.main()` does, with our argv instead of sys.argv.
+        return celery_cli.main(args=celery_args, prog_name="celery", auto_envvar_prefix="CELERY")
+    finally:
+        if held is not None:
+            held.release()
 
 
 if __name__ == "__main__":
