@@ -157,10 +157,33 @@ pub fn worker_deployment(pool: &WorkerPool, inputs: &PoolInputs) -> Deployment {
     deployment(pool, labels::WORKER, pool.worker_deployment_name(), inputs.replicas, strategy, pod)
 }
 
+/// The environment variable naming the beat singleton lock the worker image's entrypoint takes on
+/// the broker before it starts `celery beat`.
+pub const BEAT_LOCK_ENV: &str = "CELERY_BEAT_LOCK";
+
+/// The beat lock's name: one beat per Celery app per namespace (the same rule as `BeatConflict`).
+/// A Redis key, or a RabbitMQ queue name, on the pool's broker.
+pub fn beat_lock_name(namespace: &str, app: &str) -> String {
+    format!("celery-operator:beat:{namespace}:{app}")
+}
+
 /// The beat Deployment `<pool>-beat`: exactly one replica, and Recreate, because a RollingUpdate
 /// would run the old and the new beat side by side and fire every periodic task twice.
+///
+/// Both only limit how many beat pods Kubernetes runs, and only once the operator has reverted a
+/// hand scale. What guarantees a single scheduler is `CELERY_BEAT_LOCK` ([`beat_lock_name`]):
+/// the entrypoint takes that lock on the broker before Celery's beat starts, so extra beat pods
+/// wait (alive, not ready) instead of scheduling. The pool's template cannot override it.
 pub fn beat_deployment(pool: &WorkerPool, inputs: &PoolInputs) -> Deployment {
     let mut container = base_container(pool, "beat", beat_args(pool), &inputs.broker);
+    let namespace = pool.meta().namespace.as_deref().unwrap_or("default");
+    let env = container.env.get_or_insert_with(Vec::new);
+    env.retain(|e| e.name != BEAT_LOCK_ENV);
+    env.push(EnvVar {
+        name: BEAT_LOCK_ENV.into(),
+        value: Some(beat_lock_name(namespace, &pool.spec.app)),
+        value_from: None,
+    });
     container.volume_mounts.get_or_insert_with(Vec::new).push(VolumeMount {
         name: "beat-schedule".into(),
         mount_path: BEAT_SCHEDULE_DIR.into(),

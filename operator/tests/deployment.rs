@@ -2,7 +2,8 @@
 
 use celery_operator::crd::{SecretKeyRef, WorkerPool};
 use celery_operator::deployment::{
-    BrokerUrlSource, PoolInputs, beat_args, beat_deployment, termination_grace_period, worker_args, worker_deployment,
+    BrokerUrlSource, PoolInputs, beat_args, beat_deployment, beat_lock_name, termination_grace_period, worker_args,
+    worker_deployment,
 };
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Container;
@@ -252,4 +253,34 @@ fn beat_deployment_is_a_recreate_singleton_with_a_writable_schedule() {
         assert!(mount.read_only != Some(true));
         assert!(!all_args(&d).iter().any(|a| a == "-B" || a == "--beat" || a == "worker"));
     }
+}
+
+#[test]
+fn beat_lock_name_is_one_per_app_per_namespace() {
+    assert_eq!(beat_lock_name("prod", "proj.celery_app"), "celery-operator:beat:prod:proj.celery_app");
+    assert_ne!(beat_lock_name("prod", "a"), beat_lock_name("staging", "a"));
+    assert_ne!(beat_lock_name("prod", "a"), beat_lock_name("prod", "b"));
+}
+
+fn env_value(d: &Deployment, name: &str) -> Vec<Option<String>> {
+    container(d).env.iter().flatten().filter(|e| e.name == name).map(|e| e.value.clone()).collect()
+}
+
+#[test]
+fn beat_takes_the_broker_lock_of_its_app_and_namespace_and_workers_do_not() {
+    let p = pool(&format!("{MINIMAL}beat: {{enabled: true}}\n"));
+    let d = beat_deployment(&p, &inputs(None));
+    assert_eq!(env_value(&d, "CELERY_BEAT_LOCK"), vec![Some("celery-operator:beat:prod:proj.celery_app".into())]);
+    // The broker the lock lives on is the one beat sends to.
+    assert!(container(&d).env.iter().flatten().any(|e| e.name == "CELERY_BROKER_URL"));
+    assert!(env_value(&worker_deployment(&p, &inputs(Some(1))), "CELERY_BEAT_LOCK").is_empty());
+
+    // A template env cannot rename or switch off the lock; its ttl may be tuned.
+    let spec = format!(
+        "{MINIMAL}beat: {{enabled: true}}\ntemplate:\n  env: [{{name: CELERY_BEAT_LOCK, value: ''}}, \
+         {{name: CELERY_BEAT_LOCK_TTL_SECONDS, value: '30'}}]\n"
+    );
+    let d = beat_deployment(&pool(&spec), &inputs(None));
+    assert_eq!(env_value(&d, "CELERY_BEAT_LOCK"), vec![Some("celery-operator:beat:prod:proj.celery_app".into())]);
+    assert_eq!(env_value(&d, "CELERY_BEAT_LOCK_TTL_SECONDS"), vec![Some("30".into())]);
 }
