@@ -224,7 +224,10 @@ async fn run(stack: &Stack, args: &Args) -> Result<Outcome, Error> {
             Some(d) => Some(serde_json::to_value(d)?),
             None => None,
         };
-        let sample = Sample::from_objects(t, &pool, deployment.as_ref());
+        let mut sample = Sample::from_objects(t, &pool, deployment.as_ref());
+        if let Ok(metrics) = stack.metrics().await {
+            sample = sample.with_metrics(&metrics, stack.namespace(), POOL);
+        }
         Ok((pool, sample))
     };
 
@@ -260,12 +263,18 @@ async fn run(stack: &Stack, args: &Args) -> Result<Outcome, Error> {
         args.tasks,
         QUEUES.join(" and ")
     );
-    println!("Timeline (one row per second; `>>` lines are the autoscaler's status.lastScaleReason):\n");
+    println!("Timeline, one row per second: backlog, in flight and desired from the operator's /metrics (set on");
+    println!("every poll), replicas and ready from the worker Deployment; `>>` lines are the autoscaler's");
+    println!("status.lastScaleReason as it changes.\n");
     println!("{}", demo::header());
 
     // Two samples before the burst show the pool at rest; t = 0 is when the burst starts.
     let start = tokio::time::Instant::now();
     let t0 = start.into_std() + Duration::from_secs(2);
+    let t0_unix = (std::time::SystemTime::now() + Duration::from_secs(2))
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let mut landed: Option<f64> = None;
     let since = move |at: Instant| {
         at.saturating_duration_since(t0).as_secs_f64() - t0.saturating_duration_since(at).as_secs_f64()
     };
@@ -306,9 +315,12 @@ async fn run(stack: &Stack, args: &Args) -> Result<Outcome, Error> {
         {
             let out: Value = serde_json::from_str(out?.trim())?;
             let sent: Vec<String> = serde_json::from_value(out["ids"].clone())?;
+            // When the burst landed in Redis, on the timeline's clock (both clocks are this host's).
+            let at = out["written_at"].as_f64().map_or_else(|| since(Instant::now()), |w| w - t0_unix);
+            landed = Some(at);
             let line = format!(
                 "{:>7}  >> burst: {} tasks built by Celery in {:.2} s, written to Redis in one round trip ({:.0} ms)",
-                format!("{:.1}s", since(Instant::now())),
+                format!("{at:.1}s"),
                 sent.len(),
                 out["build_seconds"].as_f64().unwrap_or(f64::NAN),
                 out["write_seconds"].as_f64().unwrap_or(f64::NAN) * 1000.0,
@@ -331,8 +343,9 @@ async fn run(stack: &Stack, args: &Args) -> Result<Outcome, Error> {
         let sample_t = sample.t;
         samples.push(sample);
         let summary = demo::summarize(&samples, min);
-        // A few more samples after the return to min, so the plot shows the pool at rest.
-        if ids.is_some() && summary.back_to_min.is_some_and(|t| sample_t >= t + 3.0) {
+        // One more sample after the return to min, so the plot shows the pool at rest (not more:
+        // the example app's beat sends a tick every 5 s, which wakes the pool again).
+        if ids.is_some() && summary.back_to_min.is_some_and(|t| sample_t > t) {
             break Outcome::Done;
         }
         if now > end_deadline {
@@ -348,7 +361,15 @@ async fn run(stack: &Stack, args: &Args) -> Result<Outcome, Error> {
     drop(sending);
 
     let summary = demo::summarize(&samples, min);
-    println!("\n{summary}");
+    let mut summary_text = summary.to_string();
+    let first_up = scale_events.iter().find(|e| e.desired.is_some_and(|d| d > min));
+    if let (Some(landed), Some(up)) = (landed, first_up) {
+        summary_text += &format!(
+            "\nreaction:         {:.1} s from the burst landing in Redis to the scale-up in the pool's status",
+            up.t - landed
+        );
+    }
+    println!("\n{summary_text}");
     std::fs::create_dir_all(&args.out)?;
     let svg_path = args.out.join("demo.svg");
     let title = format!(
@@ -357,7 +378,7 @@ async fn run(stack: &Stack, args: &Args) -> Result<Outcome, Error> {
     );
     std::fs::write(&svg_path, demo::render_svg(&title, &samples, &scale_events))?;
     let timeline_path = args.out.join("timeline.txt");
-    std::fs::write(&timeline_path, format!("{}\n\n{summary}\n", timeline.join("\n")))?;
+    std::fs::write(&timeline_path, format!("{}\n\n{summary_text}\n", timeline.join("\n")))?;
     let csv_path = args.out.join("samples.csv");
     let opt = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_default();
     let rows: Vec<String> = samples
@@ -407,7 +428,9 @@ with app.producer_or_acquire() as producer:
             ids.append(app.send_task("celery_example.sleep", args=[seconds], queue=queue, producer=producer).id)
         built = time.monotonic()
     written = time.monotonic()
-print(json.dumps({"ids": ids, "build_seconds": built - started, "write_seconds": written - built}))
+    written_at = time.time()
+print(json.dumps({"ids": ids, "build_seconds": built - started, "write_seconds": written - built,
+                  "written_at": written_at}))
 "#;
 
 async fn pools(stack: &Stack) -> Result<Api<DynamicObject>, Error> {

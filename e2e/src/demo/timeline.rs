@@ -4,6 +4,8 @@ use std::fmt;
 
 use serde_json::Value;
 
+use crate::stack::metric_value;
+
 /// One observation of the pool, taken once per second while the demo runs.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Sample {
@@ -40,6 +42,18 @@ impl Sample {
             replicas: int(replicas).unwrap_or(0) as i32,
             ready: int(ready).unwrap_or(0) as i32,
         }
+    }
+
+    /// Takes backlog, in flight and desired from the operator's `/metrics` text where it has them
+    /// for `namespace`/`pool`: the autoscaler sets those gauges on every poll, while it writes the
+    /// numbers to status at most every few seconds (status is not a time series).
+    pub fn with_metrics(mut self, metrics: &str, namespace: &str, pool: &str) -> Sample {
+        let labels = [("namespace", namespace), ("workerpool", pool)];
+        let gauge = |name: &str| metric_value(metrics, name, &labels).map(|v| v as i64);
+        self.backlog = gauge("celery_operator_pool_backlog").or(self.backlog);
+        self.in_flight = gauge("celery_operator_pool_in_flight").or(self.in_flight);
+        self.desired = gauge("celery_operator_pool_desired_replicas").map(|v| v as i32).or(self.desired);
+        self
     }
 
     /// Nothing waiting and nothing running, as far as the autoscaler has reported.
@@ -224,6 +238,21 @@ mod tests {
         // A Deployment scaled to zero has no status counts at all.
         let s = Sample::from_objects(0.0, &json!({}), Some(&json!({"status": {}})));
         assert_eq!((s.replicas, s.ready), (0, 0));
+    }
+
+    #[test]
+    fn metrics_take_precedence_over_the_status_numbers_they_carry() {
+        let pool = json!({"status": {"backlog": 394, "inFlight": 4, "desiredReplicas": 20}});
+        let metrics = "# HELP celery_operator_pool_backlog Messages waiting\n\
+            celery_operator_pool_backlog{namespace=\"default\",workerpool=\"mail\"} 120\n\
+            celery_operator_pool_backlog{namespace=\"default\",workerpool=\"other\"} 7\n\
+            celery_operator_pool_in_flight{namespace=\"default\",workerpool=\"mail\"} 80\n";
+        let s = Sample::from_objects(1.0, &pool, None).with_metrics(metrics, "default", "mail");
+        // desired has no sample in this text: the status value stays.
+        assert_eq!((s.backlog, s.in_flight, s.desired), (Some(120), Some(80), Some(20)));
+        // Another namespace's gauges are not this pool's.
+        let s = Sample::from_objects(1.0, &pool, None).with_metrics(metrics, "prod", "mail");
+        assert_eq!((s.backlog, s.in_flight), (Some(394), Some(4)));
     }
 
     #[test]
