@@ -340,12 +340,11 @@ async fn run(stack: &Stack, args: &Args) -> Result<Outcome, Error> {
         let row = demo::format_row(&sample);
         println!("{row}");
         timeline.push(row);
-        let sample_t = sample.t;
         samples.push(sample);
         let summary = demo::summarize(&samples, min);
-        // One more sample after the return to min, so the plot shows the pool at rest (not more:
-        // the example app's beat sends a tick every 5 s, which wakes the pool again).
-        if ids.is_some() && summary.back_to_min.is_some_and(|t| sample_t > t) {
+        // Stop at the return to min: the example app's beat sends a `tick` task to the celery
+        // queue every 5 s, and the first one to arrive wakes the pool again (see --hold).
+        if ids.is_some() && summary.back_to_min.is_some() {
             break Outcome::Done;
         }
         if now > end_deadline {
