@@ -215,6 +215,8 @@ def test_without_the_lock_env_beat_runs_as_before(spawn: Spawner, redis_server: 
     for beat in beats:
         beat.wait_ready()
     assert all(schedules(b) for b in beats), "without a lock nothing stops a second beat"
+    # Each scheduler holds its schedule open, lock or not: what the e2e sampler counts.
+    assert all(holds_schedule_open(b.proc.pid) for b in beats)
     assert all("beat lock" not in b.output() for b in beats)
     assert set(client.keys("celery-operator:*")) == keys_before
 

@@ -34,10 +34,14 @@ Other broker schemes (``sentinel://``, SQS, ...) get a warning and no lock.
 
 Before every message beat publishes, the holder also checks that its lease
 has not run out (a process frozen by SIGSTOP or a VM pause and then resumed
-exits instead of sending), and from ``beat_init`` until the scheduler has
-stopped it keeps its schedule file open: with every dbm backend, an open
-descriptor on the schedule file marks the live scheduler (Celery's shelve
-keeps one with gdbm or ndbm, but not with the ``dbm.dumb`` fallback).
+exits instead of sending).
+
+Every beat started through the entrypoint, with or without a lock, keeps its
+schedule file open from ``beat_init`` until the scheduler has stopped
+(:class:`ScheduleMarker`): with every dbm backend, an open descriptor on the
+schedule file marks a running scheduler (Celery's shelve keeps one with gdbm or
+ndbm, but not with the ``dbm.dumb`` fallback). It is closed before the lock is
+released.
 """
 
 from __future__ import annotations
@@ -420,7 +424,6 @@ class HeldLock:
         self.last_sent = sent
         self.mutex = threading.Lock()
         self.stopped = threading.Event()
-        self.marker: IO[bytes] | None = None
         self.thread = threading.Thread(target=self._run, name="celery-beat-lock", daemon=True)
 
     def start(self) -> None:
@@ -455,33 +458,52 @@ class HeldLock:
             self.last_sent = now
             return
 
-    def on_beat_init(self, sender: Any = None, **_: Any) -> None:
-        path = str(getattr(sender, "schedule_filename", "") or "")
-        for candidate in (path, path + ".db", path + ".dat") if path else ():
-            try:
-                self.marker = open(candidate, "rb")  # noqa: SIM115 - held until the scheduler stops
-                return
-            except OSError:
-                continue
-
     def on_before_publish(self, **_: Any) -> None:
         self.ensure_valid()
 
     def install_celery_hooks(self) -> None:
         from celery import signals
 
-        signals.beat_init.connect(self.on_beat_init, weak=False)
         signals.before_task_publish.connect(self.on_before_publish, weak=False)
 
     def release(self) -> None:
-        """After the scheduler stopped: stop renewing, drop the marker, give the lock back."""
+        """After the scheduler stopped (and its schedule was closed): stop renewing, give the lock back."""
         self.stopped.set()
         with self.mutex:
-            if self.marker is not None:
-                self.marker.close()
-                self.marker = None
             self.backend.release()
         log(f"released beat lock {self.settings.name}")
+
+
+class ScheduleMarker:
+    """Keeps beat's schedule file open from ``beat_init`` until :meth:`close` (after beat stopped).
+
+    Celery's shelve keeps the file open with gdbm or ndbm but not with ``dbm.dumb``; with the
+    marker, the processes holding the schedule file open are the running schedulers whatever
+    the backend (``fuser``, ``lsof``, ``/proc/*/fd``). Independent of the lock: every beat
+    started through the entrypoint has it.
+    """
+
+    def __init__(self) -> None:
+        self.file: IO[bytes] | None = None
+
+    def install(self) -> None:
+        from celery import signals
+
+        signals.beat_init.connect(self.on_beat_init, weak=False)
+
+    def on_beat_init(self, sender: Any = None, **_: Any) -> None:
+        path = str(getattr(sender, "schedule_filename", "") or "")
+        for candidate in (path, path + ".db", path + ".dat") if path else ():
+            try:
+                self.file = open(candidate, "rb")  # noqa: SIM115 - held until the scheduler stopped
+                return
+            except OSError:
+                continue
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 def _raise_terminated(signum: int, _frame: Any) -> None:

@@ -91,6 +91,10 @@ def run_celery(celery_args: list[str]) -> int:
             f"{beat_lock.LOCK_ENV}: cannot lock on a {settings.scheme}:// broker "
             f"(supported: redis, rediss, amqp, amqps); beat runs WITHOUT the lock"
         )
+    marker = None
+    if beat_lock.celery_subcommand(celery_args) == "beat":
+        marker = beat_lock.ScheduleMarker()
+        marker.install()
     held = None
     if settings is not None and backend is not None:
         # Before Celery starts: a beat that waits here has opened no schedule and sends nothing.
@@ -106,6 +110,9 @@ def run_celery(celery_args: list[str]) -> int:
         # What `celery.bin.celery.main()` does, with our argv instead of sys.argv.
         return celery_cli.main(args=celery_args, prog_name="celery", auto_envvar_prefix="CELERY")
     finally:
+        # Beat has stopped: its schedule is closed, then (and only then) the lock is given back.
+        if marker is not None:
+            marker.close()
         if held is not None:
             held.release()
 
