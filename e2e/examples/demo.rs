@@ -48,13 +48,23 @@ fn root() -> PathBuf {
     root.canonicalize().unwrap_or(root)
 }
 
+/// The operator binary of the same build as this demo (`<target>/<profile>/celery-operator`, next
+/// to `examples/`), so a custom `CARGO_TARGET_DIR` works; else `target/debug/celery-operator`.
+fn default_operator() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("celery-operator")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| root().join("target/debug/celery-operator"))
+}
+
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         hold: false,
         tasks: 400,
         stabilization: 15,
         deadline: Duration::from_secs(150),
-        operator: root().join("target/debug/celery-operator"),
+        operator: default_operator(),
         out: root().join("target/demo"),
     };
     let mut it = std::env::args().skip(1);
@@ -93,6 +103,10 @@ enum Outcome {
 async fn main() -> ExitCode {
     let args = match parse_args() {
         Ok(a) => a,
+        Err(e) if e == USAGE => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::from(2);
@@ -341,7 +355,7 @@ async fn run(stack: &Stack, args: &Args) -> Result<Outcome, Error> {
         println!("{row}");
         timeline.push(row);
         samples.push(sample);
-        let summary = demo::summarize(&samples, min);
+        let summary = demo::summarize(&samples, &scale_events, min);
         // Stop at the return to min: the example app's beat sends a `tick` task to the celery
         // queue every 5 s, and the first one to arrive wakes the pool again (see --hold).
         if ids.is_some() && summary.back_to_min.is_some() {
@@ -359,7 +373,7 @@ async fn run(stack: &Stack, args: &Args) -> Result<Outcome, Error> {
     // A burst still being sent at the deadline would be cancelled by this drop; the summary says so.
     drop(sending);
 
-    let summary = demo::summarize(&samples, min);
+    let summary = demo::summarize(&samples, &scale_events, min);
     let mut summary_text = summary.to_string();
     let first_up = scale_events.iter().find(|e| e.desired.is_some_and(|d| d > min));
     if let (Some(landed), Some(up)) = (landed, first_up) {

@@ -151,26 +151,32 @@ pub struct Summary {
     pub replica_seconds: f64,
 }
 
-/// Summarises a run whose pool has `min` replicas at rest.
-pub fn summarize(samples: &[Sample], min: i32) -> Summary {
+/// Summarises a run whose pool has `min` replicas at rest. Scale-ups are counted from `events`
+/// (every scale the pool recorded) when there are any after the burst, else from the samples' `desired`,
+/// which miss scales that happen between two samples.
+pub fn summarize(samples: &[Sample], events: &[ScaleEvent], min: i32) -> Summary {
     let before = samples.iter().rev().find(|s| s.t < 0.0).and_then(|s| s.desired).unwrap_or(min);
     let after: Vec<&Sample> = samples.iter().filter(|s| s.t >= 0.0).collect();
+    let events_after: Vec<(f64, i32)> =
+        events.iter().filter(|e| e.t >= 0.0).filter_map(|e| Some((e.t, e.desired?))).collect();
+    let sampled: Vec<(f64, i32)> = after.iter().filter_map(|s| Some((s.t, s.desired?))).collect();
     let mut summary = Summary {
-        peak_desired: after.iter().filter_map(|s| s.desired).max(),
+        peak_desired: sampled.iter().chain(&events_after).map(|&(_, d)| d).max(),
         peak_replicas: after.iter().map(|s| s.replicas).max().unwrap_or(0),
         peak_ready: after.iter().map(|s| s.ready).max().unwrap_or(0),
         peak_backlog: after.iter().filter_map(|s| s.backlog).max(),
         ..Summary::default()
     };
+    let desired = if events_after.is_empty() { &sampled } else { &events_after };
+    let peak = desired.iter().map(|&(_, d)| d).max();
     let mut last = before;
-    for s in &after {
-        let Some(d) = s.desired else { continue };
+    for &(t, d) in desired {
         if d > last {
-            summary.first_scale_up.get_or_insert(s.t);
+            summary.first_scale_up.get_or_insert(t);
             summary.scale_up_steps += 1;
         }
         last = d;
-        if Some(d) == summary.peak_desired {
+        if Some(d) == peak {
             break;
         }
     }
@@ -303,7 +309,7 @@ mod tests {
             sample(5.0, 0, 0, 0, 0),
             sample(6.0, 0, 0, 0, 0),
         ];
-        let s = summarize(&samples, 0);
+        let s = summarize(&samples, &[], 0);
         assert_eq!(s.first_scale_up, Some(1.0));
         assert_eq!(s.scale_up_steps, 1);
         assert_eq!((s.peak_desired, s.peak_replicas, s.peak_backlog), (Some(20), 20, Some(400)));
@@ -316,13 +322,26 @@ mod tests {
     }
 
     #[test]
+    fn summary_counts_scale_ups_from_events_when_samples_miss_one() {
+        // 0 -> 10 -> 11 within one sample interval: the samples only see 11.
+        let samples = [sample(-1.0, 0, 0, 0, 0), sample(2.0, 41, 0, 11, 10), sample(3.0, 41, 0, 11, 11)];
+        let event = |t: f64, d: i32| ScaleEvent { t, desired: Some(d), reason: String::new() };
+        let s = summarize(&samples, &[event(1.7, 10), event(1.9, 11)], 0);
+        assert_eq!((s.first_scale_up, s.scale_up_steps, s.peak_desired), (Some(1.7), 2, Some(11)));
+        assert_eq!(summarize(&samples, &[], 0).scale_up_steps, 1);
+        // Events before the burst (t < 0) are not part of it.
+        let s = summarize(&samples, &[event(-0.5, 1), event(1.7, 11)], 0);
+        assert_eq!((s.first_scale_up, s.scale_up_steps), (Some(1.7), 1));
+    }
+
+    #[test]
     fn summary_counts_a_staircase_and_a_pool_that_never_returns() {
         let samples = [sample(0.0, 400, 0, 4, 4), sample(1.0, 380, 16, 8, 8), sample(2.0, 100, 32, 16, 16)];
-        let s = summarize(&samples, 0);
+        let s = summarize(&samples, &[], 0);
         assert_eq!((s.first_scale_up, s.scale_up_steps, s.drained, s.back_to_min), (Some(0.0), 3, None, None));
         // Fixed size (no autoscaler yet): nothing reported, nothing claimed.
         let fixed = [Sample { t: 0.0, replicas: 1, ready: 1, ..Sample::default() }];
-        let s = summarize(&fixed, 0);
+        let s = summarize(&fixed, &[], 0);
         assert_eq!((s.first_scale_up, s.scale_up_steps, s.peak_desired, s.drained), (None, 0, None, None));
         assert!(s.to_string().contains("first scale-up:   not seen"));
     }
