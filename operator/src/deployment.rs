@@ -173,7 +173,8 @@ pub fn beat_lock_name(namespace: &str, app: &str) -> String {
 /// Both only limit how many beat pods Kubernetes runs, and only once the operator has reverted a
 /// hand scale. What guarantees a single scheduler is `CELERY_BEAT_LOCK` ([`beat_lock_name`]):
 /// the entrypoint takes that lock on the broker before Celery's beat starts, so extra beat pods
-/// wait (alive, not ready) instead of scheduling. The pool's template cannot override it.
+/// wait (alive, not Ready: beat's readiness probe passes from `beat_init` on) instead of
+/// scheduling. The pool's template cannot override the lock's name.
 pub fn beat_deployment(pool: &WorkerPool, inputs: &PoolInputs) -> Deployment {
     let mut container = base_container(pool, "beat", beat_args(pool), &inputs.broker);
     let namespace = pool.meta().namespace.as_deref().unwrap_or("default");
@@ -184,6 +185,9 @@ pub fn beat_deployment(pool: &WorkerPool, inputs: &PoolInputs) -> Deployment {
         value: Some(beat_lock_name(namespace, &pool.spec.app)),
         value_from: None,
     });
+    // Ready from `beat_init` on: a beat waiting for the lock is alive but not Ready.
+    container.liveness_probe = Some(exec_probe("liveness", 10, 3));
+    container.readiness_probe = Some(exec_probe("readiness", 5, 1));
     container.volume_mounts.get_or_insert_with(Vec::new).push(VolumeMount {
         name: "beat-schedule".into(),
         mount_path: BEAT_SCHEDULE_DIR.into(),

@@ -274,6 +274,12 @@ fn beat_takes_the_broker_lock_of_its_app_and_namespace_and_workers_do_not() {
     // The broker the lock lives on is the one beat sends to.
     assert!(container(&d).env.iter().flatten().any(|e| e.name == "CELERY_BROKER_URL"));
     assert!(env_value(&worker_deployment(&p, &inputs(Some(1))), "CELERY_BEAT_LOCK").is_empty());
+    // A beat waiting for the lock is alive but not Ready; readiness comes with `beat_init`.
+    let probe = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        p.as_ref().and_then(|p| p.exec.as_ref()).and_then(|e| e.command.clone()).unwrap_or_default().join(" ")
+    };
+    assert_eq!(probe(&container(&d).liveness_probe), "celery-probe liveness");
+    assert_eq!(probe(&container(&d).readiness_probe), "celery-probe readiness");
 
     // A template env cannot rename or switch off the lock; its ttl may be tuned.
     let spec = format!(
