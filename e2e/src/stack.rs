@@ -28,8 +28,8 @@
 //! here); each stack uses (and first empties) its own two databases of it
 //! ([`CLUSTER_REDIS_DATABASES`]), so that concurrent scenarios do not consume each other's tasks.
 //! There is no [`Stack::server`] (no request log) and no [`Stack::runner`] (no process-level view):
-//! callers fall back to API-level checks, e.g. [`Stack::sample_beat`] counts pods with a running
-//! container instead of beat processes.
+//! callers fall back to API-level checks, e.g. [`Stack::sample_beat`] counts Ready beat pods
+//! instead of processes holding the beat schedule open.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{Read, Write};
@@ -680,24 +680,45 @@ impl Stack {
 
     // ------------------------------------------------------------------ observing
 
-    /// Samples, until [`Sampler::finish`], how many beat instances of `pool` are alive. With the pod
-    /// runner: processes whose argv has `beat` and a path under the runner's pods directory, from
-    /// `/proc`, every 5 ms. On a real cluster: pods labelled as the pool's beat with a running
-    /// container, listed every 50 ms.
+    /// Samples, until [`Sampler::finish`], how many beat SCHEDULERS of `pool` run. With the pod
+    /// runner: processes of the pool's beat pods (argv has `beat` and a path under the pods'
+    /// directory) that hold the beat schedule file (`celerybeat-schedule*` in that pod's
+    /// directory) open, from `/proc` every 5 ms. A beat runs its scheduler exactly while it holds
+    /// the schedule open (the worker image's entrypoint keeps it open from `beat_init` until the
+    /// scheduler has stopped, whatever dbm backend the shelve uses); a beat entrypoint waiting for
+    /// the beat lock has none open and is not counted. On a real cluster: Ready beat pods (beat is
+    /// ready from `beat_init` on), listed every 50 ms. [`Stack::sample_beat_processes`] counts
+    /// every beat process instead.
     pub fn sample_beat(&self, pool: &str) -> Sampler {
         match self.runner() {
             Some(runner) => {
                 let pods_dir = format!("{}/{}/{pool}-beat-", runner.pods_dir().display(), self.namespace);
-                Sampler::processes(Duration::from_millis(5), move |argv| {
-                    argv.iter().any(|a| a == "beat") && argv.iter().any(|a| a.starts_with(&pods_dir))
+                Sampler::processes_where(Duration::from_millis(5), move |pid, argv| {
+                    is_beat_argv(argv, &pods_dir)
+                        && open_files(pid).iter().any(|f| {
+                            f.to_str().is_some_and(|p| p.starts_with(&pods_dir))
+                                && f.file_name()
+                                    .and_then(|n| n.to_str())
+                                    .is_some_and(|n| n.starts_with("celerybeat-schedule"))
+                        })
                 })
             }
-            None => {
-                let selector = format!(
-                    "app.kubernetes.io/instance={pool},app.kubernetes.io/component=beat,app.kubernetes.io/name=celery"
-                );
-                Sampler::pods(Api::namespaced(self.client.clone(), &self.namespace), selector)
+            None => Sampler::ready_pods(Api::namespaced(self.client.clone(), &self.namespace), beat_selector(pool)),
+        }
+    }
+
+    /// Samples every beat PROCESS of `pool`, scheduling or waiting for the beat lock: with the pod
+    /// runner, processes whose argv has `beat` and a path under the pool's beat pods' directory
+    /// (every 25 ms); on a real cluster, beat pods with a running container (every 50 ms).
+    pub fn sample_beat_processes(&self, pool: &str) -> Sampler {
+        match self.runner() {
+            Some(runner) => {
+                let pods_dir = format!("{}/{}/{pool}-beat-", runner.pods_dir().display(), self.namespace);
+                // Coarser than the schedulers' sampler: two /proc scans every 5 ms cost a 2-core
+                // machine running scenarios in parallel more than this context is worth.
+                Sampler::processes(Duration::from_millis(25), move |argv| is_beat_argv(argv, &pods_dir))
             }
+            None => Sampler::pods(Api::namespaced(self.client.clone(), &self.namespace), beat_selector(pool)),
         }
     }
 
@@ -915,6 +936,12 @@ impl std::fmt::Debug for Sampler {
 impl Sampler {
     /// Scans `/proc` every `every` for processes (not zombies) whose argv satisfies `matches`.
     pub fn processes(every: Duration, matches: impl Fn(&[String]) -> bool + Send + 'static) -> Sampler {
+        Sampler::processes_where(every, move |_, argv| matches(argv))
+    }
+
+    /// Scans `/proc` every `every` for processes (not zombies) for which `matches(pid, argv)`
+    /// holds (e.g. with [`open_files`]).
+    pub fn processes_where(every: Duration, matches: impl Fn(u32, &[String]) -> bool + Send + 'static) -> Sampler {
         let stop = Arc::new(AtomicBool::new(false));
         let report = Arc::new(Mutex::new(SampleReport::default()));
         let (stop2, report2) = (stop.clone(), report.clone());
@@ -922,7 +949,7 @@ impl Sampler {
         let thread = std::thread::spawn(move || {
             let start = started;
             while !stop2.load(Ordering::Relaxed) {
-                let alive = matching_processes(&matches).into_iter().map(|p| p.to_string()).collect();
+                let alive = matching_processes_where(&matches).into_iter().map(|p| p.to_string()).collect();
                 report2.lock().expect("report lock").record(start, alive);
                 std::thread::sleep(every);
             }
@@ -932,6 +959,25 @@ impl Sampler {
 
     /// Lists pods matching `selector` every 50 ms and counts those with a running container.
     pub fn pods(api: Api<Pod>, selector: String) -> Sampler {
+        Sampler::pods_where(api, selector, |p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.state.as_ref().is_some_and(|s| s.running.is_some())))
+        })
+    }
+
+    /// Lists pods matching `selector` every 50 ms and counts those with condition `Ready=True`.
+    pub fn ready_pods(api: Api<Pod>, selector: String) -> Sampler {
+        Sampler::pods_where(api, selector, |p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+    }
+
+    fn pods_where(api: Api<Pod>, selector: String, counts: fn(&Pod) -> bool) -> Sampler {
         let stop = Arc::new(AtomicBool::new(false));
         let report = Arc::new(Mutex::new(SampleReport::default()));
         let (stop2, report2) = (stop.clone(), report.clone());
@@ -940,16 +986,8 @@ impl Sampler {
             let start = started;
             while !stop2.load(Ordering::Relaxed) {
                 if let Ok(list) = api.list(&ListParams::default().labels(&selector)).await {
-                    let alive = list
-                        .items
-                        .iter()
-                        .filter(|p| {
-                            p.status.as_ref().and_then(|s| s.container_statuses.as_ref()).is_some_and(|cs| {
-                                cs.iter().any(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
-                            })
-                        })
-                        .filter_map(|p| p.metadata.name.clone())
-                        .collect();
+                    let alive =
+                        list.items.iter().filter(|p| counts(p)).filter_map(|p| p.metadata.name.clone()).collect();
                     report2.lock().expect("report lock").record(start, alive);
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -992,6 +1030,11 @@ impl Drop for Sampler {
 
 /// Pids of live (non-zombie) processes whose argv satisfies `matches`.
 pub fn matching_processes(matches: &dyn Fn(&[String]) -> bool) -> Vec<u32> {
+    matching_processes_where(&|_, argv| matches(argv))
+}
+
+/// Pids of live (non-zombie) processes for which `matches(pid, argv)` holds.
+pub fn matching_processes_where(matches: &dyn Fn(u32, &[String]) -> bool) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
     let mut pids: Vec<u32> = entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
@@ -999,11 +1042,27 @@ pub fn matching_processes(matches: &dyn Fn(&[String]) -> bool) -> Vec<u32> {
             let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
             let argv: Vec<String> =
                 raw.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into()).collect();
-            !argv.is_empty() && matches(&argv) && !is_zombie(*pid)
+            !argv.is_empty() && matches(*pid, &argv) && !is_zombie(*pid)
         })
         .collect();
     pids.sort_unstable();
     pids
+}
+
+/// The files a live process has open (the targets of `/proc/<pid>/fd/*`; sockets and pipes show
+/// as `socket:[..]`/`pipe:[..]`); empty when it is gone or not ours to inspect.
+pub fn open_files(pid: u32) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return Vec::new() };
+    entries.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok()).collect()
+}
+
+/// A beat container's argv in the runner: `beat` and a path under `pods_dir` (the schedule).
+fn is_beat_argv(argv: &[String], pods_dir: &str) -> bool {
+    argv.iter().any(|a| a == "beat") && argv.iter().any(|a| a.starts_with(pods_dir))
+}
+
+fn beat_selector(pool: &str) -> String {
+    format!("app.kubernetes.io/instance={pool},app.kubernetes.io/component=beat,app.kubernetes.io/name=celery")
 }
 
 /// Whether a process is gone or a zombie.
@@ -1071,5 +1130,22 @@ mod tests {
         assert!(is_alive(me));
         assert!(process_group(me).is_some());
         assert!(process_env(me).contains_key("PATH") || std::env::var_os("PATH").is_none());
+    }
+
+    #[test]
+    fn open_files_show_a_file_this_process_holds_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("celerybeat-schedule.dat");
+        let me = std::process::id();
+        let holds = || open_files(me).iter().any(|f| f == &path);
+        std::fs::write(&path, b"").unwrap();
+        assert!(!holds());
+        let file = std::fs::File::open(&path).unwrap();
+        assert!(holds());
+        drop(file);
+        assert!(!holds());
+        let pods_dir = dir.path().to_str().unwrap();
+        assert!(is_beat_argv(&["python".into(), "beat".into(), format!("{pods_dir}/s")], pods_dir));
+        assert!(!is_beat_argv(&["python".into(), "worker".into(), format!("{pods_dir}/s")], pods_dir));
     }
 }

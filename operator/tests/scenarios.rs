@@ -195,30 +195,30 @@ async fn examples_run_celery_workers_that_consume_both_queues() {
     assert!(leaks.is_empty(), "the broker password leaked into: {leaks:?}");
 }
 
-/// A stack running pool `clock` with beat and no workers, a beat sampler started before the pool
-/// was applied, and the first beat's instance.
-async fn beat_stack() -> Option<(Stack, stack::Sampler, Vec<String>)> {
+/// A stack running pool `clock` with beat and no workers; samplers of its beat schedulers and of
+/// its beat processes, both started before the pool was applied; the first scheduler.
+async fn beat_stack() -> Option<(Stack, stack::Sampler, stack::Sampler, Vec<String>)> {
     let stack = start(config(Pods::Celery)).await?;
-    let sampler = stack.sample_beat("clock");
+    let schedulers = stack.sample_beat("clock");
+    let processes = stack.sample_beat_processes("clock");
     apply_queues(&stack).await;
     // No workers: these scenarios are about beat only (and leave the CPU to it).
     stack.apply_yaml(&fixed_pool("clock", &["default"], 0, true)).await.expect("pool applies");
-    let first = eventually("one running beat", || async {
-        let report = sampler.report();
+    let first = eventually("one running beat scheduler", || async {
+        let report = schedulers.report();
         (report.last == 1).then(|| report.changes.last().unwrap().1.clone())
     })
     .await;
-    Some((stack, sampler, first))
+    Some((stack, schedulers, processes, first))
 }
 
-/// `kubectl scale deploy clock-beat --replicas 3`, then waits until the operator has set it back
-/// to 1 and a single beat pod is left.
-async fn scale_beat_by_hand(stack: &Stack) {
+/// `kubectl scale deploy clock-beat --replicas N`.
+async fn scale_beat(stack: &Stack, replicas: i32) {
     let api = deployments(stack);
     // The double answers a scale patch with 409 when the Deployment changed between its read and
     // its write (the runner writes status); a real API server retries such a patch itself.
     eventually("the scale patch to go through", || async {
-        let scale = Patch::Merge(json!({"spec": {"replicas": 3}}));
+        let scale = Patch::Merge(json!({"spec": {"replicas": replicas}}));
         match api.patch_scale("clock-beat", &PatchParams::default(), &scale).await {
             Ok(_) => Some(()),
             Err(kube::Error::Api(status)) if status.code == 409 => None,
@@ -226,6 +226,11 @@ async fn scale_beat_by_hand(stack: &Stack) {
         }
     })
     .await;
+}
+
+/// Waits until the operator has set the beat Deployment back to 1 and a single beat pod is left.
+async fn beat_back_to_one(stack: &Stack) {
+    let api = deployments(stack);
     eventually("the operator to scale beat back to 1", || async {
         let d = api.get("clock-beat").await.unwrap();
         (d.spec.unwrap().replicas == Some(1)).then_some(())
@@ -238,21 +243,29 @@ async fn scale_beat_by_hand(stack: &Stack) {
     .await;
 }
 
-/// Beat under hand scaling and a rollout, observed at the process level: a sampler counts live
-/// beat processes of the pool every 5 ms for the whole scenario. Scaled to 3 by hand, the beat
-/// Deployment goes back to 1 and one beat process is left; then a template change rolls it
-/// (Recreate), and from the rollout on no two beats are alive at any sample, and beat comes back
-/// as a new process with the new environment. On a real cluster the sampler counts beat pods with
-/// a running container instead. (That no second beat runs even briefly after a hand scale is
-/// `beat_never_doubles_under_hand_scaling`, ignored: see there.)
+async fn pod_log(stack: &Stack, pod: &Pod) -> String {
+    let pods: Api<Pod> = Api::namespaced(stack.client(), stack.namespace());
+    pods.logs(pod.metadata.name.as_deref().unwrap(), &LogParams::default()).await.unwrap_or_default()
+}
+
+/// Beat under hand scaling and a rollout, observed at the process level: one sampler counts the
+/// pool's beat schedulers (processes holding the beat schedule open) every 5 ms for the whole
+/// scenario. Scaled to 3 by hand, the beat Deployment goes back to 1 and the first scheduler is
+/// still the only one; then a template change rolls it (Recreate: the old beat releases the beat
+/// lock on SIGTERM, the new one takes it), and beat comes back as a new process with the new
+/// environment. At no sample do two schedulers run. On a real cluster the sampler counts Ready
+/// beat pods instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn beat_returns_to_one_after_hand_scaling_and_never_doubles_in_a_rollout() {
-    let Some((stack, sampler, first)) = beat_stack().await else { return };
-    scale_beat_by_hand(&stack).await;
-    eventually("one beat process after the hand scale", || async { (sampler.report().last == 1).then_some(()) }).await;
+    let Some((stack, sampler, processes, first)) = beat_stack().await else { return };
+    scale_beat(&stack, 3).await;
+    beat_back_to_one(&stack).await;
+    eventually("one beat process after the hand scale", || async { (processes.report().last == 1).then_some(()) })
+        .await;
     let scaled = sampler.report();
+    assert_eq!(scaled.changes.last().unwrap().1, first, "the hand scale replaced the scheduler: {scaled:?}");
 
-    let rollout_start = sampler.elapsed();
+    let old_pod = stack.pods(&selector("clock", "beat")).await.unwrap().remove(0);
     let rollout = fixed_pool("clock", &["default"], 0, true);
     stack
         .apply_yaml_with(&rollout, |doc| {
@@ -267,43 +280,90 @@ async fn beat_returns_to_one_after_hand_scaling_and_never_doubles_in_a_rollout()
         });
         let report = sampler.report();
         let alive = report.changes.last().unwrap().1.clone();
-        // With the runner: the live beat process itself has the new environment.
+        // With the runner: the live scheduler itself has the new environment.
         let new_process = stack.runner().is_none_or(|_| {
             alive.iter().all(|pid| stack::process_env(pid.parse().unwrap()).contains_key("E2E_ROLLOUT"))
         });
         (pods.len() == 1 && new_template && report.last == 1 && new_process).then_some(alive)
     })
     .await;
+    // Recreate: the old beat gave the lock back on SIGTERM, so the new one never had to wait.
+    let new_pod = stack.pods(&selector("clock", "beat")).await.unwrap().remove(0);
+    let new_log = pod_log(&stack, &new_pod).await;
+    assert!(new_log.contains("acquired beat lock") && !new_log.contains("waiting for beat lock"), "{new_log}");
+    if let Some(runner) = stack.runner() {
+        let old_log = runner.pod_log(stack.namespace(), old_pod.metadata.name.as_deref().unwrap()).unwrap_or_default();
+        assert!(old_log.contains("released beat lock"), "{old_log}");
+    }
     let report = sampler.finish().await;
-    assert!(
-        report.max_simultaneous_since(rollout_start) <= 1,
-        "two beats were alive at once during the rollout: {:?}",
-        report.changes
-    );
+    let processes = processes.finish().await;
+    assert!(report.max_simultaneous <= 1, "two beat schedulers ran at once: {:?}", report.changes);
     assert_eq!(report.last, 1, "beat did not come back: {:?}", report.changes);
     assert_ne!(first, rolled, "the rollout did not replace beat");
     assert!(report.samples >= 10, "the sampler barely ran: {report:?}");
     eprintln!(
-        "beat sampler: {} samples, longest gap {:?}; at most {} beats alive right after the hand scale; changes {:?}",
-        report.samples, report.max_gap, scaled.max_simultaneous, report.changes
+        "beat schedulers: {} samples, longest gap {:?}, at most {} at once, changes {:?}; beat processes: at most {} \
+         at once",
+        report.samples, report.max_gap, report.max_simultaneous, report.changes, processes.max_simultaneous
     );
 }
 
-/// The strict form of the hand-scaling half: not even for a moment may a second beat process run.
-/// It fails today: the Deployment's scale to 3 is acted on by the pod runner (which starts
-/// processes within milliseconds) before the operator's watch sets it back to 1 (100-250 ms), so 2-3
-/// beat processes live for that long. On a real cluster the new pods are usually still Pending
-/// (scheduling, sandbox, image) when the ReplicaSet deletes them, but nothing guarantees it, and
-/// while the operator is down a hand scale runs several beats. Closing the gap needs an admission
-/// rule on beat Deployments' replicas or a broker lock taken by the beat entrypoint.
+/// The strict form of hand scaling: the operator is down (so nothing reverts the scale), the beat
+/// Deployment is scaled to 3, and three beat processes run for as long as it takes the first beat
+/// to send another periodic task; the two new ones wait for the beat lock
+/// (`celery-operator:beat:<namespace>:<app>`, logged), are not Ready and never start Celery's beat
+/// service. Once the operator is back it scales beat to 1, the waiting pods go, and the first
+/// scheduler was the only one all along. Sampled from `/proc` every 5 ms: processes holding the
+/// beat schedule open (schedulers) and beat processes (on a real cluster: Ready beat pods and beat
+/// pods with a running container).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known gap: a hand scale of the beat Deployment runs extra beats until the operator reverts it"]
 async fn beat_never_doubles_under_hand_scaling() {
-    let Some((stack, sampler, _)) = beat_stack().await else { return };
-    scale_beat_by_hand(&stack).await;
-    eventually("one beat process after the hand scale", || async { (sampler.report().last == 1).then_some(()) }).await;
-    let report = sampler.finish().await;
-    assert!(report.max_simultaneous <= 1, "two beats were alive at once: {:?}", report.changes);
+    let Some((mut stack, schedulers, processes, first)) = beat_stack().await else { return };
+    stack.stop_operator().await.expect("the operator stops on SIGTERM");
+    let lock = format!("waiting for beat lock celery-operator:beat:{}:celery_example.app held by", stack.namespace());
+    scale_beat(&stack, 3).await;
+    let (scheduler, waiters) = eventually("three beat pods, two of them waiting for the beat lock", || async {
+        let pods = stack.pods(&selector("clock", "beat")).await.unwrap();
+        let (ready, not_ready): (Vec<Pod>, Vec<Pod>) = pods.into_iter().partition(pod_ready);
+        if ready.len() != 1 || not_ready.len() != 2 || processes.report().last != 3 {
+            return None;
+        }
+        for pod in &not_ready {
+            if !pod_log(&stack, pod).await.contains(&lock) {
+                return None;
+            }
+        }
+        Some((ready.into_iter().next().unwrap(), not_ready))
+    })
+    .await;
+    // Give the waiters time to misbehave, measured in the scheduler's own work: it sends tick
+    // (every 5 s) at least once more while they wait.
+    let sent = |log: &str| log.matches("Scheduler: Sending due task tick").count();
+    let before = sent(&pod_log(&stack, &scheduler).await);
+    eventually("the scheduler to send another tick", || async {
+        (sent(&pod_log(&stack, &scheduler).await) > before).then_some(())
+    })
+    .await;
+    for pod in &waiters {
+        let log = pod_log(&stack, pod).await;
+        assert!(!log.contains("beat: Starting"), "a waiting beat started Celery's beat service:\n{log}");
+    }
+    assert_eq!(processes.report().last, 3, "a waiting beat exited: {:?}", processes.report().changes);
+
+    stack.start_operator().await.expect("the operator starts again");
+    beat_back_to_one(&stack).await;
+    eventually("one beat process", || async { (processes.report().last == 1).then_some(()) }).await;
+    let report = schedulers.finish().await;
+    let processes = processes.finish().await;
+    assert_eq!(processes.max_simultaneous, 3, "the hand scale did not run three beats: {:?}", processes.changes);
+    assert!(report.max_simultaneous <= 1, "two beat schedulers ran at once: {:?}", report.changes);
+    let only: Vec<Vec<String>> =
+        report.changes.iter().map(|(_, alive)| alive.clone()).filter(|a| !a.is_empty()).collect();
+    assert!(only.iter().all(|alive| *alive == first), "the scheduler changed: {:?}", report.changes);
+    eprintln!(
+        "hand scale with the operator down: {} beat processes at once, {} scheduler(s); {} samples, longest gap {:?}",
+        processes.max_simultaneous, report.max_simultaneous, report.samples, report.max_gap
+    );
 }
 
 /// Deleting a pool removes its Deployments (garbage collection through the ownerReference) and its
