@@ -259,7 +259,7 @@ def test_bad_lock_settings_fail_fast_with_a_message(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------- RabbitMQ
 
 
-def test_amqp_exclusive_queue_is_the_lock(spawn: Spawner, rabbit_server: RabbitServer) -> None:
+def test_amqp_exclusive_queue_is_the_lock_and_a_lost_connection_stops_beat(spawn: Spawner, rabbit_server: RabbitServer) -> None:
     lock = new_lock()
     # No result backend: the example app would otherwise use the broker URL for results too.
     env = {"CELERY_RESULT_BACKEND": ""}
@@ -277,10 +277,22 @@ def test_amqp_exclusive_queue_is_the_lock(spawn: Spawner, rabbit_server: RabbitS
     b.wait_ready()
     assert schedules(b) and "acquired beat lock" in b.output()
 
-    # Losing the lock's connection stops beat at once.
+    # Losing the lock's connection stops beat at once; a waiter reconnects and takes over.
+    c = start_beat(spawn, rabbit_server.url, lock, "amqp-c", **env)
+    wait_until(lambda: waiting(c, lock), 60, "c to wait for the queue")
     rabbit_server.ctl("close_all_connections", "test: lock connection lost")
     assert b.proc.wait(timeout=60) == LOST, b.output()
-    assert f"lost beat lock {lock}" in b.output()
+    assert f"lost beat lock {lock}: the lock's connection failed" in b.output()
+    c.wait_ready()
+    assert schedules(c)
+
+    # A broker that stops answering: the holder's check times out and it exits by itself.
+    os.killpg(rabbit_server.proc.pid, signal.SIGSTOP)
+    try:
+        assert c.proc.wait(timeout=60) == LOST, c.output()
+        assert f"lost beat lock {lock}" in c.output()
+    finally:
+        os.killpg(rabbit_server.proc.pid, signal.SIGCONT)
 
 
 # ------------------------------------------------------------------------------- pure parts

@@ -380,7 +380,7 @@ class AmqpBackend:
         try:
             self.channel.queue_declare(queue=self.settings.name, passive=True)
         except Exception as err:  # noqa: BLE001 - every failure is a lost lock here
-            raise LockLost(f"the lock's connection failed: {err or type(err).__name__}") from err
+            raise LockLost(f"the lock's connection failed: {str(err) or type(err).__name__}") from err
 
     def release(self) -> None:
         conn, self.conn, self.channel = self.conn, None, None
