@@ -268,11 +268,19 @@ pub fn render_svg(title: &str, samples: &[Sample], events: &[ScaleEvent]) -> Str
     panel(&mut out, &MESSAGES, samples, x, TOP_PANEL, "messages");
     panel(&mut out, &PODS, samples, x, BOTTOM_PANEL, "worker pods");
 
+    // Labels of events closer than this (px) to the previous one go one line lower.
+    const LABEL_GAP: f64 = 36.0;
+    let mut previous: Option<(f64, f64)> = None;
     for e in events {
         let px = x.map(e.t.clamp(lo, hi));
         let to = e.desired.map_or_else(|| "?".to_owned(), |d| d.to_string());
         // The label goes right of the line, or left of it near the right edge.
         let (label_x, anchor) = if px + 40.0 > RIGHT { (px - 3.0, "end") } else { (px + 3.0, "start") };
+        let label_y = match previous {
+            Some((prev_x, prev_y)) if (px - prev_x).abs() < LABEL_GAP => prev_y + 14.0,
+            _ => TOP_PANEL.0 + 14.0,
+        };
+        previous = Some((px, label_y));
         let _ = writeln!(
             out,
             r##"<g class="scale-event"><title>{}</title><line x1="{px:.1}" y1="{}" x2="{px:.1}" y2="{}" stroke="#555" stroke-dasharray="2 3"/><text x="{:.1}" y="{:.1}" fill="#555" text-anchor="{anchor}">→{}</text></g>"##,
@@ -280,7 +288,7 @@ pub fn render_svg(title: &str, samples: &[Sample], events: &[ScaleEvent]) -> Str
             TOP_PANEL.0,
             BOTTOM_PANEL.1,
             label_x,
-            TOP_PANEL.0 + 14.0,
+            label_y,
             escape(&to)
         );
     }
@@ -410,6 +418,22 @@ mod tests {
             )),
             "{svg}"
         );
+        // Two events close together: the second label goes one line lower instead of overlapping.
+        let close = [
+            ScaleEvent { t: 3.9, desired: Some(15), reason: "down".into() },
+            ScaleEvent { t: 4.0, desired: Some(0), reason: "down".into() },
+            ScaleEvent { t: 1.0, desired: Some(20), reason: "far from the others".into() },
+        ];
+        let svg = render_svg("close", &samples, &close);
+        let label_y = |to: &str| -> f64 {
+            let end = svg.find(&format!(">→{to}</text>")).unwrap();
+            let tag = &svg[svg[..end].rfind("<text").unwrap()..end];
+            let y = &tag[tag.find(" y=\"").unwrap() + 4..];
+            y[..y.find('"').unwrap()].parse().unwrap()
+        };
+        assert_eq!(label_y("15"), TOP_PANEL.0 + 14.0);
+        assert_eq!(label_y("0"), TOP_PANEL.0 + 28.0);
+        assert_eq!(label_y("20"), TOP_PANEL.0 + 14.0);
     }
 
     #[test]
