@@ -98,7 +98,9 @@ def run_celery(celery_args: list[str]) -> int:
     held = None
     if settings is not None and backend is not None:
         # Before Celery starts: a beat that waits here has opened no schedule and sends nothing.
-        held = beat_lock.acquire(settings, backend, files.touch_alive if files else None, interval)
+        # While it waits the beat is alive (heartbeat) and not ready (no `ready` file until beat_init).
+        heartbeat = hooks.Heartbeat(files) if files is not None else None
+        held = beat_lock.acquire(settings, backend, heartbeat, interval)
         if held is None:
             return 0
         held.install_celery_hooks()
