@@ -221,7 +221,12 @@ fn autoscaler_writes(stack: &Stack, resource: &str, subresource: Option<&str>) -
 
 /// Broker polls the autoscaler has decided on so far (one decision-latency sample per poll).
 async fn polls(stack: &Stack) -> u64 {
-    stack.metric("celery_operator_autoscaler_decision_seconds_count", &[]).await.map_or(0, |v| v as u64)
+    metric(stack, "celery_operator_autoscaler_decision_seconds_count", &[]).await as u64
+}
+
+/// A metric's value, retrying while the operator's endpoint does not answer or lacks the series.
+async fn metric(stack: &Stack, name: &str, labels: &[(&str, &str)]) -> f64 {
+    eventually(&format!("metric {name} {labels:?}"), || stack.metric(name, labels)).await
 }
 
 /// How often one task id was delivered to and completed by the pool's workers, and by which pods.
@@ -366,12 +371,16 @@ async fn all_succeeded(stack: &Stack, ids: &[String]) -> bool {
     })
 }
 
-/// A plain Redis connection to db `db` of the stack's Redis.
+/// A plain Redis connection to db `db` of the stack's Redis, with timeouts for a loaded machine
+/// (the client's defaults of 1 s to connect and 0.5 s per answer are not).
 async fn redis_db(stack: &Stack, db: u32) -> redis::aio::MultiplexedConnection {
     let mut url = url::Url::parse(stack.broker_url()).unwrap();
     url.set_path(&format!("/{db}"));
     let client = redis::Client::open(url.as_str()).unwrap();
-    client.get_multiplexed_async_connection().await.unwrap()
+    let patient = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(30)))
+        .set_response_timeout(Some(Duration::from_secs(30)));
+    client.get_multiplexed_async_connection_with_config(&patient).await.unwrap()
 }
 
 /// Lets the example app's `hold(name)` tasks return (they watch `celery-example:release:<name>`
@@ -471,10 +480,20 @@ async fn a_burst_of_500_scales_from_zero_in_one_step_drains_and_returns_to_min()
     for h in &hosts {
         assert!(h.starts_with("burst@burst-worker-"), "{h} is not a worker of the pool");
     }
-    let up = stack
-        .metric("celery_operator_autoscaler_scale_events_total", &[("workerpool", "burst"), ("direction", "up")])
+    let up = metric(
+        &stack,
+        "celery_operator_autoscaler_scale_events_total",
+        &[("workerpool", "burst"), ("direction", "up")],
+    )
+    .await;
+    assert_eq!(up, 1.0, "one scale-up event counted");
+    let pool = [("workerpool", "burst")];
+    for gauge in ["celery_operator_pool_desired_replicas", "celery_operator_pool_current_replicas"] {
+        eventually(&format!("{gauge} at 0"), || async {
+            (stack.metric(gauge, &pool).await == Some(0.0)).then_some(())
+        })
         .await;
-    assert_eq!(up, Some(1.0), "one scale-up event counted");
+    }
 }
 
 /// A pool with `acks_late` (CELERY_ACKS_LATE=1, autoscaling.acksLate) goes through at least 20
@@ -728,6 +747,8 @@ async fn redis_outage_holds_replicas_and_scaling_recovers_after_restart() {
     assert_eq!(pool_object(&stack, "outage").await["status"]["desiredReplicas"], held);
     assert_eq!(worker_pods(&stack, "outage").await.len(), held as usize, "the workers stay up while Redis is away");
     assert_eq!((condition_late.0.as_str(), condition_late.1.as_str()), ("False", "BrokerUnreachable"));
+    let desired = metric(&stack, "celery_operator_pool_desired_replicas", &[("workerpool", "outage")]).await;
+    assert_eq!(desired, f64::from(held), "the desired-replicas gauge holds too");
     assert!(!condition_down.2.contains(&stack.broker_password()), "the condition leaks the password");
 
     // Redis back on the same port with the same config (and no data).
