@@ -103,14 +103,14 @@ impl Env {
 
     async fn push(&self, queue: &str, n: usize) {
         let client = redis::Client::open(self.redis.url()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let mut conn = client.get_multiplexed_async_connection_with_config(&patient()).await.unwrap();
         let items: Vec<String> = (0..n).map(|i| format!("{{\"task\": {i}}}")).collect();
         let _: i64 = redis::cmd("LPUSH").arg(queue).arg(items).query_async(&mut conn).await.unwrap();
     }
 
     async fn drain(&self, queue: &str) {
         let client = redis::Client::open(self.redis.url()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let mut conn = client.get_multiplexed_async_connection_with_config(&patient()).await.unwrap();
         let _: i64 = redis::cmd("DEL").arg(queue).query_async(&mut conn).await.unwrap();
     }
 
@@ -221,9 +221,11 @@ async fn a_broker_outage_holds_the_replicas_and_recovers() {
         env.condition("auto", "ScalingActive") == Some(("False".into(), "BrokerUnreachable".into()))
     })
     .await;
+    env.api.clear_requests();
     let polls = env.polls();
     poll("more failed polls", || async { env.polls() >= polls + 3 }).await;
     assert_eq!(env.replicas("auto-worker"), Some(3), "a failed probe never scales down");
+    assert_eq!(env.autoscaler_writes("workerpools", Some("status")), 0, "an outage is written once, not per poll");
     env.redis.restart().unwrap();
     poll("scaling again", || async {
         env.condition("auto", "ScalingActive") == Some(("True".into(), "ScalingFromQueueDepth".into()))
@@ -320,4 +322,9 @@ async fn a_keda_scaled_object_on_the_pool_is_a_conflict_too() {
     })
     .await;
     env.stop().await;
+}
+
+/// A Redis client that tolerates a loaded machine (the default response timeout is 0.5 s).
+fn patient() -> redis::AsyncConnectionConfig {
+    redis::AsyncConnectionConfig::new().set_response_timeout(Some(std::time::Duration::from_secs(30)))
 }

@@ -109,7 +109,11 @@ async fn the_operators_api_calls_match_the_checked_in_rbac_set() {
                "autoscaling": {"minReplicas": 0, "maxReplicas": 3, "targetPerReplica": 1,
                                "scaleDownStabilizationSeconds": 0}}}),
     );
-    let mut conn = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection_with_config(&patient())
+        .await
+        .unwrap();
     let _: i64 = redis::cmd("LPUSH").arg("emails").arg(&["a", "b", "c"]).query_async(&mut conn).await.unwrap();
     poll("the autoscaler scales up", || async {
         api.get("apps/v1", "Deployment", Some("prod"), "auto-worker")
@@ -141,7 +145,11 @@ async fn the_operators_api_calls_match_the_checked_in_rbac_set() {
         api.get(CRD, "WorkerPool", Some("prod"), "auto").unwrap().is_some_and(|p| p["status"]["inFlight"] == 1)
     })
     .await;
-    let mut conn = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection_with_config(&patient())
+        .await
+        .unwrap();
     let _: i64 = redis::cmd("DEL").arg("emails").query_async(&mut conn).await.unwrap();
     poll("the busy pod is marked before the scale-in", || async {
         api.get("v1", "Pod", Some("prod"), "auto-worker-1")
@@ -191,4 +199,9 @@ async fn the_operators_api_calls_match_the_checked_in_rbac_set() {
         "the operator's API calls changed: rerun with UPDATE_GOLDEN=1, review charts/tests/rbac-observed.json \
          and update charts/celery-operator/templates/_rbac-rules.tpl to match. Observed:\n{rendered}"
     );
+}
+
+/// A Redis client that tolerates a loaded machine (the default response timeout is 0.5 s).
+fn patient() -> redis::AsyncConnectionConfig {
+    redis::AsyncConnectionConfig::new().set_response_timeout(Some(std::time::Duration::from_secs(30)))
 }

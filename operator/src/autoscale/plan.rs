@@ -154,19 +154,17 @@ impl ScalerStatus {
 /// ScalingActive and ScalingLimited after a decision.
 pub fn decision_conditions(decision: &Decision, queues: &[String], endpoint: &str) -> Vec<Wanted> {
     let active = match decision.reason {
-        Reason::ProbeFailed { consecutive_failures } => Wanted::no(
+        // The failure count stays out of the message: a condition that changes on every failed poll
+        // would rewrite status on every poll of an outage.
+        Reason::ProbeFailed { .. } => Wanted::no(
             kind::SCALING_ACTIVE,
             "BrokerUnreachable",
-            format!(
-                "the broker {endpoint} could not be read ({consecutive_failures} polls in a row); holding the current replicas"
-            ),
+            format!("the broker {endpoint} cannot be read; holding the current replicas"),
         ),
-        Reason::Fallback { consecutive_failures } => Wanted::no(
+        Reason::Fallback { .. } => Wanted::no(
             kind::SCALING_ACTIVE,
             "Fallback",
-            format!(
-                "the broker {endpoint} could not be read ({consecutive_failures} polls in a row); running fallbackReplicas"
-            ),
+            format!("the broker {endpoint} could not be read repeatedly; running fallbackReplicas"),
         ),
         _ => Wanted::yes(
             kind::SCALING_ACTIVE,
@@ -333,5 +331,7 @@ mod tests {
         let c = decision_conditions(&failed, &["emails".into()], "redis://redis:6379/0");
         assert_eq!((c[0].status, c[0].reason.as_str()), (crate::conditions::Status::False, "BrokerUnreachable"));
         assert_eq!(c[1].reason, "DesiredWithinRange");
+        let again = Decision { reason: Reason::ProbeFailed { consecutive_failures: 3 }, ..failed };
+        assert_eq!(decision_conditions(&again, &["emails".into()], "redis://redis:6379/0"), c, "same condition");
     }
 }

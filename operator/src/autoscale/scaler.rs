@@ -477,6 +477,8 @@ impl Poll {
         );
         if decision.replicas != current {
             self.scale(m, &deployment, current, &decision, active.as_ref()).await?;
+        } else {
+            self.flush_suppressed_events(m, current).await;
         }
         let status = ScalerStatus {
             desired: Some(decision.replicas),
@@ -557,6 +559,21 @@ impl Poll {
         let reason = if up { "ScaledUp" } else { "ScaledDown" };
         self.ctx.publish(&m.pool.object_ref(&()), EventType::Normal, reason, &note, "Scale").await;
         m.state.last_event = Some(now);
+    }
+
+    /// Once the event interval has passed, reports scale changes whose Events were held back, so
+    /// the last changes of a burst (often the scale-downs) are not left without an Event.
+    async fn flush_suppressed_events(&self, m: &mut Member, replicas: u32) {
+        let due = m.state.last_event.is_none_or(|t| t + EVENT_INTERVAL <= Instant::now());
+        if m.state.suppressed_events == 0 || !due {
+            return;
+        }
+        let n = std::mem::take(&mut m.state.suppressed_events);
+        let latest = m.state.last_scale.as_ref().map(|(_, r)| r.clone()).unwrap_or_default();
+        let note =
+            format!("{n} more scale change(s) since the last event; now at {replicas} replicas (latest: {latest})");
+        self.ctx.publish(&m.pool.object_ref(&()), EventType::Normal, "Scaled", &note, "Scale").await;
+        m.state.last_event = Some(Instant::now());
     }
 
     /// ScalingActive=False/ScalerConflict; the pool is not scaled while the other autoscaler exists.
