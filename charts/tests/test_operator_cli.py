@@ -21,7 +21,8 @@ READ_DIRECTLY = {"POD_NAME", "POD_NAMESPACE", "RUST_LOG"}
 
 @pytest.fixture(scope="module")
 def run_help() -> str:
-    binary = Path(os.environ.get("CELERY_OPERATOR_BIN", REPO_ROOT / "target" / "debug" / "celery-operator"))
+    target = Path(os.environ.get("CARGO_TARGET_DIR", REPO_ROOT / "target"))
+    binary = Path(os.environ.get("CELERY_OPERATOR_BIN", target / "debug" / "celery-operator"))
     if not binary.exists():
         cargo = shutil.which("cargo")
         if cargo is None:
