@@ -404,6 +404,22 @@ fn apply_params() -> PatchParams {
     PatchParams::apply(FIELD_MANAGER).force()
 }
 
+/// Applies a worker Deployment's `spec.replicas` (and nothing else) under the autoscaler's field
+/// manager. The Deployment must exist: a partial apply cannot create one.
+pub async fn apply_replicas(
+    deployments: &Api<Deployment>,
+    name: &str,
+    replicas: u32,
+) -> Result<Deployment, kube::Error> {
+    let body = json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": { "name": name },
+        "spec": { "replicas": replicas },
+    });
+    deployments.patch(name, &apply_params(), &Patch::Apply(&body)).await
+}
+
 /// A server-side apply body for the pool's status subresource.
 fn status_body(pool: &WorkerPool, status: serde_json::Value) -> serde_json::Value {
     json!({
@@ -511,13 +527,7 @@ impl Poll {
             warn!(pool = %m.key, error = %e, "could not set pod deletion costs");
         }
         let deployments: Api<Deployment> = Api::namespaced(self.ctx.client.clone(), &ns);
-        let body = json!({
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": { "name": deployment.name_any(), "namespace": ns },
-            "spec": { "replicas": to },
-        });
-        deployments.patch(&deployment.name_any(), &apply_params(), &Patch::Apply(&body)).await?;
+        apply_replicas(&deployments, &deployment.name_any(), to).await?;
         m.state.applied = Some((deployment.resource_version(), to));
         let message = plan::scale_message(current, to, &decision.reason);
         info!(pool = %m.key, from = current, to, reason = %decision.reason, "scaled");

@@ -131,14 +131,8 @@ pub async fn reconcile(pool: Arc<WorkerPool>, ctx: Arc<Context>) -> Result<Actio
             let desired = deployment::worker_deployment(&pool, &inputs);
             let applied = apply_if_changed(&deployments, &desired, worker, labels::FIELD_MANAGER).await?;
             if let Some(replicas) = initial {
-                let body = json!({
-                    "apiVersion": "apps/v1",
-                    "kind": "Deployment",
-                    "metadata": { "name": applied.name_any(), "namespace": ns },
-                    "spec": { "replicas": replicas },
-                });
-                let params = PatchParams::apply(crate::autoscale::scaler::FIELD_MANAGER).force();
-                deployments.patch(&applied.name_any(), &params, &Patch::Apply(&body)).await?;
+                crate::autoscale::scaler::apply_replicas(&deployments, &applied.name_any(), replicas.unsigned_abs())
+                    .await?;
             }
             let beat_condition = reconcile_beat(&pool, &deployments, &inputs, holder, beat).await?;
             wanted.extend(rollout_conditions(&applied));
