@@ -765,6 +765,12 @@ async fn redis_outage_holds_replicas_and_scaling_recovers_after_restart() {
         (replicas(&stack, "outage").await == Some(0)).then_some(())
     })
     .await;
+    // Workers still in their warm shutdown would take the tasks before the next poll and no
+    // scale-up would be needed: wait until the pool's pods are gone, so only a scale-up can run them.
+    eventually("the scaled-in workers to be gone", || async {
+        stack.pods(&worker_selector("outage")).await.ok().filter(|p| p.is_empty()).map(|_| ())
+    })
+    .await;
     let tasks: Vec<(&str, Value, &str)> = (0..4).map(|i| ("celery_example.add", json!([i, 2]), "emails")).collect();
     let ids = stack.send_tasks(&tasks).await.unwrap();
     let results = wait_results(&stack, &ids).await;
