@@ -789,9 +789,17 @@ for i in ids:
 print(json.dumps({"pending": len(pending), "failed": failed, "last": max(done, default=0.0)}))
 "#;
 
-/// Sends the burst to `queue` at `t0`, waits for every result, and measures the scale-up and the
-/// drain (the scale-down is measured by the caller: it ends differently for the two policies).
-async fn run_burst(bench: &Bench, timeline: &mut Timeline, queue: &str, tasks: usize, t0: Instant) -> BurstOutcome {
+/// Sends the burst to `queue` at `t0`, waits for every result and for `timeline`'s Deployment to
+/// scale up and come back to zero (until `cap` after `t0`: then the outcome says where it stopped),
+/// and measures.
+async fn run_burst(
+    bench: &Bench,
+    timeline: &mut Timeline,
+    queue: &str,
+    tasks: usize,
+    t0: Instant,
+    cap: Duration,
+) -> BurstOutcome {
     let wall0 = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs_f64();
     let burst: Vec<(&str, Value, &str)> =
         (0..tasks).map(|_| ("celery_example.sleep", json!([BURST_TASK_SECONDS]), queue)).collect();
@@ -804,29 +812,23 @@ async fn run_burst(bench: &Bench, timeline: &mut Timeline, queue: &str, tasks: u
     assert_eq!(done["pending"], 0, "every task finished: {done}");
     let drain = Duration::from_secs_f64(done["last"].as_f64().expect("last") - wall0);
     let up = timeline.until("the first scale-up", t0, |r| r.spec > 0).await;
+    let (back_to_min, capped_at) = match timeline.wait(up.at, t0 + cap, |r| r.spec == 0).await {
+        Some(back) => (back.at - t0, None),
+        None => (cap, Some(cap)),
+    };
+    let steps = steps(&timeline.since(t0), t0);
     BurstOutcome {
         sent,
         first_up: up.at - t0,
         drain,
-        back_to_min: Duration::ZERO,
-        replica_seconds: 0.0,
-        peak: 0,
+        back_to_min,
+        replica_seconds: replica_seconds(&steps, back_to_min),
+        peak: steps.iter().map(|s| s.1).max().unwrap_or(0),
         writes: 0,
         failed: done["failed"].as_u64().unwrap_or(0) as usize,
-        steps: Vec::new(),
-        capped_at: None,
+        steps: steps.into_iter().filter(|s| s.0 <= back_to_min).collect(),
+        capped_at,
     }
-}
-
-/// Fills in the scale-down part of `outcome` from `timeline` once the Deployment is back at zero
-/// (or at `end` when capped).
-fn finish_burst(outcome: &mut BurstOutcome, timeline: &Timeline, t0: Instant, end: Option<Duration>) {
-    let steps = steps(&timeline.since(t0), t0);
-    let end = end.unwrap_or_else(|| steps.last().map_or(Duration::ZERO, |s| s.0));
-    outcome.replica_seconds = replica_seconds(&steps, end);
-    outcome.back_to_min = end;
-    outcome.peak = steps.iter().map(|s| s.1).max().unwrap_or(0);
-    outcome.steps = steps;
 }
 
 async fn burst(tasks: usize, tail_cap: Option<Duration>) {
@@ -847,10 +849,7 @@ async fn burst(tasks: usize, tail_cap: Option<Duration>) {
     // The operator.
     bench.server().clear_requests();
     let t0 = Instant::now();
-    let mut ours = run_burst(&bench, &mut ours_timeline, "burst-ours", tasks, t0).await;
-    let up = ours_timeline.until("ours: scaled up", t0, |r| r.spec > 0).await;
-    ours_timeline.until("ours: back to 0", up.at, |r| r.spec == 0).await;
-    finish_burst(&mut ours, &ours_timeline, t0, None);
+    let mut ours = run_burst(&bench, &mut ours_timeline, "burst-ours", tasks, t0, DEADLINE).await;
     ours.writes = bench.autoscaler_writes("ours-worker");
     ours_timeline.settle("ours: every pod gone", 0).await;
     eprintln!("operator: {ours:?}");
@@ -871,19 +870,10 @@ async fn burst(tasks: usize, tail_cap: Option<Duration>) {
     let stop = |now: Duration, writes: &[(Duration, u32)], current: u32| {
         now >= cap || (writes.iter().any(|w| w.1 > 0) && current == 0)
     };
-    let measure = async {
-        let mut outcome = run_burst(&bench, &mut keda_timeline, "burst-keda", tasks, t0).await;
-        let up = keda_timeline.until("keda: scaled up", t0, |r| r.spec > 0).await;
-        let back = keda_timeline.wait(up.at, t0 + cap, |r| r.spec == 0).await;
-        (outcome.capped_at, outcome.back_to_min) = match back {
-            Some(s) => (None, s.at - t0),
-            None => (Some(cap), cap),
-        };
-        outcome
-    };
-    let (mut keda, mut writes) = tokio::join!(measure, drive(&p, &mut state, &mut plant, &mut clock, stop));
-    let end = keda.back_to_min;
-    finish_burst(&mut keda, &keda_timeline, t0, Some(end));
+    let (mut keda, mut writes) = tokio::join!(
+        run_burst(&bench, &mut keda_timeline, "burst-keda", tasks, t0, cap),
+        drive(&p, &mut state, &mut plant, &mut clock, stop)
+    );
     if let Some(cap) = keda.capped_at {
         // The queue is empty: the rest of the scale-down follows from the model's state.
         let current = keda.steps.last().map_or(0, |s| s.1);
