@@ -13,7 +13,7 @@ lint:
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
 rust-test:
-	$(CARGO) test --workspace --lib --bins --tests --locked
+	$(CARGO) test --workspace --lib --bins --tests --locked --no-fail-fast
 
 worker-image-test:
 	bash worker-image/test.sh

@@ -195,8 +195,11 @@ async fn heartbeats_resume_after_a_redis_restart() {
     redis.restart().unwrap();
     wait_subscribed(&events, 2).await;
     let resubscribed = Instant::now();
-    // The worker reconnects too; its heartbeats are heard again on the new subscription.
-    let seen = wait_for(&events, hostname, "heard after the restart", |w| w.last_seen > resubscribed).await;
+    // The worker reconnects too; its heartbeats are heard again on the new subscription. Its
+    // consumer restart may first deliver the worker-offline it buffered while the broker was down,
+    // then worker-online and heartbeats: wait for it to be heard online.
+    let seen =
+        wait_for(&events, hostname, "heard online after the restart", |w| w.last_seen > resubscribed && w.online).await;
     assert!(seen.online && is_alive(&events, hostname), "{seen:?}");
     assert!(events.last_error().is_some());
 }
