@@ -18,7 +18,8 @@ use crate::labels;
 use crate::leader::{self, LeaseOptions, Shutdown};
 use crate::reconcile::{self, Context};
 
-fn scoped<K>(client: Client, namespace: Option<&str>) -> Api<K>
+/// An Api for one namespace, or for all namespaces when `namespace` is None.
+pub(crate) fn scoped<K>(client: Client, namespace: Option<&str>) -> Api<K>
 where
     K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
 {

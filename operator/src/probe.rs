@@ -29,13 +29,14 @@ pub struct Brokers {
     /// Worker-event subscriptions, by the address of the endpoint's [`Broker`]; started by the
     /// autoscaler on first use, one per endpoint.
     events: Mutex<HashMap<usize, Subscription>>,
-    configs: Mutex<HashMap<usize, BrokerConfig>>,
 }
 
 /// One endpoint's worker-event subscription.
 struct Subscription {
     /// Keeps the Broker alive so its address is never reused by another endpoint.
     _broker: Arc<Broker>,
+    /// The endpoint's configuration, to start the subscription with.
+    config: BrokerConfig,
     events: Option<WorkerEvents>,
     /// Since when the subscription has been up without a break.
     up_since: Option<Instant>,
@@ -67,9 +68,8 @@ impl Brokers {
         let config = endpoint_config(url, management, transport, safety);
         let broker = Arc::new(Broker::new(config.clone())?);
         // The subscription starts with the broker, lazily: only pools that autoscale ask for it.
-        let subscription = Subscription { _broker: broker.clone(), events: None, up_since: None };
+        let subscription = Subscription { _broker: broker.clone(), config, events: None, up_since: None };
         self.events.lock().expect("events map lock").insert(Arc::as_ptr(&broker) as usize, subscription);
-        self.configs.lock().expect("config map lock").insert(Arc::as_ptr(&broker) as usize, config);
         brokers.insert(key, broker.clone());
         Ok(broker)
     }
@@ -82,8 +82,7 @@ impl Brokers {
         let mut subscriptions = self.events.lock().expect("events map lock");
         let sub = subscriptions.get_mut(&id)?;
         if sub.events.is_none() {
-            let config = self.configs.lock().expect("config map lock").get(&id).cloned()?;
-            match WorkerEvents::start(&config) {
+            match WorkerEvents::start(&sub.config) {
                 Ok(events) => sub.events = Some(events),
                 Err(e) => {
                     tracing::warn!(broker = %broker.endpoint(), error = %e, "cannot subscribe to worker events");

@@ -21,7 +21,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
@@ -32,9 +32,10 @@ use tracing::{debug, info, warn};
 use super::decide::{self, Decision, Policy, Probe, ScalerState};
 use super::plan::{self, Activity, Conflict, ScalerStatus};
 use crate::conditions::{self, Wanted, kind};
+use crate::controller::scoped;
 use crate::crd::{TaskQueue, WorkerPool};
 use crate::labels;
-use crate::reconcile::Context;
+use crate::reconcile::{Context, display_name};
 
 /// Field manager of the worker Deployment's `spec.replicas` and the autoscaler's status fields.
 pub const FIELD_MANAGER: &str = "celery-operator-autoscaler";
@@ -46,16 +47,6 @@ pub const STATUS_NUMBERS_INTERVAL: Duration = Duration::from_secs(5);
 pub const EVENT_INTERVAL: Duration = Duration::from_secs(30);
 /// Broker URLs (from Secrets) are re-read at least this often, to follow rotations.
 const RESOLVE_INTERVAL: Duration = Duration::from_secs(60);
-
-fn scoped<K>(client: Client, namespace: Option<&str>) -> Api<K>
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
-{
-    match namespace {
-        Some(ns) => Api::namespaced(client, ns),
-        None => Api::all(client),
-    }
-}
 
 /// Watch caches the loop reads.
 #[derive(Clone)]
@@ -75,7 +66,15 @@ impl Watches {
     where
         K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     {
-        let (reader, writer) = reflector::store();
+        self.watch_with(api, config, reflector::store::Writer::default())
+    }
+
+    fn watch_with<K>(&mut self, api: Api<K>, config: watcher::Config, writer: reflector::store::Writer<K>) -> Store<K>
+    where
+        K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+        K::DynamicType: Clone + Eq + std::hash::Hash + Send + Sync,
+    {
+        let reader = writer.as_reader();
         let stream = watcher(api, config).default_backoff().reflect(writer).applied_objects();
         self.0.spawn(stream.for_each(|_| async {}));
         reader
@@ -112,12 +111,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl st
                     Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
                     None => Api::all_with(client.clone(), &resource),
                 };
-                let writer = reflector::store::Writer::new(resource);
-                let reader = writer.as_reader();
-                let stream =
-                    watcher(api, watcher::Config::default()).default_backoff().reflect(writer).applied_objects();
-                watches.0.spawn(stream.for_each(|_| async {}));
-                Some(reader)
+                Some(watches.watch_with(api, watcher::Config::default(), reflector::store::Writer::new(resource)))
             }
         },
     };
@@ -242,10 +236,6 @@ struct Scaler {
     valid: HashMap<String, (Option<String>, bool)>,
 }
 
-fn key_of<K: ResourceExt>(obj: &K) -> String {
-    format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
-}
-
 impl Scaler {
     /// Starts a poll for every broker whose interval has elapsed and which is not being polled.
     async fn start_due_polls(&mut self, polls: &mut JoinSet<(usize, Vec<Member>)>) {
@@ -254,7 +244,7 @@ impl Scaler {
         let mut seen = HashSet::new();
         for pool in self.caches.pools.state() {
             let Some(policy) = Policy::from_spec(&pool.spec) else { continue };
-            let key = key_of(&*pool);
+            let key = display_name(&*pool);
             if pool.meta().deletion_timestamp.is_some() || !self.is_valid(&key, &pool) {
                 continue;
             }
@@ -329,7 +319,7 @@ impl Scaler {
             self.valid.remove(&key);
             let (ns, name) = key.split_once('/').unwrap_or_default();
             self.ctx.metrics.forget_pool(&[ns, name]);
-            let still_there = self.caches.pools.state().into_iter().find(|p| key_of(&**p) == key);
+            let still_there = self.caches.pools.get(&ObjectRef::new(name).within(ns));
             if let (Some(pool), Some(_)) = (still_there, state) {
                 // Autoscaling was switched off: give up our status fields (the reconciler owns
                 // desiredReplicas from now on).
@@ -348,12 +338,7 @@ impl Scaler {
         let mut broker: Option<Arc<Broker>> = None;
         let mut queues = Vec::with_capacity(pool.spec.queues.len());
         for name in &pool.spec.queues {
-            let tq = self
-                .caches
-                .queues
-                .state()
-                .into_iter()
-                .find(|q| q.namespace().as_deref() == Some(&ns) && &q.name_any() == name)?;
+            let tq = self.caches.queues.get(&ObjectRef::new(name).within(&ns))?;
             let b = self.resolve(&tq).await?;
             if broker.as_ref().is_some_and(|first| !Arc::ptr_eq(first, &b)) {
                 // Queues on different brokers: the reconciler reports it; nothing to scale.
@@ -368,7 +353,7 @@ impl Scaler {
     /// The TaskQueue's broker client, re-resolved when the TaskQueue changed or its URL (which may
     /// come from a Secret) was last read more than RESOLVE_INTERVAL ago.
     async fn resolve(&mut self, tq: &TaskQueue) -> Option<Arc<Broker>> {
-        let key = key_of(tq);
+        let key = display_name(tq);
         let rv = tq.resource_version();
         if let Some(r) = self.resolved.get(&key)
             && r.resource_version == rv
@@ -391,6 +376,12 @@ impl Scaler {
         self.resolved.insert(key, Resolved { resource_version: rv, at: Instant::now(), broker: broker.clone() });
         broker
     }
+}
+
+/// HPAs and KEDA ScaledObjects as seen at the start of a poll.
+struct OtherScalers {
+    hpas: Vec<Arc<HorizontalPodAutoscaler>>,
+    scaled_objects: Vec<Arc<DynamicObject>>,
 }
 
 /// One poll of one broker for the pools on it.
@@ -439,8 +430,13 @@ impl Poll {
             debug!(broker = %self.broker.endpoint(), error = %e, "autoscaler probe failed");
         }
         let activity = self.ctx.brokers.activity(&self.broker);
+        // One snapshot of the other autoscalers for the whole poll.
+        let others = OtherScalers {
+            hpas: self.caches.hpas.state(),
+            scaled_objects: self.caches.scaled_objects.as_ref().map(Store::state).unwrap_or_default(),
+        };
         for member in &mut members {
-            if let Err(e) = self.decide_for(member, observation.as_ref().ok(), activity.as_ref()).await {
+            if let Err(e) = self.decide_for(member, observation.as_ref().ok(), activity.as_ref(), &others).await {
                 warn!(pool = %member.key, error = %e, "autoscaling step failed");
             }
         }
@@ -453,22 +449,15 @@ impl Poll {
         m: &mut Member,
         observation: Option<&celery_broker::BrokerObservation>,
         activity: Option<&Activity>,
+        others: &OtherScalers,
     ) -> Result<(), kube::Error> {
         let pool = &*m.pool;
         let ns = pool.namespace().unwrap_or_default();
         let name = pool.name_any();
-        let hpas = self.caches.hpas.state();
-        let scaled_objects = self.caches.scaled_objects.as_ref().map(Store::state).unwrap_or_default();
-        if let Some(conflict) = plan::find_conflict(pool, &hpas, &scaled_objects) {
+        if let Some(conflict) = plan::find_conflict(pool, &others.hpas, &others.scaled_objects) {
             return self.hold_for_conflict(m, &conflict).await;
         }
-        let deployment_name = pool.worker_deployment_name();
-        let Some(deployment) = self
-            .caches
-            .deployments
-            .state()
-            .into_iter()
-            .find(|d| d.namespace().as_deref() == Some(&ns) && d.name_any() == deployment_name)
+        let Some(deployment) = self.caches.deployments.get(&ObjectRef::new(&pool.worker_deployment_name()).within(&ns))
         else {
             // Not created yet: the reconciler creates it (with minReplicas) and we scale it next poll.
             return Ok(());
