@@ -209,6 +209,13 @@ async fn beat_stack() -> Option<(Stack, stack::Sampler, stack::Sampler, Vec<Stri
         (report.last == 1).then(|| report.changes.last().unwrap().1.clone())
     })
     .await;
+    // A scale-in removes unready pods first: until the scheduler's pod is Ready, a hand scale may
+    // remove it rather than the new, waiting ones (as a ReplicaSet would). Start from a Ready beat.
+    eventually("the beat pod to be Ready", || async {
+        let pods = stack.pods(&selector("clock", "beat")).await.unwrap();
+        (pods.len() == 1 && pods.iter().all(pod_ready)).then_some(())
+    })
+    .await;
     Some((stack, schedulers, processes, first))
 }
 
