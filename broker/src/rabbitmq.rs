@@ -7,15 +7,16 @@
 //! and continues on a fresh channel. The management API's statistics lag by its collection
 //! interval (5 s by default), so it is used only for what AMQP cannot tell.
 
+pub(crate) mod connect;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::options::QueueDeclareOptions;
-use lapin::tcp::OwnedTLSConfig;
 use lapin::types::FieldTable;
 use lapin::uri::AMQPUri;
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::{Channel, Connection};
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::Value;
 use tokio::sync::Mutex;
@@ -24,14 +25,13 @@ use crate::observation::{BrokerInfo, BrokerKind, BrokerObservation, QueueObserva
 use crate::safety::{Finding, Reason, SafetyMode, Severity, rabbitmq_queue_findings};
 use crate::secret::SecretUrl;
 use crate::{BrokerConfig, ProbeError};
+use connect::is_not_found;
 
-const NOT_FOUND: u16 = 404;
 const QUEUE_COLUMNS: &str = "name,type,arguments,policy,effective_policy_definition,messages_unacknowledged,consumers";
 
 pub(crate) struct RabbitBroker {
     url: SecretUrl,
-    uri: AMQPUri,
-    tls: OwnedTLSConfig,
+    target: connect::Target,
     vhost: String,
     management: Option<Management>,
     connection: Mutex<Option<Arc<Connection>>>,
@@ -54,25 +54,16 @@ pub(crate) fn is_amqp_url(url: &SecretUrl) -> bool {
     matches!(scheme.as_deref(), Some("amqp" | "amqps" | "pyamqp"))
 }
 
-/// Kombu's reading of the AMQP URL path: `amqp://h`, `amqp://h/` and `amqp://h//` all mean vhost
-/// `/`; otherwise the percent-decoded path after the first `/`.
-fn vhost_of(uri: &AMQPUri) -> String {
-    if uri.vhost.is_empty() { "/".to_owned() } else { uri.vhost.clone() }
-}
-
 impl RabbitBroker {
     pub(crate) fn new(config: &BrokerConfig) -> Result<Self, ProbeError> {
         let url = &config.url;
-        // Celery's `pyamqp://` is plain AMQP 0-9-1.
-        let text = url.expose().replacen("pyamqp://", "amqp://", 1);
-        let mut uri: AMQPUri = text.parse().map_err(|e: String| ProbeError::invalid_url(url, e))?;
-        let vhost = vhost_of(&uri);
-        uri.vhost.clone_from(&vhost);
-        let management = config.management_url.as_ref().map(|m| Management::new(m, &uri, config)).transpose()?;
+        let target = connect::Target::new(config)?;
+        let vhost = target.uri().vhost.clone();
+        let management =
+            config.management_url.as_ref().map(|m| Management::new(m, target.uri(), config)).transpose()?;
         Ok(Self {
             url: url.clone(),
-            uri,
-            tls: OwnedTLSConfig { identity: None, cert_chain: config.ca_cert_pem.clone() },
+            target,
             vhost,
             management,
             connection: Mutex::new(None),
@@ -185,23 +176,10 @@ impl RabbitBroker {
         if let Some(connection) = slot.as_ref().filter(|c| c.status().connected()) {
             return Ok(connection.clone());
         }
-        let properties = ConnectionProperties::default().with_connection_name("celery-operator probe".into());
-        let connection = lapin::ConnectionBuilder::new()
-            .map_err(|e| ProbeError::connect(&self.url, e))?
-            .with_uri(self.uri.clone())
-            .with_properties(properties)
-            .with_tls_config(self.tls.clone())
-            .connect()
-            .await
-            .map_err(|e| ProbeError::connect(&self.url, e))?;
-        let connection = Arc::new(connection);
+        let connection = Arc::new(self.target.connect("celery-operator probe").await?);
         *slot = Some(connection.clone());
         Ok(connection)
     }
-}
-
-fn is_not_found(e: &lapin::Error) -> bool {
-    matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == NOT_FOUND)
 }
 
 fn major_version(version: &str) -> Option<u32> {
@@ -278,22 +256,6 @@ impl Management {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn vhosts_are_read_the_way_kombu_reads_them() {
-        let cases = [
-            ("amqp://h", "/"),
-            ("amqp://h/", "/"),
-            ("amqp://h//", "/"),
-            ("amqp://h/%2F", "/"),
-            ("amqp://h/prod", "prod"),
-            ("amqp://h/team%2Fa", "team/a"),
-        ];
-        for (url, expected) in cases {
-            let uri: AMQPUri = url.parse().unwrap();
-            assert_eq!(vhost_of(&uri), expected, "{url}");
-        }
-    }
 
     #[test]
     fn major_versions_parse() {
