@@ -46,6 +46,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class ServerExited(Exception):
+    """A server process ended while the test waited for it to answer."""
+
+
 class RedisServer:
     """A private redis-server process in a temp dir; never the machine's 6379."""
 
@@ -53,6 +57,7 @@ class RedisServer:
         self.workdir = workdir
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
+        self.started_once = False
 
     @property
     def url(self) -> str:
@@ -63,6 +68,19 @@ class RedisServer:
         if binary is None:
             pytest.skip("redis-server is not installed")
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # free_port() releases the port before redis-server binds it: on a shared machine another
+        # process may take it in between. A first start then moves to another port; a restart
+        # must keep its port (clients hold the URL), so it fails instead.
+        attempts = 1 if self.started_once else 5
+        for attempt in range(attempts):
+            if self._start_once(binary):
+                self.started_once = True
+                return self
+            if attempt + 1 < attempts:
+                self.port = free_port()
+        raise AssertionError(f"redis-server did not start:\n{(self.workdir / 'redis.log').read_text()}")
+
+    def _start_once(self, binary: str) -> bool:
         with open(self.workdir / "redis.log", "ab") as log:
             self.proc = subprocess.Popen(
                 [
@@ -82,13 +100,20 @@ class RedisServer:
                 stderr=subprocess.STDOUT,
             )
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        wait_until(lambda: self._pings(client), 10, f"redis-server on port {self.port}")
-        return self
+        try:
+            return wait_until(lambda: self._pings(client), 30, f"redis-server on port {self.port}")
+        except ServerExited:
+            self.proc = None
+            return False
+        finally:
+            client.close()
 
     def _pings(self, client: redis.Redis) -> bool:
-        assert self.proc is not None and self.proc.poll() is None, "redis-server exited early"
+        if self.proc is None or self.proc.poll() is not None:
+            raise ServerExited(f"redis-server on port {self.port} exited")
         try:
-            return bool(client.ping())
+            # Ours, not a server of someone else that took the port first.
+            return int(client.info("server")["process_id"]) == self.proc.pid
         except redis.ConnectionError:
             return False
 
@@ -102,16 +127,10 @@ class RedisServer:
         return redis.Redis.from_url(self.url)
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server this test alone may stop and restart."""
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test alone: no key, queue or expiring lock of another test is in it,
+    and the test may stop, restart or freeze it."""
     server = RedisServer(tmp_path / "redis").start()
     yield server
     server.stop()
@@ -330,3 +349,4 @@ def client_app() -> Iterator[Callable[..., Celery]]:
     yield make
     for app in apps:
         app.close()
+

@@ -173,18 +173,18 @@ def test_a_holder_whose_key_is_taken_or_deleted_exits_at_once(spawn: Spawner, re
         assert client.get(lock) == (b"intruder" if how == "taken" else None)
 
 
-def test_a_holder_that_cannot_renew_exits_before_its_key_expires(spawn: Spawner, own_redis: RedisServer) -> None:
+def test_a_holder_that_cannot_renew_exits_before_its_key_expires(spawn: Spawner, redis_server: RedisServer) -> None:
     lock = new_lock()
-    beat = start_beat(spawn, own_redis.url, lock, "frozen-broker")
+    beat = start_beat(spawn, redis_server.url, lock, "frozen-broker")
     beat.wait_ready()
-    own_redis.proc.send_signal(signal.SIGSTOP)
+    redis_server.proc.send_signal(signal.SIGSTOP)
     try:
         assert beat.proc.wait(timeout=60) == LOST, beat.output()
         assert f"could not renew beat lock {lock}" in beat.output()
         # The broker was frozen all along: nobody else could have taken the lock meanwhile,
         # and the holder gave up by its own clock (the deadline arithmetic is pinned below).
     finally:
-        own_redis.proc.send_signal(signal.SIGCONT)
+        redis_server.proc.send_signal(signal.SIGCONT)
 
 
 def test_a_frozen_holder_that_resumes_after_a_takeover_exits_without_sending(
