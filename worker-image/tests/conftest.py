@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -350,3 +351,77 @@ def client_app() -> Iterator[Callable[..., Celery]]:
     for app in apps:
         app.close()
 
+
+# ------------------------------------------------------------------------------- beat
+
+#: The lock ttl of the beat tests unless they say otherwise: short, so takeovers are quick.
+BEAT_LOCK_TTL = "2"
+#: The schedule test app (``beat_app.py`` beside this file), copied into the test's directory.
+BEAT_APP = Path(__file__).with_name("beat_app.py")
+
+
+def start_beat(
+    spawn: Spawner,
+    broker_url: str,
+    lock: str | None,
+    name: str,
+    *,
+    app: str = "celery_example",
+    schedule_dir: Path | None = None,
+    ttl: str = BEAT_LOCK_TTL,
+    loglevel: str = "INFO",
+    **env: str,
+) -> Worker:
+    """A beat as the operator runs it; ``lock`` None means no lock env.
+
+    Each beat gets a schedule dir of its own (as pods with an emptyDir have) unless
+    ``schedule_dir`` is given: beats sharing one are pods sharing a persistent volume.
+    ``app="beat_app"`` runs the schedule test app instead of the example app.
+    """
+    if schedule_dir is None:
+        schedule_dir = spawn.tmp_path / f"schedule-{name}"
+        schedule_dir.mkdir()
+    if app == "beat_app":
+        shutil.copyfile(BEAT_APP, spawn.tmp_path / BEAT_APP.name)  # beat's cwd is tmp_path
+    lock_env = {"CELERY_BEAT_LOCK": lock, "CELERY_BEAT_LOCK_TTL_SECONDS": ttl} if lock else {}
+    beat = spawn(
+        broker_url,
+        env={
+            "CELERY_EXAMPLE_TICK_SECONDS": "0.5",
+            "CELERY_EXAMPLE_TICK_QUEUE": f"ticks-{name}",
+            "CELERY_PROBE_HEARTBEAT_INTERVAL": "0.2",
+            "CELERY_PROBE_LIVENESS_MAX_AGE": "3",
+            "POD_NAME": f"beat-{name}",
+            **lock_env,
+            **env,
+        },
+        command=[
+            "celery",
+            "-A",
+            app,
+            "beat",
+            "--schedule",
+            str(schedule_dir / "celerybeat-schedule"),
+            "--loglevel",
+            loglevel,
+        ],
+    )
+    beat.schedule_dir = schedule_dir  # type: ignore[attr-defined]
+    return beat
+
+
+@dataclass(frozen=True)
+class Send:
+    """One message a ``beat_app`` beat published: by which process, and when (its clock)."""
+
+    pid: int
+    at: float
+
+
+def redis_sends(client: redis.Redis, queue: str) -> list[Send]:
+    """The messages waiting in a Redis queue (nobody consumes them), oldest first."""
+    sends = []
+    for raw in client.lrange(queue, 0, -1):
+        headers = json.loads(raw)["headers"]
+        sends.append(Send(pid=int(headers["beat_pid"]), at=float(headers["beat_sent_at"])))
+    return sorted(sends, key=lambda s: s.at)

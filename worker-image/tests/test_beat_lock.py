@@ -8,50 +8,28 @@ RabbitMQ node for the AMQP lock). A ttl of 2 s keeps the takeovers short.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
-from conftest import ENTRYPOINT, RabbitServer, RedisServer, Spawner, Worker, wait_until
+from conftest import (
+    ENTRYPOINT,
+    RabbitServer,
+    RedisServer,
+    Spawner,
+    Worker,
+    redis_sends,
+    start_beat,
+    wait_until,
+)
 
 from celery_worker_base import beat_lock
 from celery_worker_base.beat_lock import LockConfigError, LockSettings, Timing, celery_subcommand
 
-TTL = "2"
 LOST = beat_lock.LOST_EXIT_CODE
-
-
-def start_beat(spawn: Spawner, broker_url: str, lock: str | None, name: str, **env: str) -> Worker:
-    """A beat as the operator runs it, with its own schedule dir; ``lock`` None means no lock env."""
-    schedule_dir = spawn.tmp_path / f"schedule-{name}"
-    schedule_dir.mkdir()
-    lock_env = {"CELERY_BEAT_LOCK": lock, "CELERY_BEAT_LOCK_TTL_SECONDS": TTL} if lock else {}
-    beat = spawn(
-        broker_url,
-        env={
-            "CELERY_EXAMPLE_TICK_SECONDS": "0.5",
-            "CELERY_EXAMPLE_TICK_QUEUE": f"ticks-{name}",
-            "CELERY_PROBE_HEARTBEAT_INTERVAL": "0.2",
-            "CELERY_PROBE_LIVENESS_MAX_AGE": "3",
-            "POD_NAME": f"beat-{name}",
-            **lock_env,
-            **env,
-        },
-        command=[
-            "celery",
-            "-A",
-            "celery_example",
-            "beat",
-            "--schedule",
-            str(schedule_dir / "celerybeat-schedule"),
-            "--loglevel",
-            "INFO",
-        ],
-    )
-    beat.schedule_dir = schedule_dir  # type: ignore[attr-defined]
-    return beat
 
 
 def schedules(beat: Worker) -> bool:
@@ -167,10 +145,62 @@ def test_a_holder_whose_key_is_taken_or_deleted_exits_at_once(spawn: Spawner, re
             client.delete(lock)
         assert beat.proc.wait(timeout=60) == LOST, beat.output()
         expected = "the key now belongs to intruder" if how == "taken" else "the key is gone"
-        assert f"lost beat lock {lock}: {expected}; stopping beat now" in beat.output()
+        # Found by the renewal thread or by the check before the next tick, whichever came first.
+        assert re.search(
+            rf"lost beat lock {re.escape(lock)}( before sending a task)?: {expected}; stopping beat now", beat.output()
+        ), beat.output()
         # A hard exit: no release, no warm shutdown (the intruder's key stays).
         assert f"released beat lock {lock}" not in beat.output()
         assert client.get(lock) == (b"intruder" if how == "taken" else None)
+
+
+#: Period of the fencing test's periodic task: two sends closer than half of it are one tick sent twice.
+FENCE_EVERY = 0.25
+#: Takeovers in the fencing test: each deletion lands at another point of the holder's renewal cycle.
+FENCE_TRIALS = 4
+
+
+def test_a_deleted_lock_key_never_lets_two_beats_send_the_same_tick(spawn: Spawner, redis_server: RedisServer) -> None:
+    """The key vanishes (FLUSHDB, a Redis restarted without persistence, eviction) while another beat waits.
+
+    The waiter takes the key within a second. With a ttl of 30 s the holder's next renewal is
+    up to 10 s away, so only the check before each send stops it from ticking on beside the
+    new holder. The beats share their schedule directory (pods on one persistent volume), so
+    each new holder carries on the schedule where the old one left it: two schedulers would
+    send the same ticks. Sends are counted at the broker.
+    """
+    client = redis_server.client()
+    lock = new_lock()
+    queue = f"fence-{uuid.uuid4().hex[:8]}"
+    schedule_dir = spawn.tmp_path / "schedule"
+    schedule_dir.mkdir()
+
+    def beat(name: str) -> Worker:
+        env = {"BEAT_QUEUE": queue, "BEAT_EVERY": str(FENCE_EVERY)}
+        return start_beat(spawn, redis_server.url, lock, name, app="beat_app", schedule_dir=schedule_dir, ttl="30", **env)
+
+    def sent_by(beat: Worker) -> int:
+        return sum(1 for s in redis_sends(client, f"{queue}.every") if s.pid == beat.proc.pid)
+
+    holders = [beat("fence-0")]
+    holders[0].wait_ready()
+    for trial in range(1, FENCE_TRIALS + 1):
+        holder, waiter = holders[-1], beat(f"fence-{trial}")
+        wait_until(lambda: waiting(waiter, lock), 60, f"trial {trial}: the next beat to wait")  # noqa: B023
+        wait_until(lambda: sent_by(holder) >= 2, 60, f"trial {trial}: the holder to tick")  # noqa: B023
+        client.delete(lock)
+        assert holder.proc.wait(timeout=60) == LOST, holder.output()
+        waiter.wait_ready()
+        wait_until(lambda: sent_by(waiter) >= 2, 60, f"trial {trial}: the new holder to tick")  # noqa: B023
+        holders.append(waiter)
+
+    sends = redis_sends(client, f"{queue}.every")
+    order = {beat.proc.pid: i for i, beat in enumerate(holders)}
+    timeline = "\n".join(f"{s.at:.3f} beat {order.get(s.pid, s.pid)}" for s in sends)
+    doubled = [(a, b) for a, b in zip(sends, sends[1:]) if b.at - a.at < FENCE_EVERY / 2]
+    assert not doubled, f"ticks sent twice: {doubled}\n{timeline}"
+    # One scheduler at a time: an old holder never sent after its successor's first send.
+    assert [order[s.pid] for s in sends] == sorted(order[s.pid] for s in sends), timeline
 
 
 def test_a_holder_that_cannot_renew_exits_before_its_key_expires(spawn: Spawner, redis_server: RedisServer) -> None:

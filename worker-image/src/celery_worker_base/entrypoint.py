@@ -93,8 +93,9 @@ def run_celery(celery_args: list[str]) -> int:
         )
     marker = None
     if beat_lock.celery_subcommand(celery_args) == "beat":
-        marker = beat_lock.ScheduleMarker()
-        marker.install()
+        from . import beat_schedule
+
+        marker = beat_schedule.install()
     held = None
     if settings is not None and backend is not None:
         # Before Celery starts: a beat that waits here has opened no schedule and sends nothing.
