@@ -214,9 +214,10 @@ class RabbitServer:
         self.proc = None
 
 
-@pytest.fixture(scope="session")
-def rabbit_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitServer]:
-    server = RabbitServer(tmp_path_factory.mktemp("rabbit"))
+@pytest.fixture
+def rabbit_server(tmp_path: Path) -> Iterator[RabbitServer]:
+    """A RabbitMQ node of this test alone (about 5 s to boot): the test may close its connections or freeze it."""
+    server = RabbitServer(tmp_path / "rabbit")
     try:
         yield server.start()
     finally:
