@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -206,10 +207,8 @@ class RabbitServer:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             self.proc.wait(timeout=30)
         self.proc = None
 
@@ -409,6 +408,18 @@ def start_beat(
     )
     beat.schedule_dir = schedule_dir  # type: ignore[attr-defined]
     return beat
+
+
+def holds_schedule_open(pid: int) -> bool:
+    """The process has a ``celerybeat-schedule*`` file open: it is a running scheduler."""
+    fds = Path(f"/proc/{pid}/fd")
+    links = []
+    for fd in fds.iterdir():
+        try:
+            links.append(os.readlink(fd))
+        except OSError:
+            continue
+    return any(Path(link).name.startswith("celerybeat-schedule") for link in links)
 
 
 @dataclass(frozen=True)

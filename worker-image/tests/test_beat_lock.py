@@ -21,6 +21,7 @@ from conftest import (
     RedisServer,
     Spawner,
     Worker,
+    holds_schedule_open,
     redis_sends,
     start_beat,
     wait_until,
@@ -38,17 +39,6 @@ def schedules(beat: Worker) -> bool:
     created = any(beat.schedule_dir.iterdir())  # type: ignore[attr-defined]
     assert started == created or not started, f"log and schedule disagree:\n{beat.output()}"
     return started and created
-
-
-def holds_schedule_open(pid: int) -> bool:
-    fds = Path(f"/proc/{pid}/fd")
-    links = []
-    for fd in fds.iterdir():
-        try:
-            links.append(os.readlink(fd))
-        except OSError:
-            continue
-    return any(Path(link).name.startswith("celerybeat-schedule") for link in links)
 
 
 def waiting(beat: Worker, lock: str) -> bool:
@@ -160,7 +150,9 @@ FENCE_EVERY = 0.25
 FENCE_TRIALS = 4
 
 
-def test_a_deleted_lock_key_never_lets_two_beats_send_the_same_tick(spawn: Spawner, redis_server: RedisServer) -> None:
+def test_a_deleted_lock_key_never_lets_two_beats_send_the_same_tick(
+    spawn: Spawner, redis_server: RedisServer
+) -> None:
     """The key vanishes (FLUSHDB, a Redis restarted without persistence, eviction) while another beat waits.
 
     The waiter takes the key within a second. With a ttl of 30 s the holder's next renewal is
@@ -177,7 +169,8 @@ def test_a_deleted_lock_key_never_lets_two_beats_send_the_same_tick(spawn: Spawn
 
     def beat(name: str) -> Worker:
         env = {"BEAT_QUEUE": queue, "BEAT_EVERY": str(FENCE_EVERY)}
-        return start_beat(spawn, redis_server.url, lock, name, app="beat_app", schedule_dir=schedule_dir, ttl="30", **env)
+        shared = {"app": "beat_app", "schedule_dir": schedule_dir, "ttl": "30"}
+        return start_beat(spawn, redis_server.url, lock, name, **shared, **env)
 
     def sent_by(beat: Worker) -> int:
         return sum(1 for s in redis_sends(client, f"{queue}.every") if s.pid == beat.proc.pid)
@@ -197,7 +190,7 @@ def test_a_deleted_lock_key_never_lets_two_beats_send_the_same_tick(spawn: Spawn
     sends = redis_sends(client, f"{queue}.every")
     order = {beat.proc.pid: i for i, beat in enumerate(holders)}
     timeline = "\n".join(f"{s.at:.3f} beat {order.get(s.pid, s.pid)}" for s in sends)
-    doubled = [(a, b) for a, b in zip(sends, sends[1:]) if b.at - a.at < FENCE_EVERY / 2]
+    doubled = [(a, b) for a, b in zip(sends, sends[1:], strict=False) if b.at - a.at < FENCE_EVERY / 2]
     assert not doubled, f"ticks sent twice: {doubled}\n{timeline}"
     # One scheduler at a time: an old holder never sent after its successor's first send.
     assert [order[s.pid] for s in sends] == sorted(order[s.pid] for s in sends), timeline
@@ -289,7 +282,9 @@ def test_bad_lock_settings_fail_fast_with_a_message(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------- RabbitMQ
 
 
-def test_amqp_exclusive_queue_is_the_lock_and_a_lost_connection_stops_beat(spawn: Spawner, rabbit_server: RabbitServer) -> None:
+def test_amqp_exclusive_queue_is_the_lock_and_a_lost_connection_stops_beat(
+    spawn: Spawner, rabbit_server: RabbitServer
+) -> None:
     lock = new_lock()
     # No result backend: the example app would otherwise use the broker URL for results too.
     env = {"CELERY_RESULT_BACKEND": ""}
@@ -313,7 +308,8 @@ def test_amqp_exclusive_queue_is_the_lock_and_a_lost_connection_stops_beat(spawn
     rabbit_server.ctl("close_all_connections", "test: lock connection lost")
     assert b.proc.wait(timeout=60) == LOST, b.output()
     # Found by the check every third of a lease or by the one before the next tick, whichever came first.
-    assert re.search(rf"lost beat lock {re.escape(lock)}( before sending a task)?: the lock's connection failed", b.output())
+    lost = rf"lost beat lock {re.escape(lock)}( before sending a task)?: the lock's connection failed"
+    assert re.search(lost, b.output()), b.output()
     c.wait_ready()
     assert schedules(c)
 

@@ -14,7 +14,9 @@ import time
 import uuid
 from pathlib import Path
 
-from conftest import RedisServer, Spawner, Worker, redis_sends, start_beat, wait_until
+from conftest import RedisServer, Spawner, Worker, holds_schedule_open, redis_sends, start_beat, wait_until
+
+from celery_worker_base.beat_schedule import schedule_option
 
 
 def new_lock() -> str:
@@ -56,7 +58,9 @@ def test_a_recreate_rollout_sends_the_ticks_due_during_it_once(spawn: Spawner, r
     # The rollout's gap spans the start of a minute: the crontab entry falls due while no beat runs.
     wait_until(lambda: time.time() // 60 > stopped // 60, 90, "the next minute", interval=0.2)
 
-    new = start_beat(spawn, redis_server.url, lock, "new", app="beat_app", schedule_dir=schedule_dir, loglevel="DEBUG", **env)
+    new = start_beat(
+        spawn, redis_server.url, lock, "new", app="beat_app", schedule_dir=schedule_dir, loglevel="DEBUG", **env
+    )
     wait_until(lambda: "beat: Waking up" in new.output(), 60, "the new beat's first scheduler pass")
     new.proc.send_signal(signal.SIGTERM)
     assert new.proc.wait(timeout=60) == 0, new.output()
@@ -99,3 +103,47 @@ def test_the_schedule_store_records_each_tick_as_it_is_sent(spawn: Spawner, redi
         "the schedule file to count every tick sent",
     )
     assert "saves its schedule after every task sent" in beat.output()
+
+
+def test_beats_sharing_a_schedule_file_take_turns(spawn: Spawner, redis_server: RedisServer) -> None:
+    """A second beat on the same schedule file waits until the first is gone, then carries on its schedule.
+
+    Pods sharing a claim meet this when a lost lock key lets a waiter take over while the old
+    holder still runs (until its next send); here neither takes the broker lock, so the file is
+    all that keeps them apart. Two processes on one shelve corrupt it (with gdbm the second open
+    fails and Celery deletes the schedule).
+    """
+    client = redis_server.client()
+    queue = f"turns-{uuid.uuid4().hex[:8]}"
+    schedule_dir = spawn.tmp_path / "schedule"
+    schedule_dir.mkdir()
+    env = {"BEAT_QUEUE": queue, "BEAT_EVERY": "0.5"}
+    first = start_beat(spawn, redis_server.url, None, "first", app="beat_app", schedule_dir=schedule_dir, **env)
+    first.wait_ready()
+    second = start_beat(spawn, redis_server.url, None, "second", app="beat_app", schedule_dir=schedule_dir, **env)
+    wait_until(lambda: "waiting for schedule file" in second.output(), 60, "the second beat to wait for the file")
+
+    def sent_by(beat: Worker) -> int:
+        return sum(1 for s in redis_sends(client, f"{queue}.every") if s.pid == beat.proc.pid)
+
+    waited_from = sent_by(first)
+    wait_until(lambda: sent_by(first) >= waited_from + 2, 60, "the first beat to tick on while the second waits")
+    assert second.proc.poll() is None and second.passes("liveness") and not second.passes("readiness")
+    assert "beat: Starting..." not in second.output() and not holds_schedule_open(second.proc.pid)
+
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.proc.wait(timeout=60) == 0, first.output()
+    second.wait_ready()
+    wait_until(lambda: sent_by(second) >= 1, 60, "the second beat to tick")
+    assert "took schedule file" in second.output()
+    assert "Removing corrupted schedule" not in second.output(), second.output()
+    pids = [s.pid for s in redis_sends(client, f"{queue}.every")]
+    assert pids == sorted(pids, key=lambda pid: pid == second.proc.pid), "the two beats' ticks interleave"
+
+
+def test_the_schedule_file_is_found_on_the_beat_command_line() -> None:
+    assert schedule_option(["-A", "proj", "beat", "--schedule", "/v/celerybeat-schedule"]) == "/v/celerybeat-schedule"
+    assert schedule_option(["-A", "proj", "beat", "--schedule=/v/s", "-S", "x.Y"]) == "/v/s"
+    assert schedule_option(["-A", "proj", "beat", "-s", "/v/s"]) == "/v/s"
+    assert schedule_option(["-A", "proj", "beat", "-s/v/s"]) == "/v/s"
+    assert schedule_option(["-A", "proj", "beat", "-S", "redbeat.RedBeatScheduler"]) == "celerybeat-schedule"
