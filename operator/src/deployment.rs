@@ -219,7 +219,8 @@ pub fn beat_deployment(pool: &WorkerPool, inputs: &PoolInputs) -> Deployment {
 /// Why a claim and not a broker-side store: it serves Redis and RabbitMQ brokers alike, keeps
 /// Celery's default scheduler and its file exactly as on a VM, and needs no new dependency; users
 /// who want the state elsewhere already choose redbeat or django-celery-beat with
-/// `beat.scheduler`. Only the beat lock's holder opens the file.
+/// `beat.scheduler`. Only the beat lock's holder opens the file, and the image's file lock keeps
+/// the next beat off it until the previous one has gone.
 pub fn beat_schedule_volume(pool: &WorkerPool) -> Volume {
     match &pool.spec.beat.schedule_claim_name {
         Some(claim) => Volume {
