@@ -19,6 +19,7 @@ from conftest import (
     ENTRYPOINT,
     RabbitServer,
     RedisServer,
+    Send,
     Spawner,
     Worker,
     holds_schedule_open,
@@ -148,6 +149,8 @@ def test_a_holder_whose_key_is_taken_or_deleted_exits_at_once(spawn: Spawner, re
 FENCE_EVERY = 0.25
 #: Takeovers in the fencing test: each deletion lands at another point of the holder's renewal cycle.
 FENCE_TRIALS = 4
+#: Takeovers in the RabbitMQ fencing test (each closes a connection with rabbitmqctl, about 2 s).
+AMQP_FENCE_TRIALS = 3
 
 
 def test_a_deleted_lock_key_never_lets_two_beats_send_the_same_tick(
@@ -157,20 +160,18 @@ def test_a_deleted_lock_key_never_lets_two_beats_send_the_same_tick(
 
     The waiter takes the key within a second. With a ttl of 30 s the holder's next renewal is
     up to 10 s away, so only the check before each send stops it from ticking on beside the
-    new holder. The beats share their schedule directory (pods on one persistent volume), so
-    each new holder carries on the schedule where the old one left it: two schedulers would
-    send the same ticks. Sends are counted at the broker.
+    new holder. Each beat has a schedule directory of its own (pods with an emptyDir): beats
+    sharing one would be kept apart by the schedule file lock as well, which would hide a
+    missing check. Sends are counted at the broker; two schedulers with one period send ticks
+    closer than half a period apart.
     """
     client = redis_server.client()
     lock = new_lock()
     queue = f"fence-{uuid.uuid4().hex[:8]}"
-    schedule_dir = spawn.tmp_path / "schedule"
-    schedule_dir.mkdir()
 
     def beat(name: str) -> Worker:
         env = {"BEAT_QUEUE": queue, "BEAT_EVERY": str(FENCE_EVERY)}
-        shared = {"app": "beat_app", "schedule_dir": schedule_dir, "ttl": "30"}
-        return start_beat(spawn, redis_server.url, lock, name, **shared, **env)
+        return start_beat(spawn, redis_server.url, lock, name, app="beat_app", ttl="30", **env)
 
     def sent_by(beat: Worker) -> int:
         return sum(1 for s in redis_sends(client, f"{queue}.every") if s.pid == beat.proc.pid)
@@ -187,12 +188,16 @@ def test_a_deleted_lock_key_never_lets_two_beats_send_the_same_tick(
         wait_until(lambda: sent_by(waiter) >= 2, 60, f"trial {trial}: the new holder to tick")  # noqa: B023
         holders.append(waiter)
 
-    sends = redis_sends(client, f"{queue}.every")
+    assert_one_scheduler_at_a_time(redis_sends(client, f"{queue}.every"), holders)
+
+
+def assert_one_scheduler_at_a_time(sends: list[Send], holders: list[Worker]) -> None:
+    """No tick sent twice (two sends closer than half a period), and no old holder sending after
+    its successor's first send."""
     order = {beat.proc.pid: i for i, beat in enumerate(holders)}
     timeline = "\n".join(f"{s.at:.3f} beat {order.get(s.pid, s.pid)}" for s in sends)
     doubled = [(a, b) for a, b in zip(sends, sends[1:], strict=False) if b.at - a.at < FENCE_EVERY / 2]
     assert not doubled, f"ticks sent twice: {doubled}\n{timeline}"
-    # One scheduler at a time: an old holder never sent after its successor's first send.
     assert [order[s.pid] for s in sends] == sorted(order[s.pid] for s in sends), timeline
 
 
@@ -320,6 +325,78 @@ def test_amqp_exclusive_queue_is_the_lock_and_a_lost_connection_stops_beat(
         assert f"lost beat lock {lock}" in c.output()
     finally:
         os.killpg(rabbit_server.proc.pid, signal.SIGCONT)
+
+
+class AmqpSends:
+    """Takes the messages of a RabbitMQ queue as they arrive (the test is their consumer), as Sends."""
+
+    def __init__(self, url: str, queue: str) -> None:
+        import amqp
+        from kombu.utils.url import url_to_parts
+
+        parts = url_to_parts(url)
+        self.conn = amqp.Connection(f"{parts.hostname}:{parts.port}", userid="guest", password="guest")
+        self.conn.connect()
+        self.channel = self.conn.channel()
+        # The queue as Celery declares it before its first publish (durable, no arguments).
+        self.channel.queue_declare(queue=queue, durable=True, auto_delete=False)
+        self.queue = queue
+        self.sends: list[Send] = []
+
+    def poll(self) -> list[Send]:
+        while (message := self.channel.basic_get(queue=self.queue, no_ack=True)) is not None:
+            headers = message.headers or {}
+            self.sends.append(Send(pid=int(headers["beat_pid"]), at=float(headers["beat_sent_at"])))
+        return sorted(self.sends, key=lambda s: s.at)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def close_lock_connection(rabbit: RabbitServer, holder: Worker) -> None:
+    """Closes only the beat lock's own connection of ``holder`` (named ``celery beat lock <holder id>``)."""
+    rows = rabbit.ctl("list_connections", "pid", "client_properties", "--no-table-headers", "--quiet")
+    name = f"celery beat lock {holder.env['POD_NAME']}:{holder.proc.pid}:"
+    pids = [line.split("\t")[0] for line in rows.splitlines() if name in line]
+    assert len(pids) == 1, f"no lock connection {name!r} in:\n{rows}"
+    rabbit.ctl("close_connection", pids[0], "test: the lock's connection is lost")
+
+
+def test_a_lost_amqp_lock_connection_never_lets_two_beats_send_the_same_tick(
+    spawn: Spawner, rabbit_server: RabbitServer
+) -> None:
+    """RabbitMQ's form of a vanished key: the holder's lock connection closes (a network blip, a
+    broker restart, a `close_connection`) and its exclusive queue goes with it, while another beat
+    waits. The waiter declares the queue within a second; the holder's periodic check is up to
+    10 s away (lease 30 s), so only the check before each send stops it. Sends are taken from the
+    broker by the test as they arrive; each beat has a schedule directory of its own, as in the
+    Redis test."""
+    lock = new_lock()
+    queue = f"fence-{uuid.uuid4().hex[:8]}"
+    ticks = AmqpSends(rabbit_server.url, f"{queue}.every")
+
+    def beat(name: str) -> Worker:
+        env = {"BEAT_QUEUE": queue, "BEAT_EVERY": str(FENCE_EVERY), "CELERY_RESULT_BACKEND": ""}
+        return start_beat(spawn, rabbit_server.url, lock, name, app="beat_app", ttl="30", **env)
+
+    def sent_by(beat: Worker) -> int:
+        return sum(1 for s in ticks.poll() if s.pid == beat.proc.pid)
+
+    try:
+        holders = [beat("amqp-fence-0")]
+        holders[0].wait_ready()
+        for trial in range(1, AMQP_FENCE_TRIALS + 1):
+            holder, waiter = holders[-1], beat(f"amqp-fence-{trial}")
+            wait_until(lambda: waiting(waiter, lock), 60, f"trial {trial}: the next beat to wait")  # noqa: B023
+            wait_until(lambda: sent_by(holder) >= 2, 60, f"trial {trial}: the holder to tick")  # noqa: B023
+            close_lock_connection(rabbit_server, holder)
+            assert holder.proc.wait(timeout=60) == LOST, holder.output()
+            waiter.wait_ready()
+            wait_until(lambda: sent_by(waiter) >= 2, 60, f"trial {trial}: the new holder to tick")  # noqa: B023
+            holders.append(waiter)
+        assert_one_scheduler_at_a_time(ticks.poll(), holders)
+    finally:
+        ticks.close()
 
 
 # ------------------------------------------------------------------------------- pure parts
