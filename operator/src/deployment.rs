@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction, ObjectFieldSelector,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecurityContext, Volume,
-    VolumeMount,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+    SecretKeySelector, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -21,8 +21,12 @@ pub const ENTRYPOINT: &str = "celery-entrypoint";
 pub const PROBE_COMMAND: &str = "celery-probe";
 /// Where the worker writes its heartbeat and readiness files (an emptyDir).
 pub const PROBE_DIR: &str = "/var/run/celery";
-/// Where beat keeps its schedule file (an emptyDir: the root filesystem is read-only).
+/// Where beat keeps its schedule file (the root filesystem is read-only): an emptyDir, or the pool's
+/// `beat.scheduleClaimName`.
 pub const BEAT_SCHEDULE_DIR: &str = "/var/run/celery-beat";
+/// The worker image's group (`worker-image/Dockerfile`): a claimed schedule volume is made writable
+/// for it with fsGroup.
+pub const IMAGE_GROUP_ID: i64 = 10001;
 /// Environment variables the operator sets; the pool's template.env may not override them.
 pub const RESERVED_ENV: [&str; 4] = ["CELERY_BROKER_URL", "POD_NAME", "POD_NAMESPACE", "CELERY_PROBE_DIR"];
 
@@ -175,6 +179,9 @@ pub fn beat_lock_name(namespace: &str, app: &str) -> String {
 /// the entrypoint takes that lock on the broker before Celery's beat starts, so extra beat pods
 /// wait (alive, not Ready: beat's readiness probe passes from `beat_init` on) instead of
 /// scheduling. The pool's template cannot override the lock's name.
+///
+/// The schedule directory is the pool's `beat.scheduleClaimName` when set, so a new beat pod
+/// carries on the schedule of the one before (see [`beat_schedule_volume`]).
 pub fn beat_deployment(pool: &WorkerPool, inputs: &PoolInputs) -> Deployment {
     let mut container = base_container(pool, "beat", beat_args(pool), &inputs.broker);
     let namespace = pool.meta().namespace.as_deref().unwrap_or("default");
@@ -194,9 +201,38 @@ pub fn beat_deployment(pool: &WorkerPool, inputs: &PoolInputs) -> Deployment {
         ..Default::default()
     });
     let mut pod = base_pod(pool, container);
-    pod.volumes.get_or_insert_with(Vec::new).push(empty_dir("beat-schedule"));
+    pod.volumes.get_or_insert_with(Vec::new).push(beat_schedule_volume(pool));
+    if pool.spec.beat.schedule_claim_name.is_some() && pool.spec.template.security_context.is_none() {
+        // A new volume is usually root's; the image runs as 10001:10001. OnRootMismatch: the
+        // kubelet changes ownership once, not on every mount.
+        let security = pod.security_context.get_or_insert_with(restricted_pod);
+        security.fs_group = Some(IMAGE_GROUP_ID);
+        security.fs_group_change_policy = Some("OnRootMismatch".into());
+    }
     let strategy = DeploymentStrategy { type_: Some("Recreate".into()), rolling_update: None };
     deployment(pool, labels::BEAT, pool.beat_deployment_name(), Some(1), strategy, pod)
+}
+
+/// The volume behind [`BEAT_SCHEDULE_DIR`]: the pool's claim, so the schedule (each entry's last
+/// run) outlives the pod, or else an emptyDir that dies with it.
+///
+/// Why a claim and not a broker-side store: it serves Redis and RabbitMQ brokers alike, keeps
+/// Celery's default scheduler and its file exactly as on a VM, and needs no new dependency; users
+/// who want the state elsewhere already choose redbeat or django-celery-beat with
+/// `beat.scheduler`. Only the beat lock's holder opens the file, and the image's file lock keeps
+/// the next beat off it until the previous one has gone.
+pub fn beat_schedule_volume(pool: &WorkerPool) -> Volume {
+    match &pool.spec.beat.schedule_claim_name {
+        Some(claim) => Volume {
+            name: "beat-schedule".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: claim.clone(),
+                read_only: None,
+            }),
+            ..Default::default()
+        },
+        None => empty_dir("beat-schedule"),
+    }
 }
 
 fn deployment(

@@ -131,6 +131,12 @@ fn invalid_documents() -> Vec<(&'static str, Value, &'static str, &'static str)>
             "spec.app",
             "should match",
         ),
+        (
+            "schedule claim not an object name",
+            pool(with(base_pool(), "beat", json!({"enabled": true, "scheduleClaimName": "Beat_Schedule"}))),
+            "spec.beat.scheduleClaimName",
+            "should match",
+        ),
         ("missing image", pool(json!({"app": "a", "queues": ["emails"]})), "spec.image", "Required"),
         (
             "max replicas zero",

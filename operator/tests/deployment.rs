@@ -255,6 +255,41 @@ fn beat_deployment_is_a_recreate_singleton_with_a_writable_schedule() {
     }
 }
 
+fn schedule_volume(d: &Deployment) -> k8s_openapi::api::core::v1::Volume {
+    let mount = container(d).volume_mounts.iter().flatten().find(|m| m.mount_path == "/var/run/celery-beat").cloned();
+    let mount = mount.expect("schedule dir mounted");
+    pod_spec(d).volumes.iter().flatten().find(|v| v.name == mount.name).cloned().expect("schedule volume")
+}
+
+#[test]
+fn beat_keeps_its_schedule_on_the_named_claim_writable_by_the_image_group() {
+    let p = pool(&format!(
+        "{MINIMAL}beat: {{enabled: true, scheduleClaimName: mail-beat-schedule}}
+"
+    ));
+    let d = beat_deployment(&p, &inputs(None));
+    let volume = schedule_volume(&d);
+    assert!(volume.empty_dir.is_none());
+    assert_eq!(volume.persistent_volume_claim.map(|c| c.claim_name).as_deref(), Some("mail-beat-schedule"));
+    // The schedule file stays where the beat args say; only the volume behind it changes.
+    assert!(beat_args(&p).contains(&"/var/run/celery-beat/celerybeat-schedule".to_string()));
+    let security = pod_spec(&d).security_context.clone().unwrap();
+    assert_eq!((security.fs_group, security.fs_group_change_policy.as_deref()), (Some(10001), Some("OnRootMismatch")));
+    assert_eq!(security.run_as_non_root, Some(true), "still the restricted pod");
+    // Workers never mount it; without a claim the schedule dies with the pod (emptyDir, no fsGroup).
+    let worker = worker_deployment(&p, &inputs(Some(1)));
+    assert!(pod_spec(&worker).volumes.iter().flatten().all(|v| v.persistent_volume_claim.is_none()));
+    let d = beat_deployment(&pool(&format!("{MINIMAL}beat: {{enabled: true}}\n")), &inputs(None));
+    assert!(schedule_volume(&d).empty_dir.is_some());
+    assert_eq!(pod_spec(&d).security_context.clone().unwrap().fs_group, None);
+    // A pod security context of the user's own is taken as it is.
+    let spec = format!(
+        "{MINIMAL}beat: {{enabled: true, scheduleClaimName: s}}\ntemplate: {{securityContext: {{runAsUser: 2000}}}}\n"
+    );
+    let d = beat_deployment(&pool(&spec), &inputs(None));
+    assert_eq!(pod_spec(&d).security_context.clone().unwrap().fs_group, None);
+}
+
 #[test]
 fn beat_lock_name_is_one_per_app_per_namespace() {
     assert_eq!(beat_lock_name("prod", "proj.celery_app"), "celery-operator:beat:prod:proj.celery_app");

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import signal
@@ -46,6 +48,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class ServerExited(Exception):
+    """A server process ended while the test waited for it to answer."""
+
+
 class RedisServer:
     """A private redis-server process in a temp dir; never the machine's 6379."""
 
@@ -53,6 +59,7 @@ class RedisServer:
         self.workdir = workdir
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
+        self.started_once = False
 
     @property
     def url(self) -> str:
@@ -63,6 +70,19 @@ class RedisServer:
         if binary is None:
             pytest.skip("redis-server is not installed")
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # free_port() releases the port before redis-server binds it: on a shared machine another
+        # process may take it in between. A first start then moves to another port; a restart
+        # must keep its port (clients hold the URL), so it fails instead.
+        attempts = 1 if self.started_once else 5
+        for attempt in range(attempts):
+            if self._start_once(binary):
+                self.started_once = True
+                return self
+            if attempt + 1 < attempts:
+                self.port = free_port()
+        raise AssertionError(f"redis-server did not start:\n{(self.workdir / 'redis.log').read_text()}")
+
+    def _start_once(self, binary: str) -> bool:
         with open(self.workdir / "redis.log", "ab") as log:
             self.proc = subprocess.Popen(
                 [
@@ -82,13 +102,20 @@ class RedisServer:
                 stderr=subprocess.STDOUT,
             )
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        wait_until(lambda: self._pings(client), 10, f"redis-server on port {self.port}")
-        return self
+        try:
+            return wait_until(lambda: self._pings(client), 30, f"redis-server on port {self.port}")
+        except ServerExited:
+            self.proc = None
+            return False
+        finally:
+            client.close()
 
     def _pings(self, client: redis.Redis) -> bool:
-        assert self.proc is not None and self.proc.poll() is None, "redis-server exited early"
+        if self.proc is None or self.proc.poll() is not None:
+            raise ServerExited(f"redis-server on port {self.port} exited")
         try:
-            return bool(client.ping())
+            # Ours, not a server of someone else that took the port first.
+            return int(client.info("server")["process_id"]) == self.proc.pid
         except redis.ConnectionError:
             return False
 
@@ -102,16 +129,10 @@ class RedisServer:
         return redis.Redis.from_url(self.url)
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server this test alone may stop and restart."""
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test alone: no key, queue or expiring lock of another test is in it,
+    and the test may stop, restart or freeze it."""
     server = RedisServer(tmp_path / "redis").start()
     yield server
     server.stop()
@@ -186,17 +207,16 @@ class RabbitServer:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             self.proc.wait(timeout=30)
         self.proc = None
 
 
-@pytest.fixture(scope="session")
-def rabbit_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitServer]:
-    server = RabbitServer(tmp_path_factory.mktemp("rabbit"))
+@pytest.fixture
+def rabbit_server(tmp_path: Path) -> Iterator[RabbitServer]:
+    """A RabbitMQ node of this test alone (about 5 s to boot): the test may close its connections or freeze it."""
+    server = RabbitServer(tmp_path / "rabbit")
     try:
         yield server.start()
     finally:
@@ -330,3 +350,90 @@ def client_app() -> Iterator[Callable[..., Celery]]:
     yield make
     for app in apps:
         app.close()
+
+
+# ------------------------------------------------------------------------------- beat
+
+#: The lock ttl of the beat tests unless they say otherwise: short, so takeovers are quick.
+BEAT_LOCK_TTL = "2"
+#: The schedule test app (``beat_app.py`` beside this file), copied into the test's directory.
+BEAT_APP = Path(__file__).with_name("beat_app.py")
+
+
+def start_beat(
+    spawn: Spawner,
+    broker_url: str,
+    lock: str | None,
+    name: str,
+    *,
+    app: str = "celery_example",
+    schedule_dir: Path | None = None,
+    ttl: str = BEAT_LOCK_TTL,
+    loglevel: str = "INFO",
+    **env: str,
+) -> Worker:
+    """A beat as the operator runs it; ``lock`` None means no lock env.
+
+    Each beat gets a schedule dir of its own (as pods with an emptyDir have) unless
+    ``schedule_dir`` is given: beats sharing one are pods sharing a persistent volume.
+    ``app="beat_app"`` runs the schedule test app instead of the example app.
+    """
+    if schedule_dir is None:
+        schedule_dir = spawn.tmp_path / f"schedule-{name}"
+        schedule_dir.mkdir()
+    if app == "beat_app":
+        shutil.copyfile(BEAT_APP, spawn.tmp_path / BEAT_APP.name)  # beat's cwd is tmp_path
+    lock_env = {"CELERY_BEAT_LOCK": lock, "CELERY_BEAT_LOCK_TTL_SECONDS": ttl} if lock else {}
+    beat = spawn(
+        broker_url,
+        env={
+            "CELERY_EXAMPLE_TICK_SECONDS": "0.5",
+            "CELERY_EXAMPLE_TICK_QUEUE": f"ticks-{name}",
+            "CELERY_PROBE_HEARTBEAT_INTERVAL": "0.2",
+            "CELERY_PROBE_LIVENESS_MAX_AGE": "3",
+            "POD_NAME": f"beat-{name}",
+            **lock_env,
+            **env,
+        },
+        command=[
+            "celery",
+            "-A",
+            app,
+            "beat",
+            "--schedule",
+            str(schedule_dir / "celerybeat-schedule"),
+            "--loglevel",
+            loglevel,
+        ],
+    )
+    beat.schedule_dir = schedule_dir  # type: ignore[attr-defined]
+    return beat
+
+
+def holds_schedule_open(pid: int) -> bool:
+    """The process has a ``celerybeat-schedule*`` file open: it is a running scheduler."""
+    fds = Path(f"/proc/{pid}/fd")
+    links = []
+    for fd in fds.iterdir():
+        try:
+            links.append(os.readlink(fd))
+        except OSError:
+            continue
+    return any(Path(link).name.startswith("celerybeat-schedule") for link in links)
+
+
+@dataclass(frozen=True)
+class Send:
+    """One message a ``beat_app`` beat published: by which process, and when (its clock)."""
+
+    pid: int
+    at: float
+
+
+def redis_sends(client: redis.Redis, queue: str) -> list[Send]:
+    """The messages waiting in a Redis queue (nobody consumes them), oldest first."""
+    sends = []
+    for raw in client.lrange(queue, 0, -1):
+        headers = json.loads(raw)["headers"]
+        sends.append(Send(pid=int(headers["beat_pid"]), at=float(headers["beat_sent_at"])))
+    return sorted(sends, key=lambda s: s.at)

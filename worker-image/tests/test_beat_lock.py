@@ -8,50 +8,30 @@ RabbitMQ node for the AMQP lock). A ttl of 2 s keeps the takeovers short.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
-from conftest import ENTRYPOINT, RabbitServer, RedisServer, Spawner, Worker, wait_until
+from conftest import (
+    ENTRYPOINT,
+    RabbitServer,
+    RedisServer,
+    Send,
+    Spawner,
+    Worker,
+    holds_schedule_open,
+    redis_sends,
+    start_beat,
+    wait_until,
+)
 
 from celery_worker_base import beat_lock
 from celery_worker_base.beat_lock import LockConfigError, LockSettings, Timing, celery_subcommand
 
-TTL = "2"
 LOST = beat_lock.LOST_EXIT_CODE
-
-
-def start_beat(spawn: Spawner, broker_url: str, lock: str | None, name: str, **env: str) -> Worker:
-    """A beat as the operator runs it, with its own schedule dir; ``lock`` None means no lock env."""
-    schedule_dir = spawn.tmp_path / f"schedule-{name}"
-    schedule_dir.mkdir()
-    lock_env = {"CELERY_BEAT_LOCK": lock, "CELERY_BEAT_LOCK_TTL_SECONDS": TTL} if lock else {}
-    beat = spawn(
-        broker_url,
-        env={
-            "CELERY_EXAMPLE_TICK_SECONDS": "0.5",
-            "CELERY_EXAMPLE_TICK_QUEUE": f"ticks-{name}",
-            "CELERY_PROBE_HEARTBEAT_INTERVAL": "0.2",
-            "CELERY_PROBE_LIVENESS_MAX_AGE": "3",
-            "POD_NAME": f"beat-{name}",
-            **lock_env,
-            **env,
-        },
-        command=[
-            "celery",
-            "-A",
-            "celery_example",
-            "beat",
-            "--schedule",
-            str(schedule_dir / "celerybeat-schedule"),
-            "--loglevel",
-            "INFO",
-        ],
-    )
-    beat.schedule_dir = schedule_dir  # type: ignore[attr-defined]
-    return beat
 
 
 def schedules(beat: Worker) -> bool:
@@ -60,17 +40,6 @@ def schedules(beat: Worker) -> bool:
     created = any(beat.schedule_dir.iterdir())  # type: ignore[attr-defined]
     assert started == created or not started, f"log and schedule disagree:\n{beat.output()}"
     return started and created
-
-
-def holds_schedule_open(pid: int) -> bool:
-    fds = Path(f"/proc/{pid}/fd")
-    links = []
-    for fd in fds.iterdir():
-        try:
-            links.append(os.readlink(fd))
-        except OSError:
-            continue
-    return any(Path(link).name.startswith("celerybeat-schedule") for link in links)
 
 
 def waiting(beat: Worker, lock: str) -> bool:
@@ -167,24 +136,83 @@ def test_a_holder_whose_key_is_taken_or_deleted_exits_at_once(spawn: Spawner, re
             client.delete(lock)
         assert beat.proc.wait(timeout=60) == LOST, beat.output()
         expected = "the key now belongs to intruder" if how == "taken" else "the key is gone"
-        assert f"lost beat lock {lock}: {expected}; stopping beat now" in beat.output()
+        # Found by the renewal thread or by the check before the next tick, whichever came first.
+        assert re.search(
+            rf"lost beat lock {re.escape(lock)}( before sending a task)?: {expected}; stopping beat now", beat.output()
+        ), beat.output()
         # A hard exit: no release, no warm shutdown (the intruder's key stays).
         assert f"released beat lock {lock}" not in beat.output()
         assert client.get(lock) == (b"intruder" if how == "taken" else None)
 
 
-def test_a_holder_that_cannot_renew_exits_before_its_key_expires(spawn: Spawner, own_redis: RedisServer) -> None:
+#: Period of the fencing test's periodic task: two sends closer than half of it are one tick sent twice.
+FENCE_EVERY = 0.25
+#: Takeovers in the fencing test: each deletion lands at another point of the holder's renewal cycle.
+FENCE_TRIALS = 4
+#: Takeovers in the RabbitMQ fencing test (each closes a connection with rabbitmqctl, about 2 s).
+AMQP_FENCE_TRIALS = 3
+
+
+def test_a_deleted_lock_key_never_lets_two_beats_send_the_same_tick(
+    spawn: Spawner, redis_server: RedisServer
+) -> None:
+    """The key vanishes (FLUSHDB, a Redis restarted without persistence, eviction) while another beat waits.
+
+    The waiter takes the key within a second. With a ttl of 30 s the holder's next renewal is
+    up to 10 s away, so only the check before each send stops it from ticking on beside the
+    new holder. Each beat has a schedule directory of its own (pods with an emptyDir): beats
+    sharing one would be kept apart by the schedule file lock as well, which would hide a
+    missing check. Sends are counted at the broker; two schedulers with one period send ticks
+    closer than half a period apart.
+    """
+    client = redis_server.client()
     lock = new_lock()
-    beat = start_beat(spawn, own_redis.url, lock, "frozen-broker")
+    queue = f"fence-{uuid.uuid4().hex[:8]}"
+
+    def beat(name: str) -> Worker:
+        env = {"BEAT_QUEUE": queue, "BEAT_EVERY": str(FENCE_EVERY)}
+        return start_beat(spawn, redis_server.url, lock, name, app="beat_app", ttl="30", **env)
+
+    def sent_by(beat: Worker) -> int:
+        return sum(1 for s in redis_sends(client, f"{queue}.every") if s.pid == beat.proc.pid)
+
+    holders = [beat("fence-0")]
+    holders[0].wait_ready()
+    for trial in range(1, FENCE_TRIALS + 1):
+        holder, waiter = holders[-1], beat(f"fence-{trial}")
+        wait_until(lambda: waiting(waiter, lock), 60, f"trial {trial}: the next beat to wait")  # noqa: B023
+        wait_until(lambda: sent_by(holder) >= 2, 60, f"trial {trial}: the holder to tick")  # noqa: B023
+        client.delete(lock)
+        assert holder.proc.wait(timeout=60) == LOST, holder.output()
+        waiter.wait_ready()
+        wait_until(lambda: sent_by(waiter) >= 2, 60, f"trial {trial}: the new holder to tick")  # noqa: B023
+        holders.append(waiter)
+
+    assert_one_scheduler_at_a_time(redis_sends(client, f"{queue}.every"), holders)
+
+
+def assert_one_scheduler_at_a_time(sends: list[Send], holders: list[Worker]) -> None:
+    """No tick sent twice (two sends closer than half a period), and no old holder sending after
+    its successor's first send."""
+    order = {beat.proc.pid: i for i, beat in enumerate(holders)}
+    timeline = "\n".join(f"{s.at:.3f} beat {order.get(s.pid, s.pid)}" for s in sends)
+    doubled = [(a, b) for a, b in zip(sends, sends[1:], strict=False) if b.at - a.at < FENCE_EVERY / 2]
+    assert not doubled, f"ticks sent twice: {doubled}\n{timeline}"
+    assert [order[s.pid] for s in sends] == sorted(order[s.pid] for s in sends), timeline
+
+
+def test_a_holder_that_cannot_renew_exits_before_its_key_expires(spawn: Spawner, redis_server: RedisServer) -> None:
+    lock = new_lock()
+    beat = start_beat(spawn, redis_server.url, lock, "frozen-broker")
     beat.wait_ready()
-    own_redis.proc.send_signal(signal.SIGSTOP)
+    redis_server.proc.send_signal(signal.SIGSTOP)
     try:
         assert beat.proc.wait(timeout=60) == LOST, beat.output()
         assert f"could not renew beat lock {lock}" in beat.output()
         # The broker was frozen all along: nobody else could have taken the lock meanwhile,
         # and the holder gave up by its own clock (the deadline arithmetic is pinned below).
     finally:
-        own_redis.proc.send_signal(signal.SIGCONT)
+        redis_server.proc.send_signal(signal.SIGCONT)
 
 
 def test_a_frozen_holder_that_resumes_after_a_takeover_exits_without_sending(
@@ -259,7 +287,9 @@ def test_bad_lock_settings_fail_fast_with_a_message(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------- RabbitMQ
 
 
-def test_amqp_exclusive_queue_is_the_lock_and_a_lost_connection_stops_beat(spawn: Spawner, rabbit_server: RabbitServer) -> None:
+def test_amqp_exclusive_queue_is_the_lock_and_a_lost_connection_stops_beat(
+    spawn: Spawner, rabbit_server: RabbitServer
+) -> None:
     lock = new_lock()
     # No result backend: the example app would otherwise use the broker URL for results too.
     env = {"CELERY_RESULT_BACKEND": ""}
@@ -282,7 +312,9 @@ def test_amqp_exclusive_queue_is_the_lock_and_a_lost_connection_stops_beat(spawn
     wait_until(lambda: waiting(c, lock), 60, "c to wait for the queue")
     rabbit_server.ctl("close_all_connections", "test: lock connection lost")
     assert b.proc.wait(timeout=60) == LOST, b.output()
-    assert f"lost beat lock {lock}: the lock's connection failed" in b.output()
+    # Found by the check every third of a lease or by the one before the next tick, whichever came first.
+    lost = rf"lost beat lock {re.escape(lock)}( before sending a task)?: the lock's connection failed"
+    assert re.search(lost, b.output()), b.output()
     c.wait_ready()
     assert schedules(c)
 
@@ -293,6 +325,78 @@ def test_amqp_exclusive_queue_is_the_lock_and_a_lost_connection_stops_beat(spawn
         assert f"lost beat lock {lock}" in c.output()
     finally:
         os.killpg(rabbit_server.proc.pid, signal.SIGCONT)
+
+
+class AmqpSends:
+    """Takes the messages of a RabbitMQ queue as they arrive (the test is their consumer), as Sends."""
+
+    def __init__(self, url: str, queue: str) -> None:
+        import amqp
+        from kombu.utils.url import url_to_parts
+
+        parts = url_to_parts(url)
+        self.conn = amqp.Connection(f"{parts.hostname}:{parts.port}", userid="guest", password="guest")
+        self.conn.connect()
+        self.channel = self.conn.channel()
+        # The queue as Celery declares it before its first publish (durable, no arguments).
+        self.channel.queue_declare(queue=queue, durable=True, auto_delete=False)
+        self.queue = queue
+        self.sends: list[Send] = []
+
+    def poll(self) -> list[Send]:
+        while (message := self.channel.basic_get(queue=self.queue, no_ack=True)) is not None:
+            headers = message.headers or {}
+            self.sends.append(Send(pid=int(headers["beat_pid"]), at=float(headers["beat_sent_at"])))
+        return sorted(self.sends, key=lambda s: s.at)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def close_lock_connection(rabbit: RabbitServer, holder: Worker) -> None:
+    """Closes only the beat lock's own connection of ``holder`` (named ``celery beat lock <holder id>``)."""
+    rows = rabbit.ctl("list_connections", "pid", "client_properties", "--no-table-headers", "--quiet")
+    name = f"celery beat lock {holder.env['POD_NAME']}:{holder.proc.pid}:"
+    pids = [line.split("\t")[0] for line in rows.splitlines() if name in line]
+    assert len(pids) == 1, f"no lock connection {name!r} in:\n{rows}"
+    rabbit.ctl("close_connection", pids[0], "test: the lock's connection is lost")
+
+
+def test_a_lost_amqp_lock_connection_never_lets_two_beats_send_the_same_tick(
+    spawn: Spawner, rabbit_server: RabbitServer
+) -> None:
+    """RabbitMQ's form of a vanished key: the holder's lock connection closes (a network blip, a
+    broker restart, a `close_connection`) and its exclusive queue goes with it, while another beat
+    waits. The waiter declares the queue within a second; the holder's periodic check is up to
+    10 s away (lease 30 s), so only the check before each send stops it. Sends are taken from the
+    broker by the test as they arrive; each beat has a schedule directory of its own, as in the
+    Redis test."""
+    lock = new_lock()
+    queue = f"fence-{uuid.uuid4().hex[:8]}"
+    ticks = AmqpSends(rabbit_server.url, f"{queue}.every")
+
+    def beat(name: str) -> Worker:
+        env = {"BEAT_QUEUE": queue, "BEAT_EVERY": str(FENCE_EVERY), "CELERY_RESULT_BACKEND": ""}
+        return start_beat(spawn, rabbit_server.url, lock, name, app="beat_app", ttl="30", **env)
+
+    def sent_by(beat: Worker) -> int:
+        return sum(1 for s in ticks.poll() if s.pid == beat.proc.pid)
+
+    try:
+        holders = [beat("amqp-fence-0")]
+        holders[0].wait_ready()
+        for trial in range(1, AMQP_FENCE_TRIALS + 1):
+            holder, waiter = holders[-1], beat(f"amqp-fence-{trial}")
+            wait_until(lambda: waiting(waiter, lock), 60, f"trial {trial}: the next beat to wait")  # noqa: B023
+            wait_until(lambda: sent_by(holder) >= 2, 60, f"trial {trial}: the holder to tick")  # noqa: B023
+            close_lock_connection(rabbit_server, holder)
+            assert holder.proc.wait(timeout=60) == LOST, holder.output()
+            waiter.wait_ready()
+            wait_until(lambda: sent_by(waiter) >= 2, 60, f"trial {trial}: the new holder to tick")  # noqa: B023
+            holders.append(waiter)
+        assert_one_scheduler_at_a_time(ticks.poll(), holders)
+    finally:
+        ticks.close()
 
 
 # ------------------------------------------------------------------------------- pure parts

@@ -62,11 +62,11 @@ def test_liveness_stays_fresh_while_healthy_and_goes_stale_when_frozen(
 
 
 def test_liveness_stays_fresh_while_the_worker_retries_a_lost_broker(
-    spawn: Spawner, own_redis: RedisServer, client_app
+    spawn: Spawner, redis_server: RedisServer, client_app
 ) -> None:
-    worker = spawn(own_redis.url, env=FAST_HEARTBEAT)
+    worker = spawn(redis_server.url, env=FAST_HEARTBEAT)
     worker.wait_ready()
-    own_redis.stop()
+    redis_server.stop()
 
     def passes_until_retry_gaps_exceed_max_age() -> bool:
         result = worker.probe("liveness")
@@ -76,9 +76,9 @@ def test_liveness_stays_fresh_while_the_worker_retries_a_lost_broker(
 
     wait_until(passes_until_retry_gaps_exceed_max_age, 60, "three broker reconnect attempts")
 
-    own_redis.start()
+    redis_server.start()
     wait_until(lambda: worker.output().count("Connected to redis://") >= 2, 60, "the worker to reconnect")
-    app = client_app(own_redis.url)
+    app = client_app(redis_server.url)
     assert app.send_task("celery_example.add", (2, 3), queue=worker.queue).get(timeout=60) == 5
     assert worker.passes("readiness")
 

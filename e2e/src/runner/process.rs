@@ -217,7 +217,9 @@ fn value_from(server: &ApiServer, pod: &Value, ns: &str, from: &Value, node: &st
 }
 
 /// Create the pod's volume directories (emptyDir, secret and configMap contents) and return the
-/// container's mounts as (mountPath, host path).
+/// container's mounts as (mountPath, host path). A `persistentVolumeClaim` volume is one directory
+/// per namespace and claim name, next to the pods' directories, that outlives every pod mounting it
+/// (the claim object itself is not looked up: the double does not serve PersistentVolumeClaims).
 pub fn prepare_volumes(
     server: &ApiServer,
     pod: &Value,
@@ -231,9 +233,13 @@ pub fn prepare_volumes(
         let name = mount.get("name").and_then(Value::as_str).unwrap_or_default();
         let mount_path = mount.get("mountPath").and_then(Value::as_str).unwrap_or_default();
         let sub = mount.get("subPath").and_then(Value::as_str).unwrap_or_default();
-        let host = pod_dir.join("volumes").join(name);
-        std::fs::create_dir_all(&host).map_err(|e| ConfigError::config(format!("volume {name}: {e}")))?;
         let volume = volumes.iter().find(|v| v.get("name").and_then(Value::as_str) == Some(name));
+        let host = match volume.and_then(|v| str_at(v, "/persistentVolumeClaim/claimName")) {
+            // `_` cannot start a pod name, so no pod directory is ever called that.
+            Some(claim) => pod_dir.parent().unwrap_or(pod_dir).join("_claims").join(claim),
+            None => pod_dir.join("volumes").join(name),
+        };
+        std::fs::create_dir_all(&host).map_err(|e| ConfigError::config(format!("volume {name}: {e}")))?;
         let files = match volume {
             Some(v) if v.get("secret").is_some() => {
                 Some(secret_data(server, ns, str_at(v, "/secret/secretName").unwrap_or_default())?)
@@ -505,6 +511,28 @@ mod tests {
         assert_eq!(remap("--schedule=/var/run/celery-beat/s", &mounts), "--schedule=/p/beat/s");
         assert_eq!(remap("/tmp", &mounts), "/p/tmp");
         assert_eq!(remap("/var/tmpfile", &mounts), "/var/tmpfile");
+    }
+
+    #[test]
+    fn a_claimed_volume_is_one_directory_per_claim_that_outlives_the_pods() {
+        let server = crate::ApiServer::new();
+        let root = tempfile::tempdir().unwrap();
+        let pod = json!({"metadata": {"namespace": "ns"}, "spec": {"volumes": [
+            {"name": "schedule", "persistentVolumeClaim": {"claimName": "beat-schedule"}},
+            {"name": "scratch", "emptyDir": {}},
+        ]}});
+        let container = json!({"volumeMounts": [
+            {"name": "schedule", "mountPath": "/var/run/celery-beat"},
+            {"name": "scratch", "mountPath": "/scratch"},
+        ]});
+        let mounts = |pod_name: &str| {
+            let m = prepare_volumes(&server, &pod, &container, &root.path().join("ns").join(pod_name)).unwrap();
+            m.into_iter().collect::<std::collections::BTreeMap<_, _>>()
+        };
+        let (old, new) = (mounts("beat-1"), mounts("beat-2"));
+        assert_eq!(old["/var/run/celery-beat"], root.path().join("ns/_claims/beat-schedule"));
+        assert_eq!(old["/var/run/celery-beat"], new["/var/run/celery-beat"]);
+        assert_ne!(old["/scratch"], new["/scratch"]);
     }
 
     #[test]

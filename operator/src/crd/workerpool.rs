@@ -273,10 +273,22 @@ pub struct BeatSpec {
 
     /// Scheduler class (`beat -S`), e.g. `redbeat.RedBeatScheduler` or
     /// `django_celery_beat.schedulers:DatabaseScheduler`. Default: Celery's file scheduler, with its
-    /// schedule file on a writable emptyDir.
+    /// schedule file in the beat pod's schedule volume (see scheduleClaimName).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253), regex(pattern = r"^[A-Za-z_][A-Za-z0-9_.:]*$"))]
     pub scheduler: Option<String>,
+
+    /// Name of a PersistentVolumeClaim in the pool's namespace that holds beat's schedule file, so
+    /// Celery's file scheduler remembers when each entry last ran across rollouts, restarts and
+    /// rescheduling: an entry that fell due while no beat ran (a Recreate rollout, a node drain) is
+    /// sent once when the next beat pod starts, and nothing is sent twice. ReadWriteOnce is enough
+    /// (one beat pod, Recreate) and a few MiB hold thousands of entries; the beat pod gets
+    /// fsGroup 10001 (the worker image's group) unless template.securityContext is set. Unset:
+    /// an emptyDir, and every new beat pod starts its schedule from nothing. Not needed with a
+    /// scheduler that keeps its own state (redbeat in Redis, django-celery-beat in a database).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub schedule_claim_name: Option<String>,
 }
 
 /// Pod settings merged into the generated worker and beat pods.

@@ -7,6 +7,8 @@ Environment:
 ``CELERY_ACKS_LATE=1``           ack after the task ran, redeliver if the worker is lost
 ``CELERY_EXAMPLE_TICK_SECONDS``  beat interval of the ``tick`` task (default 5)
 ``CELERY_EXAMPLE_TICK_QUEUE``    queue the ticks go to (default: ``celery``)
+``CELERY_EXAMPLE_MINUTELY_QUEUE`` if set, beat also sends ``tick`` there at the start of every
+                                 minute (a crontab entry, ``minutely``)
 ``CELERY_EXAMPLE_REDIS_URL``     Redis that ``hold`` watches for its release key
                                  (default: the result backend or broker, if Redis)
 
@@ -21,6 +23,7 @@ import time
 from typing import Any
 
 from celery import Celery
+from celery.schedules import crontab
 
 RELEASE_KEY_PREFIX = "celery-example:release:"
 
@@ -50,6 +53,12 @@ if os.environ.get("CELERY_EXAMPLE_TICK_QUEUE"):
 app.conf.beat_schedule = {
     "tick": {"task": "celery_example.tick", "schedule": _tick_seconds, "options": _tick_options},
 }
+if os.environ.get("CELERY_EXAMPLE_MINUTELY_QUEUE"):
+    app.conf.beat_schedule["minutely"] = {
+        "task": "celery_example.tick",
+        "schedule": crontab(minute="*"),
+        "options": {"queue": os.environ["CELERY_EXAMPLE_MINUTELY_QUEUE"]},
+    }
 
 
 def _identity(task: Any) -> dict[str, Any]:

@@ -32,16 +32,14 @@ RabbitMQ (``amqp://``, ``amqps://``)
 
 Other broker schemes (``sentinel://``, SQS, ...) get a warning and no lock.
 
-Before every message beat publishes, the holder also checks that its lease
-has not run out (a process frozen by SIGSTOP or a VM pause and then resumed
-exits instead of sending).
+Fencing: before every message beat publishes, the holder renews the lock
+(one broker round trip) and exits instead of sending if the lock is no longer
+its own, or if its lease ran out by the clock (a process frozen by SIGSTOP or
+a VM pause and then resumed). A lost key thus stops the old holder at its
+next send, not at its next renewal.
 
-Every beat started through the entrypoint, with or without a lock, keeps its
-schedule file open from ``beat_init`` until the scheduler has stopped
-(:class:`ScheduleMarker`): with every dbm backend, an open descriptor on the
-schedule file marks a running scheduler (Celery's shelve keeps one with gdbm or
-ndbm, but not with the ``dbm.dumb`` fallback). It is closed before the lock is
-released.
+The schedule itself (what beat sends when) is ``beat_schedule``'s concern; the
+entrypoint closes it before the lock is released.
 """
 
 from __future__ import annotations
@@ -58,7 +56,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
 LOCK_ENV = "CELERY_BEAT_LOCK"
 TTL_ENV = "CELERY_BEAT_LOCK_TTL_SECONDS"
@@ -439,18 +437,20 @@ class HeldLock:
             with self.mutex:
                 if self.stopped.is_set():
                     return
-                self._renew_once()
+                # A send may have renewed while this thread slept: then the next renewal is later.
+                if time.monotonic() >= self.timing.renew_at(self.last_sent):
+                    self._renew_once()
 
-    def _renew_once(self) -> None:
+    def _renew_once(self, when: str = "") -> None:
         last_error = "no attempt fitted"
         while True:
             now = time.monotonic()
             if not self.timing.may_attempt(now, self.last_sent):
-                _lost(f"could not renew beat lock {self.settings.name} on {self.backend.where} ({last_error})")
+                _lost(f"could not renew beat lock {self.settings.name}{when} on {self.backend.where} ({last_error})")
             try:
                 self.backend.renew(self.timing.attempt_timeout)
             except LockLost as err:
-                _lost(f"lost beat lock {self.settings.name}: {err}")
+                _lost(f"lost beat lock {self.settings.name}{when}: {err}")
             except LockUnavailable as err:
                 last_error = str(err)
                 time.sleep(min(0.1, self.timing.attempt_timeout))
@@ -459,9 +459,25 @@ class HeldLock:
             return
 
     def on_before_publish(self, **_: Any) -> None:
-        self.ensure_valid()
+        """Fencing: each message beat is about to publish first proves, on the broker, that the lock is ours.
+
+        The clock alone is not enough: a key that vanishes (a Redis restarted without persistence,
+        FLUSHDB, eviction) lets a waiter take over while this process's lease still looks valid.
+        The proof is the renewal itself (one round trip: Redis compare-and-PEXPIRE, RabbitMQ
+        passive declare of the lock queue), so it also extends the lease. A lock that is gone
+        exits the process before the message leaves; a broker that does not answer is retried
+        until the lease could end, as a renewal is. Celery's signal dispatcher swallows
+        exceptions, so exiting is the only way to stop the send.
+        """
+        with self.mutex:
+            self.ensure_valid()
+            if not self.stopped.is_set():
+                self._renew_once(" before sending a task")
 
     def install_celery_hooks(self) -> None:
+        # before_task_publish: every scheduler class (Celery's, redbeat, django-celery-beat, ...)
+        # sends through Scheduler.apply_async -> app.send_task -> amqp.send_task_message, which
+        # sends this signal right before producer.publish.
         from celery import signals
 
         signals.before_task_publish.connect(self.on_before_publish, weak=False)
@@ -472,38 +488,6 @@ class HeldLock:
         with self.mutex:
             self.backend.release()
         log(f"released beat lock {self.settings.name}")
-
-
-class ScheduleMarker:
-    """Keeps beat's schedule file open from ``beat_init`` until :meth:`close` (after beat stopped).
-
-    Celery's shelve keeps the file open with gdbm or ndbm but not with ``dbm.dumb``; with the
-    marker, the processes holding the schedule file open are the running schedulers whatever
-    the backend (``fuser``, ``lsof``, ``/proc/*/fd``). Independent of the lock: every beat
-    started through the entrypoint has it.
-    """
-
-    def __init__(self) -> None:
-        self.file: IO[bytes] | None = None
-
-    def install(self) -> None:
-        from celery import signals
-
-        signals.beat_init.connect(self.on_beat_init, weak=False)
-
-    def on_beat_init(self, sender: Any = None, **_: Any) -> None:
-        path = str(getattr(sender, "schedule_filename", "") or "")
-        for candidate in (path, path + ".db", path + ".dat") if path else ():
-            try:
-                self.file = open(candidate, "rb")  # noqa: SIM115 - held until the scheduler stopped
-                return
-            except OSError:
-                continue
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
 
 
 def _raise_terminated(signum: int, _frame: Any) -> None:

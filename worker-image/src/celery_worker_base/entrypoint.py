@@ -91,15 +91,17 @@ def run_celery(celery_args: list[str]) -> int:
             f"{beat_lock.LOCK_ENV}: cannot lock on a {settings.scheme}:// broker "
             f"(supported: redis, rediss, amqp, amqps); beat runs WITHOUT the lock"
         )
-    marker = None
+    schedule = None
     if beat_lock.celery_subcommand(celery_args) == "beat":
-        marker = beat_lock.ScheduleMarker()
-        marker.install()
+        from . import beat_schedule
+
+        schedule = beat_schedule.ScheduleFile.from_args(celery_args)
+        schedule.install()
+    # While it waits (for the lock, for the schedule file) a beat is alive and not ready.
+    heartbeat = hooks.Heartbeat(files) if files is not None else None
     held = None
     if settings is not None and backend is not None:
         # Before Celery starts: a beat that waits here has opened no schedule and sends nothing.
-        # While it waits the beat is alive (heartbeat) and not ready (no `ready` file until beat_init).
-        heartbeat = hooks.Heartbeat(files) if files is not None else None
         held = beat_lock.acquire(settings, backend, heartbeat, interval)
         if held is None:
             return 0
@@ -109,12 +111,15 @@ def run_celery(celery_args: list[str]) -> int:
     from celery.bin.celery import celery as celery_cli
 
     try:
+        if schedule is not None:
+            # On a volume pods share, the previous beat may still have the file (a lost lock key).
+            schedule.wait_until_ours(heartbeat, interval)
         # What `celery.bin.celery.main()` does, with our argv instead of sys.argv.
         return celery_cli.main(args=celery_args, prog_name="celery", auto_envvar_prefix="CELERY")
     finally:
         # Beat has stopped: its schedule is closed, then (and only then) the lock is given back.
-        if marker is not None:
-            marker.close()
+        if schedule is not None:
+            schedule.close()
         if held is not None:
             held.release()
 
