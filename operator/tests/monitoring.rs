@@ -15,6 +15,9 @@
 //! the chart's ServiceMonitor does, and with target labels (`namespace`, `pod`) that collide with
 //! the operator's own `namespace` label the way a Kubernetes scrape's do.
 
+mod common;
+use common::poll;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -136,8 +139,8 @@ impl Prometheus {
             .expect("start prometheus");
         let prometheus = Prometheus { _child: child, addr, http: reqwest::Client::new(), _dir: dir };
         let ready = format!("http://{addr}/-/ready");
-        eventually("Prometheus to be ready", || async {
-            prometheus.http.get(&ready).send().await.ok()?.status().is_success().then_some(())
+        poll("Prometheus to be ready", || async {
+            prometheus.http.get(&ready).send().await.is_ok_and(|r| r.status().is_success())
         })
         .await;
         prometheus
@@ -179,21 +182,6 @@ impl Prometheus {
 }
 
 // ------------------------------------------------------------------------------------ helpers
-
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out after {DEADLINE:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
 
 /// The queries that return no series (with Prometheus' error, if any), and alerts of `names` that
 /// Prometheus does not hold pending or firing (or evaluates with an error).
