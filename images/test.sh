@@ -268,7 +268,8 @@ if [ -n "$python_prefix" ] && [ "${IMAGES_PYTHON:-}" != debian ]; then
 else
   python_image="docker.io/library/python:3.11-slim-bookworm"
   python_build_args=(--build-arg "PYTHON_IMAGE=python:3.11-slim-bookworm")
-  echo "NOTICE: no CPython 3.12 build on this host; the worker image is built on Debian's Python 3.11 ($python_image)"
+  echo "NOTICE: the worker image is built on Debian's Python 3.11 ($python_image):" \
+       "no CPython 3.12 build found on this host, or IMAGES_PYTHON=debian"
   "${build[@]}" -f "$here/bases/python-debian.Containerfile" -t "$python_image" "$here/bases" \
     >"$work/logs/base-python.log" 2>&1 || fail "building $python_image"
 fi
