@@ -35,6 +35,7 @@ RESOURCES = [
     ("events.k8s.io", "v1", "Event", "events", True),
     ("apiextensions.k8s.io", "v1", "CustomResourceDefinition", "customresourcedefinitions", False),
     ("monitoring.coreos.com", "v1", "ServiceMonitor", "servicemonitors", True),
+    ("monitoring.coreos.com", "v1", "PrometheusRule", "prometheusrules", True),
 ]
 
 KUBE_VERSION = {"major": "1", "minor": "33", "gitVersion": "v1.33.0", "platform": "linux/amd64"}

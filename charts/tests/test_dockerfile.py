@@ -50,9 +50,29 @@ def test_runtime_image_is_distroless_nonroot_with_the_chart_user() -> None:
     assert stages[0].startswith("rust:") and "bookworm" in stages[0]
     assert stages[-1] == "gcr.io/distroless/cc-debian12:nonroot"
     (user,) = _instructions("USER")
-    uid = user.split(":")[0]
+    uid, gid = user.split(":")
     assert uid.isdigit() and uid != "0", "numeric, so the kubelet can check runAsNonRoot"
-    assert int(uid) == load_yaml(CHART_DIR / "values.yaml")["podSecurityContext"]["runAsUser"]
+    pod = load_yaml(CHART_DIR / "values.yaml")["podSecurityContext"]
+    assert (int(uid), int(gid)) == (pod["runAsUser"], pod["runAsGroup"])
+
+
+def test_the_image_smoke_test_runs_the_operator_as_the_chart_does() -> None:
+    # images/test.sh runs the built image read-only, all capabilities dropped, as the image's USER
+    # (the chart's runAsUser, above), with nothing writable: the chart mounts no volumes either
+    # (test_render.test_operator_runs_with_the_cli_contract).
+    script = (REPO_ROOT / "images" / "test.sh").read_text().replace("\\\n", " ")
+    restricted = next(line for line in script.splitlines() if line.startswith("restricted=("))
+    for flag in ("--read-only ", "--read-only-tmpfs=false", "--cap-drop ALL", "no-new-privileges"):
+        assert flag in restricted, restricted
+    chart = load_yaml(CHART_DIR / "values.yaml")["securityContext"]
+    assert chart["readOnlyRootFilesystem"] is True and chart["capabilities"]["drop"] == ["ALL"]
+    assert chart["allowPrivilegeEscalation"] is False
+    runs = [line for line in script.splitlines() if '"$operator_image"' in line and "podman run" in line]
+    assert len(runs) >= 4, runs  # --version, crd, check-broker, run
+    for run in runs:
+        assert '"${restricted[@]}"' in run and "--user" not in run and "--tmpfs" not in run, run
+        mounts = [chunk.split(" -")[0].strip() for chunk in run.split(" -v ")[1:]]
+        assert all(m.rstrip('"').endswith(":ro") for m in mounts), f"a writable mount: {mounts}"
 
 
 def test_entrypoint_runs_the_operator() -> None:

@@ -3,6 +3,7 @@
 //! once; a graceful shutdown releases it so a standby takes over without waiting for expiry.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -10,6 +11,8 @@ use futures::future::Shared;
 use kube::Client;
 use kube_lease_manager::LeaseManagerBuilder;
 use tracing::{info, warn};
+
+use crate::metrics::Metrics;
 
 /// Lease settings.
 #[derive(Clone, Debug)]
@@ -24,6 +27,8 @@ pub struct LeaseOptions {
     pub duration_seconds: u64,
     /// Seconds before expiry at which the holder renews.
     pub grace_seconds: u64,
+    /// Where this replica says whether it leads (`celery_operator_leader`).
+    pub metrics: Arc<Metrics>,
 }
 
 /// A future that completes once, cloneable: the shutdown signal handed to every controller.
@@ -61,6 +66,7 @@ where
             changed = leading.wait_for(|is_leader| *is_leader) => if changed.is_err() { break },
         }
         info!(identity = %options.identity, lease = %options.name, "acquired the lease: reconciling");
+        options.metrics.set_leader(true);
         let mut lost = leading.clone();
         let stop = shutdown.clone();
         let signal = shutdown_when(async move {
@@ -70,6 +76,7 @@ where
             }
         });
         work(signal).await;
+        options.metrics.set_leader(false);
         if shutdown.clone().now_or_never().is_some() {
             break;
         }

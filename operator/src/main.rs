@@ -151,7 +151,7 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     info!(server = %version.git_version, "connected to the API server");
 
     let identity = std::env::var("POD_NAME").unwrap_or_else(|_| format!("{}-{}", hostname(), std::process::id()));
-    let ctx = Arc::new(Context::new(client, metrics, Some(identity.clone())));
+    let ctx = Arc::new(Context::new(client, metrics.clone(), Some(identity.clone())));
     let mut namespaces: Vec<Option<String>> =
         args.watch_namespaces.into_iter().filter(|n| !n.is_empty()).map(Some).collect();
     if namespaces.is_empty() {
@@ -163,7 +163,11 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         identity,
         duration_seconds: args.lease_duration_seconds,
         grace_seconds: (args.lease_duration_seconds / 3).max(1),
+        metrics: metrics.clone(),
     });
+    if lease.is_none() {
+        metrics.set_leader(true); // the only replica: it always reconciles
+    }
     // Every replica serves /metrics and is ready; only the leader reconciles.
     health.set_ready(true);
     controller::run_all(ctx, namespaces, lease, termination()).await?;

@@ -26,6 +26,13 @@ pub struct Metrics {
     pool_in_flight: IntGaugeVec,
     decision_latency: prometheus::Histogram,
     scale_events: IntCounterVec,
+    leader: prometheus::IntGauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
 }
 
 /// Labels of per-pool metrics.
@@ -93,7 +100,13 @@ impl Metrics {
             &["namespace", "workerpool", "direction"],
         )
         .expect("valid metric");
-        let collectors: [Box<dyn prometheus::core::Collector>; 14] = [
+        let leader = prometheus::IntGauge::new(
+            "celery_operator_leader",
+            "1 while this replica reconciles (holds the Lease, or runs without leader election), else 0",
+        )
+        .expect("valid metric");
+        let collectors: [Box<dyn prometheus::core::Collector>; 15] = [
+            Box::new(leader.clone()),
             Box::new(pool_desired.clone()),
             Box::new(pool_current.clone()),
             Box::new(pool_backlog.clone()),
@@ -128,6 +141,27 @@ impl Metrics {
             pool_in_flight,
             decision_latency,
             scale_events,
+            leader,
+        }
+    }
+
+    /// Records whether this replica reconciles. One that stops drops its per-queue and per-pool
+    /// gauges: their last values would otherwise be exported beside the new leader's for as long
+    /// as it runs, doubling dashboard sums and keeping alerts on a state that has changed since.
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
+        if !leading {
+            for gauges in [
+                &self.queue_ready,
+                &self.queue_unacked,
+                &self.broker_safe,
+                &self.pool_desired,
+                &self.pool_current,
+                &self.pool_backlog,
+                &self.pool_in_flight,
+            ] {
+                gauges.reset();
+            }
         }
     }
 
@@ -236,5 +270,35 @@ mod tests {
         assert!(text.contains("celery_operator_reconcile_total{kind=\"WorkerPool\"} 1"), "{text}");
         assert!(text.contains("celery_operator_reconcile_errors_total{error=\"api\",kind=\"WorkerPool\"} 1"), "{text}");
         assert!(text.contains("celery_operator_reconcile_duration_seconds_count{kind=\"WorkerPool\"} 1"), "{text}");
+    }
+
+    #[test]
+    fn a_replica_that_stops_leading_exports_no_queue_or_pool_gauges() {
+        let m = Metrics::new();
+        assert!(m.encode().contains("celery_operator_leader 0"), "a replica starts as a standby");
+        m.set_leader(true);
+        m.queue_observed(&["prod".into(), "emails".into()], 7, Some(1), false);
+        m.pool_decided(&["prod", "mail"], 3, 2, Some(7), Some(1));
+        m.pool_scaled(&["prod", "mail"], true);
+        let text = m.encode();
+        assert!(text.contains("celery_operator_leader 1"), "{text}");
+        assert!(text.contains("celery_operator_queue_ready{namespace=\"prod\",taskqueue=\"emails\"} 7"), "{text}");
+
+        m.set_leader(false);
+        let text = m.encode();
+        assert!(text.contains("celery_operator_leader 0"), "{text}");
+        for gauge in [
+            "queue_ready",
+            "queue_unacked",
+            "broker_safe",
+            "pool_desired_replicas",
+            "pool_current_replicas",
+            "pool_backlog",
+            "pool_in_flight",
+        ] {
+            assert!(!text.contains(&format!("celery_operator_{gauge}{{")), "{gauge} still exported:\n{text}");
+        }
+        // Counters count what happened, whoever leads now.
+        assert!(text.contains("celery_operator_autoscaler_scale_events_total{"), "{text}");
     }
 }

@@ -1,5 +1,6 @@
-//! Two operator instances against one control-plane double: only the Lease holder reconciles, and
-//! when it dies without releasing, the other takes over once the lease expires.
+//! Two operator instances against one control-plane double: only the Lease holder reconciles (and
+//! says so in `celery_operator_leader`), and when it dies without releasing, the other takes over
+//! once the lease expires.
 
 mod common;
 use common::poll;
@@ -32,6 +33,7 @@ fn instance(client: &Client, identity: &str) -> (Arc<Metrics>, tokio::task::Join
         identity: identity.into(),
         duration_seconds: 3,
         grace_seconds: 1,
+        metrics: metrics.clone(),
     };
     let task = tokio::spawn(async move {
         run_all(ctx, vec![Some("prod".into())], Some(lease), never()).await.expect("leader election runs");
@@ -46,6 +48,11 @@ fn reconciles(metrics: &Metrics) -> u64 {
         .filter(|l| l.starts_with("celery_operator_reconcile_total"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
+}
+
+/// `celery_operator_leader`: 1 while the replica leads.
+fn leading(metrics: &Metrics) -> bool {
+    metrics.encode().lines().any(|l| l == "celery_operator_leader 1")
 }
 
 async fn create_pool(client: &Client, name: &str) {
@@ -77,6 +84,7 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over() {
         .await;
     assert!(reconciles(&a_metrics) > 0);
     assert_eq!(reconciles(&b_metrics), 0, "the standby must not reconcile");
+    assert!(leading(&a_metrics) && !leading(&b_metrics), "only the holder reports celery_operator_leader 1");
 
     // The leader dies without releasing the lease (no graceful shutdown).
     a.abort();
@@ -87,5 +95,6 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over() {
     create_pool(&client, "second").await;
     poll("new leader reconciles", || async { deployments.get_opt("second-worker").await.unwrap().is_some() }).await;
     assert!(reconciles(&b_metrics) > 0);
+    assert!(leading(&b_metrics));
     b.abort();
 }

@@ -44,6 +44,7 @@ async fn the_operators_api_calls_match_the_checked_in_rbac_set() {
         identity: "rbac".into(),
         duration_seconds: 5,
         grace_seconds: 1,
+        metrics: ctx.metrics.clone(),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let shutdown = shutdown_when(async move {
