@@ -1033,3 +1033,24 @@ async fn injected_latency_delays_only_matching_requests() {
     assert_eq!(order_rx.recv().await, Some("fast"));
     assert_eq!(order_rx.recv().await, Some("slow"));
 }
+
+/// `ApiServer::observe` reports every change in order, transient states included, and is not a
+/// client watch: `drop_watches` leaves it open and `open_watches` does not count it.
+#[tokio::test]
+async fn an_observer_sees_every_change_and_outlives_dropped_watches() {
+    let server = server();
+    let mut observer = server.observe("v1", "ConfigMap", Some("default")).unwrap();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    cms.create(&PostParams::default(), &cm("a", json!({}))).await.unwrap();
+    assert_eq!((server.open_watches(), server.drop_watches()), (0, 0));
+    for value in ["1", "2", "3"] {
+        cms.patch("a", &PatchParams::default(), &Patch::Merge(json!({"data": {"k": value}}))).await.unwrap();
+    }
+    cms.delete("a", &DeleteParams::default()).await.unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        let (kind, obj) = tokio::time::timeout(DEADLINE, observer.next()).await.unwrap().unwrap();
+        seen.push(format!("{kind} {}", obj["data"]["k"].as_str().unwrap_or_default()));
+    }
+    assert_eq!(seen, ["ADDED v", "MODIFIED 1", "MODIFIED 2", "MODIFIED 3", "DELETED 3"]);
+}

@@ -432,6 +432,16 @@ impl ApiServer {
         self.with_store(|s| s.subscribe())
     }
 
+    /// Every change of a kind (in `namespace`, or all namespaces) from now on, in order and none
+    /// missed, for a test that must see transient states ([`ApiServer::changes`] only wakes, and
+    /// wakes once for several changes). Not a client's watch: never logged, never closed by
+    /// [`ApiServer::drop_watches`], not counted by [`ApiServer::open_watches`].
+    pub fn observe(&self, api_version: &str, kind: &str, namespace: Option<&str>) -> Result<Observer, Error> {
+        let rt = self.resolve(api_version, kind)?;
+        let filter = store::WatchFilter { namespace: namespace.map(String::from), ..Default::default() };
+        Ok(Observer { rx: self.with_store(|s| s.observe(&rt.key(), filter)) })
+    }
+
     /// The served kinds (built-in and from CRDs).
     pub fn resource_types(&self) -> Vec<ResourceType> {
         self.with_store(|s| s.types.values().map(|t| (**t).clone()).collect())
@@ -510,6 +520,25 @@ users:
 }
 
 /// The double served over HTTP. Dropping it stops the listener and removes the kubeconfig.
+/// The changes [`ApiServer::observe`] reports.
+#[derive(Debug)]
+pub struct Observer {
+    rx: tokio::sync::mpsc::UnboundedReceiver<store::Delivery>,
+}
+
+impl Observer {
+    /// The next change: `("ADDED" | "MODIFIED" | "DELETED", object as stored)`; `None` once the
+    /// server is gone.
+    pub async fn next(&mut self) -> Option<(&'static str, Value)> {
+        loop {
+            match self.rx.recv().await? {
+                store::Delivery::Event(kind, obj) => return Some((kind.as_str(), obj)),
+                store::Delivery::Bookmark(..) => {}
+            }
+        }
+    }
+}
+
 pub struct ServedApi {
     pub addr: SocketAddr,
     pub kubeconfig_path: PathBuf,
