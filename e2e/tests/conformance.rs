@@ -783,6 +783,21 @@ async fn injected_faults_fail_the_next_matching_requests() {
 }
 
 #[tokio::test]
+async fn dropping_the_watches_of_one_resource_leaves_the_others_open() {
+    let server = server();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    let secrets: Api<Secret> = Api::default_namespaced(server.client());
+    let mut cm_stream = cms.watch(&WatchParams::default(), "0").await.unwrap().boxed();
+    let mut secret_stream = secrets.watch(&WatchParams::default().disable_bookmarks(), "0").await.unwrap().boxed();
+    assert_eq!(server.drop_watches_of("configmaps"), 1);
+    let end = tokio::time::timeout(DEADLINE, cm_stream.next()).await.expect("the ConfigMap watch ends");
+    assert!(end.is_none());
+    assert_eq!(server.open_watches(), 1);
+    server.create(json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}})).unwrap();
+    assert_eq!(describe(&next_event(&mut secret_stream).await), ("ADDED".to_string(), "s".to_string()));
+}
+
+#[tokio::test]
 async fn dropping_watches_ends_open_streams() {
     let server = server();
     let cms: Api<ConfigMap> = Api::default_namespaced(server.client());

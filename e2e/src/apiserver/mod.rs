@@ -225,6 +225,13 @@ impl ApiServer {
         self.with_store(|s| s.drop_watches())
     }
 
+    /// Close the open watches of one resource, by plural name (`"taskqueues"`), so that only
+    /// that kind's watchers must re-watch (after [`ApiServer::compact`]: get 410 Gone). Returns
+    /// how many were open.
+    pub fn drop_watches_of(&self, plural: &str) -> usize {
+        self.with_store(|s| s.drop_watches_of(plural))
+    }
+
     /// Number of watch streams currently open.
     pub fn open_watches(&self) -> usize {
         self.with_store(|s| s.open_watches())

@@ -275,6 +275,14 @@ impl Store {
         n
     }
 
+    /// Close the open watches of one resource type (by plural name, any group).
+    pub fn drop_watches_of(&mut self, plural: &str) -> usize {
+        self.open_watches();
+        let before = self.watchers.len();
+        self.watchers.retain(|w| w.observer || w.key.plural != plural);
+        before - self.watchers.len()
+    }
+
     pub fn open_watches(&mut self) -> usize {
         self.watchers.retain(|w| !w.tx.is_closed());
         self.watchers.iter().filter(|w| !w.observer).count()
