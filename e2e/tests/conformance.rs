@@ -1069,3 +1069,16 @@ async fn an_observer_sees_every_change_and_outlives_dropped_watches() {
     }
     assert_eq!(seen, ["ADDED v", "MODIFIED 1", "MODIFIED 2", "MODIFIED 3", "DELETED 3"]);
 }
+
+/// A request delayed by a latency fault is in flight until answered, and in the log only then.
+#[tokio::test]
+async fn a_delayed_request_is_in_flight_until_answered() {
+    let server = server();
+    server.inject(Fault::latency(Duration::from_millis(300)).on(RequestMatch::any().verb(Verb::List)));
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    let list = tokio::spawn(async move { cms.list(&ListParams::default()).await.map(|l| l.items.len()) });
+    eventually("the list to be in flight", || server.requests_in_flight() == 1).await;
+    assert_eq!(server.request_count(), 0);
+    assert_eq!(list.await.unwrap().unwrap(), 0);
+    assert_eq!((server.requests_in_flight(), server.request_count()), (0, 1));
+}

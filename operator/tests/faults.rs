@@ -37,6 +37,10 @@ const STEADY: Duration = Duration::from_secs(11);
 const HOT_LOOP: f64 = 50.0;
 /// How long a fault lasts at least, so that its request rate is a rate and not one burst of work.
 const FAULT: Duration = Duration::from_secs(8);
+/// How long a converged operator must send nothing (and have nothing in flight) before its steady
+/// state is measured: what a reconcile already under way still sends (the Event after the status
+/// it reports) belongs to convergence.
+const QUIET: Duration = Duration::from_secs(1);
 
 // ================================================================================ the world
 
@@ -170,9 +174,29 @@ impl Scenario {
         }
     }
 
-    /// Watches the converged operator for [`STEADY`]: it must attempt no write, make no more than
-    /// a trickle of requests, and still be converged at the end.
+    /// Waits until the operator has gone [`QUIET`]: no request in flight and none new for that
+    /// long. An operator that never does (a hot loop) fails here after [`DEADLINE`].
+    async fn settle(&self) {
+        let server = self.server();
+        let started = Instant::now();
+        let (mut seen, mut since) = (server.request_count(), Instant::now());
+        loop {
+            let count = server.request_count();
+            if count != seen || server.requests_in_flight() > 0 {
+                (seen, since) = (count, Instant::now());
+            } else if since.elapsed() >= QUIET {
+                return;
+            }
+            assert!(started.elapsed() < DEADLINE, "{}: the operator never went quiet for {QUIET:?}", self.name);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Watches the converged operator, once [settled](Self::settle), for [`STEADY`]: it must
+    /// attempt no write, make no more than a trickle of requests, and still be converged at the
+    /// end.
     async fn steady(&self) -> Traffic {
+        self.settle().await;
         let window = Window::open(self.server());
         // A measurement window, not a synchronisation: what happens in it is the result.
         tokio::time::sleep(STEADY).await;
@@ -366,7 +390,7 @@ impl Traffic {
 
 impl Window {
     fn open(server: &ApiServer) -> Window {
-        Window { opened: Instant::now(), mark: server.requests().len() }
+        Window { opened: Instant::now(), mark: server.request_count() }
     }
 
     fn close(self, server: &ApiServer) -> (Traffic, Vec<RequestRecord>) {

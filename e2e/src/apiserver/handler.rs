@@ -270,6 +270,7 @@ async fn resource(
     t: Target,
     query: Query,
 ) -> Response<Body> {
+    let _in_flight = server.in_flight();
     let Some(verb) = verb_of(&method, &t, &query) else {
         return error_response(&ApiError::method_not_allowed(format!("{method} is not supported here")));
     };

@@ -20,7 +20,7 @@ mod write;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -62,6 +62,8 @@ struct Inner {
     log_source: Mutex<Option<LogSource>>,
     policy: Mutex<Policy>,
     log: Mutex<Vec<RequestRecord>>,
+    /// Resource requests received and not yet answered (a watch counts until its stream starts).
+    in_flight: AtomicUsize,
     faults: Mutex<log::Faults>,
     bookmark_interval: Mutex<Duration>,
     ticker_started: AtomicBool,
@@ -101,6 +103,7 @@ impl ApiServer {
                 log_source: Mutex::new(None),
                 policy: Mutex::new(Policy::default()),
                 log: Mutex::new(Vec::new()),
+                in_flight: AtomicUsize::new(0),
                 faults: Mutex::new(log::Faults::default()),
                 bookmark_interval: Mutex::new(Duration::from_secs(5)),
                 ticker_started: AtomicBool::new(false),
@@ -197,6 +200,24 @@ impl ApiServer {
 
     pub fn write_count(&self) -> usize {
         self.writes().len()
+    }
+
+    /// How many resource requests the log holds (cheaper than `requests().len()`).
+    pub fn request_count(&self) -> usize {
+        self.inner.log.lock().expect("log lock").len()
+    }
+
+    /// Resource requests received and not answered yet (delayed by a latency fault, say); a watch
+    /// counts until its stream starts. With [`ApiServer::request_count`] this tells when a client
+    /// has gone quiet.
+    pub fn requests_in_flight(&self) -> usize {
+        self.inner.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Counts a request as in flight until the guard drops.
+    fn in_flight(&self) -> InFlight {
+        self.inner.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(self.inner.clone())
     }
 
     fn log(&self, record: RequestRecord) {
@@ -527,6 +548,15 @@ users:
 }
 
 /// The double served over HTTP. Dropping it stops the listener and removes the kubeconfig.
+/// A request in flight ([`ApiServer::requests_in_flight`]) until dropped.
+struct InFlight(Arc<Inner>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// The changes [`ApiServer::observe`] reports.
 #[derive(Debug)]
 pub struct Observer {
