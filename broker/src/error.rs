@@ -34,8 +34,17 @@ impl ProbeError {
         }
     }
 
+    /// When the value does not read as a URL, the library's `reason` is replaced by ours: a
+    /// library may quote any fragment of the text, and any fragment may be the password.
     pub(crate) fn invalid_url(url: &SecretUrl, reason: impl std::fmt::Display) -> Self {
-        Self::InvalidUrl { url: url.redacted(), reason: url.scrub(&reason.to_string()) }
+        let reason = match url.unreadable() {
+            Some(why) => format!(
+                "{why}; the value is not shown because it may be or contain the password (expected a Celery \
+                 broker URL such as redis://:PASSWORD@HOST:6379/0 or amqp://USER:PASSWORD@HOST:5672/VHOST)"
+            ),
+            None => url.scrub(&reason.to_string()),
+        };
+        Self::InvalidUrl { url: url.redacted(), reason }
     }
 
     pub(crate) fn connect(url: &SecretUrl, detail: impl std::fmt::Display) -> Self {

@@ -16,6 +16,6 @@ pub mod demo;
 pub mod runner;
 pub mod stack;
 
-pub use apiserver::{ApiError, ApiServer, Fault, FaultEffect, RequestMatch, RequestRecord, ServedApi, Verb};
+pub use apiserver::{ApiError, ApiServer, Fault, FaultEffect, Observer, RequestMatch, RequestRecord, ServedApi, Verb};
 pub use runner::{PodRunner, RunnerConfig};
 pub use stack::{Stack, StackConfig};

@@ -119,21 +119,113 @@ async fn watch_resumes_after_a_resource_version_in_order() {
     assert_eq!(describe(&next_event(&mut stream).await), ("ADDED".to_string(), "c".to_string()));
 }
 
+/// The double in-process and served over HTTP (kept alive by the returned `ServedApi`): semantics
+/// that depend on how a reply is framed (streams, errors inside streams) are pinned on both.
+async fn both_transports(server: &ApiServer) -> (celery_e2e::ServedApi, [(&'static str, kube::Client); 2]) {
+    let served = server.serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let http = served.client().await.unwrap();
+    (served, [("in-process", server.client()), ("http", http)])
+}
+
+/// As kube-apiserver's watch cache answers: HTTP 200, one ERROR event carrying a 410 `Expired`
+/// Status ("too old resource version: requested (oldest)"), then the end of the stream.
 #[tokio::test]
 async fn watch_from_a_compacted_resource_version_gets_410_gone() {
     let server = server();
-    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
-    let a = cms.create(&PostParams::default(), &cm("a", json!({}))).await.unwrap();
-    cms.create(&PostParams::default(), &cm("b", json!({}))).await.unwrap();
-    server.compact();
-    let mut stream = cms.watch(&WatchParams::default(), &rv(&a)).await.unwrap().boxed();
-    match next_event(&mut stream).await {
-        WatchEvent::Error(status) => {
-            assert_eq!(status.code, 410);
-            assert_eq!(status.reason, "Expired");
+    let (_served, clients) = both_transports(&server).await;
+    for (transport, client) in clients {
+        let cms: Api<ConfigMap> = Api::namespaced(client, "default");
+        let a = cms.create(&PostParams::default(), &cm(&format!("a-{transport}"), json!({}))).await.unwrap();
+        cms.create(&PostParams::default(), &cm(&format!("b-{transport}"), json!({}))).await.unwrap();
+        server.compact();
+        let mut stream = cms.watch(&WatchParams::default(), &rv(&a)).await.unwrap().boxed();
+        match next_event(&mut stream).await {
+            WatchEvent::Error(status) => {
+                assert_eq!((status.code, status.reason.as_str()), (410, "Expired"), "{transport}");
+                assert!(status.message.starts_with("too old resource version: "), "{transport}: {status:?}");
+            }
+            other => panic!("{transport}: expected 410 Gone, got {:?}", describe(&other)),
         }
-        other => panic!("expected 410 Gone, got {:?}", describe(&other)),
+        let end = tokio::time::timeout(DEADLINE, stream.next()).await.expect("the stream ends after the error");
+        assert!(end.is_none(), "{transport}: more after the ERROR event");
     }
+}
+
+/// The raw reply to a watch from a compacted resourceVersion over HTTP: a 200 with a chunked
+/// body (as every watch reply), not a connection the server closes mid-reply.
+#[tokio::test]
+async fn an_expired_watch_is_a_well_formed_http_reply() {
+    let server = server();
+    let served = server.serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    server.create(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}})).unwrap();
+    server.compact();
+    let path = "/api/v1/namespaces/default/configmaps?watch=true&resourceVersion=1";
+    let (head, body) = raw_get(served.addr, path).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let head = head.to_ascii_lowercase();
+    assert!(head.contains("transfer-encoding: chunked") && !head.contains("content-length"), "{head}");
+    let event: Value = serde_json::from_str(body.lines().next().unwrap_or_default()).expect("one JSON event");
+    assert_eq!(event["type"], "ERROR");
+    assert_eq!((event["object"]["code"].clone(), event["object"]["reason"].clone()), (json!(410), json!("Expired")));
+}
+
+/// A GET over a plain TCP connection (HTTP/1.1, `Connection: close`): the response head and the
+/// de-chunked body.
+async fn raw_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\nConnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(DEADLINE, tcp.read_to_end(&mut raw)).await.expect("the reply ends").unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, mut rest) = text.split_once("\r\n\r\n").expect("a response head");
+    if !head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        return (head.to_owned(), rest.to_owned());
+    }
+    let mut body = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).expect("a chunk size");
+        if size == 0 {
+            break;
+        }
+        body.push_str(&after[..size]);
+        rest = &after[size + 2..];
+    }
+    (head.to_owned(), body)
+}
+
+/// A list at an exact resourceVersion that was compacted is 410 Expired, as on a real server (one
+/// in the future is 504 "Too large resource version"); a list with `resourceVersion` alone (not
+/// older than) is served from the latest state.
+#[tokio::test]
+async fn a_list_at_an_exact_compacted_resource_version_gets_410_gone() {
+    let server = server();
+    let (served, clients) = both_transports(&server).await;
+    for (transport, client) in clients {
+        let cms: Api<ConfigMap> = Api::namespaced(client, "default");
+        let a = cms.create(&PostParams::default(), &cm(&format!("a-{transport}"), json!({}))).await.unwrap();
+        cms.create(&PostParams::default(), &cm(&format!("b-{transport}"), json!({}))).await.unwrap();
+        server.compact();
+        let exact = ListParams::default().at(&rv(&a)).matching(kube::api::VersionMatch::Exact);
+        let status = api_error(cms.list(&exact).await.expect_err("the version is gone"));
+        assert_eq!((status.code, status.reason.as_str()), (410, "Expired"), "{transport}: {status:?}");
+        assert_eq!(status.message, "The resourceVersion for the provided list is too old.");
+        // The legacy form of an exact list: a limit and a resourceVersion other than "0".
+        let legacy = ListParams::default().at(&rv(&a)).limit(10);
+        assert_eq!(api_error(cms.list(&legacy).await.expect_err("the version is gone")).code, 410, "{transport}");
+        let not_older = ListParams::default().at(&rv(&a)).matching(kube::api::VersionMatch::NotOlderThan);
+        let listed = cms.list(&not_older).await.unwrap();
+        assert!(listed.items.iter().any(|c| c.metadata.name.as_deref() == Some(&format!("a-{transport}"))));
+    }
+    // A version from the future is 504, which kube's HTTP client retries for minutes (as it should
+    // against a real server that is catching up): read raw.
+    let future = server.resource_version() + 100;
+    let path = format!("/api/v1/namespaces/default/configmaps?resourceVersion={future}&resourceVersionMatch=Exact");
+    let (head, body) = raw_get(served.addr, &path).await;
+    assert!(head.starts_with("HTTP/1.1 504"), "{head}");
+    assert!(body.contains("Too large resource version"), "{body}");
 }
 
 #[tokio::test]
@@ -159,35 +251,62 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// kube's `watcher` re-watches after its watch is dropped, gets the 410 for its compacted
+/// resourceVersion, re-lists and goes on: in-process and over HTTP.
 #[tokio::test]
 async fn kube_runtime_watcher_recovers_from_dropped_watches_and_compaction() {
     let server = server();
-    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
-    cms.create(&PostParams::default(), &cm("before", json!({}))).await.unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let events = watcher(cms.clone(), watcher::Config::default());
-    let consumer = tokio::spawn(events.try_for_each(move |event| {
-        if let watcher::Event::Apply(o) | watcher::Event::InitApply(o) = event {
-            let _ = tx.send(o.metadata.name.unwrap());
-        }
-        futures::future::ready(Ok(()))
-    }));
-    assert_eq!(tokio::time::timeout(DEADLINE, rx.recv()).await.unwrap().as_deref(), Some("before"));
-    eventually("the watcher's watch to open", || server.open_watches() == 1).await;
-    server.compact();
-    assert_eq!(server.drop_watches(), 1);
-    cms.create(&PostParams::default(), &cm("after", json!({}))).await.unwrap();
-    let seen = tokio::time::timeout(DEADLINE, async {
-        while let Some(name) = rx.recv().await {
-            if name == "after" {
-                return true;
+    // No BOOKMARK may move the watcher's resourceVersion past the compaction.
+    server.set_bookmark_interval(Duration::from_secs(3600));
+    let (_served, clients) = both_transports(&server).await;
+    for (transport, client) in clients {
+        server.clear_requests();
+        let cms: Api<ConfigMap> = Api::namespaced(client, "default");
+        let label = json!({"transport": transport.replace('-', "")});
+        let selector = format!("transport={}", label["transport"].as_str().unwrap());
+        cms.create(&PostParams::default(), &cm(&format!("before-{transport}"), label.clone())).await.unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let events = watcher(cms.clone(), watcher::Config::default().labels(&selector));
+        let consumer = tokio::spawn(events.for_each(move |event| {
+            let seen = match event {
+                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => o.metadata.name.unwrap(),
+                Ok(_) => return futures::future::ready(()),
+                Err(watcher::Error::WatchError(status)) => format!("watch error {}", status.code),
+                Err(e) => format!("{e}"),
+            };
+            let _ = tx.send(seen);
+            futures::future::ready(())
+        }));
+        let first = tokio::time::timeout(DEADLINE, rx.recv()).await.unwrap();
+        assert_eq!(first, Some(format!("before-{transport}")));
+        eventually("the watcher's watch to open", || server.open_watches() == 1).await;
+        // A write the watcher does not see, then compaction: its resourceVersion is now too old.
+        cms.create(&PostParams::default(), &cm(&format!("unseen-{transport}"), json!({}))).await.unwrap();
+        server.compact();
+        assert_eq!(server.drop_watches(), 1);
+        cms.create(&PostParams::default(), &cm(&format!("after-{transport}"), label)).await.unwrap();
+        let seen = tokio::time::timeout(DEADLINE, async {
+            let mut seen = Vec::new();
+            while let Some(item) = rx.recv().await {
+                let done = item == format!("after-{transport}");
+                seen.push(item);
+                if done {
+                    break;
+                }
             }
-        }
-        false
-    })
-    .await;
-    assert_eq!(seen, Ok(true));
-    consumer.abort();
+            seen
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{transport}: the watcher did not recover"));
+        // The ERROR event first; then the re-list (`before` again, and `after` if it was there
+        // by then) or the watch (`after`).
+        assert_eq!(seen.first().map(String::as_str), Some("watch error 410"), "{transport}: {seen:?}");
+        // The 410 made it list again, once, instead of retrying the stale version.
+        let lists = server.requests().iter().filter(|r| r.verb == Verb::List && r.resource == "configmaps").count();
+        assert_eq!(lists, 2, "{transport}");
+        consumer.abort();
+        eventually("the aborted watcher's watch to close", || server.open_watches() == 0).await;
+    }
 }
 
 #[tokio::test]
@@ -664,6 +783,21 @@ async fn injected_faults_fail_the_next_matching_requests() {
 }
 
 #[tokio::test]
+async fn dropping_the_watches_of_one_resource_leaves_the_others_open() {
+    let server = server();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    let secrets: Api<Secret> = Api::default_namespaced(server.client());
+    let mut cm_stream = cms.watch(&WatchParams::default(), "0").await.unwrap().boxed();
+    let mut secret_stream = secrets.watch(&WatchParams::default().disable_bookmarks(), "0").await.unwrap().boxed();
+    assert_eq!(server.drop_watches_of("configmaps"), 1);
+    let end = tokio::time::timeout(DEADLINE, cm_stream.next()).await.expect("the ConfigMap watch ends");
+    assert!(end.is_none());
+    assert_eq!(server.open_watches(), 1);
+    server.create(json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}})).unwrap();
+    assert_eq!(describe(&next_event(&mut secret_stream).await), ("ADDED".to_string(), "s".to_string()));
+}
+
+#[tokio::test]
 async fn dropping_watches_ends_open_streams() {
     let server = server();
     let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
@@ -913,4 +1047,38 @@ async fn injected_latency_delays_only_matching_requests() {
     slow.await.unwrap();
     assert_eq!(order_rx.recv().await, Some("fast"));
     assert_eq!(order_rx.recv().await, Some("slow"));
+}
+
+/// `ApiServer::observe` reports every change in order, transient states included, and is not a
+/// client watch: `drop_watches` leaves it open and `open_watches` does not count it.
+#[tokio::test]
+async fn an_observer_sees_every_change_and_outlives_dropped_watches() {
+    let server = server();
+    let mut observer = server.observe("v1", "ConfigMap", Some("default")).unwrap();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    cms.create(&PostParams::default(), &cm("a", json!({}))).await.unwrap();
+    assert_eq!((server.open_watches(), server.drop_watches()), (0, 0));
+    for value in ["1", "2", "3"] {
+        cms.patch("a", &PatchParams::default(), &Patch::Merge(json!({"data": {"k": value}}))).await.unwrap();
+    }
+    cms.delete("a", &DeleteParams::default()).await.unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        let (kind, obj) = tokio::time::timeout(DEADLINE, observer.next()).await.unwrap().unwrap();
+        seen.push(format!("{kind} {}", obj["data"]["k"].as_str().unwrap_or_default()));
+    }
+    assert_eq!(seen, ["ADDED v", "MODIFIED 1", "MODIFIED 2", "MODIFIED 3", "DELETED 3"]);
+}
+
+/// A request delayed by a latency fault is in flight until answered, and in the log only then.
+#[tokio::test]
+async fn a_delayed_request_is_in_flight_until_answered() {
+    let server = server();
+    server.inject(Fault::latency(Duration::from_millis(300)).on(RequestMatch::any().verb(Verb::List)));
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    let list = tokio::spawn(async move { cms.list(&ListParams::default()).await.map(|l| l.items.len()) });
+    eventually("the list to be in flight", || server.requests_in_flight() == 1).await;
+    assert_eq!(server.request_count(), 0);
+    assert_eq!(list.await.unwrap().unwrap(), 0);
+    assert_eq!((server.requests_in_flight(), server.request_count()), (0, 1));
 }

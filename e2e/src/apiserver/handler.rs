@@ -270,6 +270,7 @@ async fn resource(
     t: Target,
     query: Query,
 ) -> Response<Body> {
+    let _in_flight = server.in_flight();
     let Some(verb) = verb_of(&method, &t, &query) else {
         return error_response(&ApiError::method_not_allowed(format!("{method} is not supported here")));
     };
@@ -321,9 +322,10 @@ async fn resource(
         }
         Ok(Reply::Stream(body)) => {
             record.status = 200;
+            // No framing headers: hyper chunks a body of unknown length itself, and refuses a
+            // reply that claims `transfer-encoding: chunked` beside a known length.
             let mut r = Response::new(body);
             r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            r.headers_mut().insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
             r
         }
         Err(e) => {
@@ -529,11 +531,36 @@ fn decode_continue(token: &str) -> Result<(u64, String, String), ApiError> {
     ))
 }
 
+/// The resourceVersion a list must be served at exactly, as kube-apiserver reads its parameters:
+/// `resourceVersionMatch=Exact`, or (the legacy form) a `limit` with a resourceVersion other than
+/// "0" and no match. `None`: the latest state will do.
+fn exact_version(q: &Query) -> Result<Option<u64>, ApiError> {
+    let rv = q.get("resourceVersion").map(String::as_str).filter(|v| !v.is_empty());
+    let limited = q.get("limit").and_then(|l| l.parse::<usize>().ok()).is_some_and(|l| l > 0);
+    let exact = match (q.get("resourceVersionMatch").map(String::as_str).unwrap_or_default(), rv) {
+        ("Exact", Some(rv)) => Some(rv),
+        ("", Some(rv)) if limited && rv != "0" => Some(rv),
+        _ => None,
+    };
+    exact.map(|rv| rv.parse().map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {rv:?}")))).transpose()
+}
+
 fn list(server: &ApiServer, c: &Call) -> Result<Reply, ApiError> {
     let (labels, fields) = selectors(c)?;
     let limit: usize = c.query.get("limit").and_then(|l| l.parse().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
     let start = c.query.get("continue").filter(|s| !s.is_empty()).map(|t| decode_continue(t)).transpose()?;
+    let exact = if start.is_none() { exact_version(&c.query)? } else { None };
     let (items, rv, more) = server.with_store(|s| {
+        if let Some(rv) = exact {
+            if rv < s.oldest_resumable() {
+                return Err(ApiError::gone("The resourceVersion for the provided list is too old."));
+            }
+            if rv > s.resource_version() {
+                let current = s.resource_version();
+                let message = format!("Too large resource version: {rv}, current: {current}");
+                return Err(ApiError::new(504, "Timeout", message));
+            }
+        }
         let list_rv = match &start {
             Some((rv, _, _)) if *rv < s.oldest_resumable() => {
                 return Err(ApiError::gone(
@@ -613,8 +640,11 @@ fn watch(server: &ApiServer, c: &Call) -> Result<Reply, ApiError> {
         Err(too_old) => {
             let status =
                 ApiError::gone(format!("too old resource version: {} ({})", too_old.requested, too_old.oldest));
+            // As kube-apiserver's watch cache: 200, one ERROR event, the end. Streamed (chunked)
+            // like every watch reply rather than sent with a length.
             let line = line(&json!({"type": "ERROR", "object": status.to_status()}));
-            return Ok(Reply::Stream(Body::from(line)));
+            let once = futures::stream::once(async move { Ok::<_, Infallible>(line) });
+            return Ok(Reply::Stream(Body::from_stream(once)));
         }
     };
     let live = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|d| (d, rx)) });

@@ -20,7 +20,7 @@ mod write;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -62,6 +62,8 @@ struct Inner {
     log_source: Mutex<Option<LogSource>>,
     policy: Mutex<Policy>,
     log: Mutex<Vec<RequestRecord>>,
+    /// Resource requests received and not yet answered (a watch counts until its stream starts).
+    in_flight: AtomicUsize,
     faults: Mutex<log::Faults>,
     bookmark_interval: Mutex<Duration>,
     ticker_started: AtomicBool,
@@ -101,6 +103,7 @@ impl ApiServer {
                 log_source: Mutex::new(None),
                 policy: Mutex::new(Policy::default()),
                 log: Mutex::new(Vec::new()),
+                in_flight: AtomicUsize::new(0),
                 faults: Mutex::new(log::Faults::default()),
                 bookmark_interval: Mutex::new(Duration::from_secs(5)),
                 ticker_started: AtomicBool::new(false),
@@ -199,6 +202,24 @@ impl ApiServer {
         self.writes().len()
     }
 
+    /// How many resource requests the log holds (cheaper than `requests().len()`).
+    pub fn request_count(&self) -> usize {
+        self.inner.log.lock().expect("log lock").len()
+    }
+
+    /// Resource requests received and not answered yet (delayed by a latency fault, say); a watch
+    /// counts until its stream starts. With [`ApiServer::request_count`] this tells when a client
+    /// has gone quiet.
+    pub fn requests_in_flight(&self) -> usize {
+        self.inner.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Counts a request as in flight until the guard drops.
+    fn in_flight(&self) -> InFlight {
+        self.inner.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(self.inner.clone())
+    }
+
     fn log(&self, record: RequestRecord) {
         self.inner.log.lock().expect("log lock").push(record);
     }
@@ -223,6 +244,13 @@ impl ApiServer {
     /// Close every open watch stream; returns how many were open.
     pub fn drop_watches(&self) -> usize {
         self.with_store(|s| s.drop_watches())
+    }
+
+    /// Close the open watches of one resource, by plural name (`"taskqueues"`), so that only
+    /// that kind's watchers must re-watch (after [`ApiServer::compact`]: get 410 Gone). Returns
+    /// how many were open.
+    pub fn drop_watches_of(&self, plural: &str) -> usize {
+        self.with_store(|s| s.drop_watches_of(plural))
     }
 
     /// Number of watch streams currently open.
@@ -432,6 +460,16 @@ impl ApiServer {
         self.with_store(|s| s.subscribe())
     }
 
+    /// Every change of a kind (in `namespace`, or all namespaces) from now on, in order and none
+    /// missed, for a test that must see transient states ([`ApiServer::changes`] only wakes, and
+    /// wakes once for several changes). Not a client's watch: never logged, never closed by
+    /// [`ApiServer::drop_watches`], not counted by [`ApiServer::open_watches`].
+    pub fn observe(&self, api_version: &str, kind: &str, namespace: Option<&str>) -> Result<Observer, Error> {
+        let rt = self.resolve(api_version, kind)?;
+        let filter = store::WatchFilter { namespace: namespace.map(String::from), ..Default::default() };
+        Ok(Observer { rx: self.with_store(|s| s.observe(&rt.key(), filter)) })
+    }
+
     /// The served kinds (built-in and from CRDs).
     pub fn resource_types(&self) -> Vec<ResourceType> {
         self.with_store(|s| s.types.values().map(|t| (**t).clone()).collect())
@@ -510,6 +548,34 @@ users:
 }
 
 /// The double served over HTTP. Dropping it stops the listener and removes the kubeconfig.
+/// A request in flight ([`ApiServer::requests_in_flight`]) until dropped.
+struct InFlight(Arc<Inner>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The changes [`ApiServer::observe`] reports.
+#[derive(Debug)]
+pub struct Observer {
+    rx: tokio::sync::mpsc::UnboundedReceiver<store::Delivery>,
+}
+
+impl Observer {
+    /// The next change: `("ADDED" | "MODIFIED" | "DELETED", object as stored)`; `None` once the
+    /// server is gone.
+    pub async fn next(&mut self) -> Option<(&'static str, Value)> {
+        loop {
+            match self.rx.recv().await? {
+                store::Delivery::Event(kind, obj) => return Some((kind.as_str(), obj)),
+                store::Delivery::Bookmark(..) => {}
+            }
+        }
+    }
+}
+
 pub struct ServedApi {
     pub addr: SocketAddr,
     pub kubeconfig_path: PathBuf,

@@ -85,6 +85,9 @@ struct Watcher {
     filter: WatchFilter,
     bookmarks: bool,
     tx: mpsc::UnboundedSender<Delivery>,
+    /// A test's in-process observer ([`Store::observe`]), not a client's watch: `drop_watches`
+    /// leaves it open and `open_watches` does not count it.
+    observer: bool,
 }
 
 /// Why a watch could not start.
@@ -248,7 +251,7 @@ impl Store {
             }
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        self.watchers.push(Watcher { key: key.clone(), filter, bookmarks, tx });
+        self.watchers.push(Watcher { key: key.clone(), filter, bookmarks, tx, observer: false });
         Ok((initial, rx))
     }
 
@@ -258,15 +261,30 @@ impl Store {
         self.watchers.retain(|w| !w.bookmarks || w.tx.send(Delivery::Bookmark(rv, false)).is_ok());
     }
 
+    /// Every change of one type from now on, in order, for an in-process observer.
+    pub fn observe(&mut self, key: &TypeKey, filter: WatchFilter) -> mpsc::UnboundedReceiver<Delivery> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.watchers.push(Watcher { key: key.clone(), filter, bookmarks: false, tx, observer: true });
+        rx
+    }
+
     /// Close every open watch (clients see the stream end and must re-watch).
     pub fn drop_watches(&mut self) -> usize {
-        let n = self.watchers.len();
-        self.watchers.clear();
+        let n = self.open_watches();
+        self.watchers.retain(|w| w.observer);
         n
+    }
+
+    /// Close the open watches of one resource type (by plural name, any group).
+    pub fn drop_watches_of(&mut self, plural: &str) -> usize {
+        self.open_watches();
+        let before = self.watchers.len();
+        self.watchers.retain(|w| w.observer || w.key.plural != plural);
+        before - self.watchers.len()
     }
 
     pub fn open_watches(&mut self) -> usize {
         self.watchers.retain(|w| !w.tx.is_closed());
-        self.watchers.len()
+        self.watchers.iter().filter(|w| !w.observer).count()
     }
 }
