@@ -13,10 +13,11 @@ use super::{Finding, Reason, Severity};
 /// Quorum queues get `delivery-limit` 20 by default since RabbitMQ 4.0.
 const QUORUM_DEFAULT_DELIVERY_LIMIT: i64 = 20;
 
-/// Celery's own queues (events, remote-control replies and mailboxes) are transient by design
-/// and carry TTLs and expiry on purpose.
+/// Celery's own queues (event receivers `celeryev.<uuid>`, remote-control mailboxes
+/// `<worker>.<control exchange>.pidbox` and replies `<uuid>.reply.<control exchange>.pidbox`) are
+/// transient by design and carry TTLs, expiry and exclusivity on purpose; they hold no tasks.
 pub fn is_celery_internal_queue(name: &str) -> bool {
-    name.starts_with("celeryev.") || name.ends_with(".celery.pidbox")
+    name.starts_with("celeryev.") || name.ends_with(".pidbox")
 }
 
 struct Settings<'a> {
