@@ -1,6 +1,7 @@
 //! celery-operator: a Kubernetes operator and autoscaler for Celery worker fleets.
 
 pub mod autoscale;
+pub mod broker_config;
 pub mod conditions;
 pub mod controller;
 pub mod crd;
