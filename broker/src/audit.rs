@@ -36,7 +36,7 @@ pub async fn audit(config: BrokerConfig, queues: &[&str]) -> Result<AuditReport,
                         Reason::NoQueuesFound,
                         Severity::Info,
                         "no Celery queue found on the broker: nothing has declared one yet, or the \
-                         global key prefix (Redis) or vhost (RabbitMQ) is not the app's",
+                         vhost (RabbitMQ), global key prefix or separator (Redis) is not the app's",
                     ));
                 }
                 found

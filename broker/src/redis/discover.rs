@@ -39,6 +39,9 @@ impl RedisBroker {
             }
             cursor = next;
         }
+        if binding_keys.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut pipe = ::redis::pipe();
         for key in &binding_keys {
             pipe.cmd("SMEMBERS").arg(key);

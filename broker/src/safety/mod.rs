@@ -62,6 +62,15 @@ macro_rules! reasons {
                 }
             }
 
+            /// Where `docs/broker-safety.md` explains it: why it loses tasks and how to fix it.
+            pub fn docs_url(self) -> String {
+                format!(
+                    "{}/blob/main/docs/broker-safety.md#{}",
+                    env!("CARGO_PKG_REPOSITORY"),
+                    self.as_str().to_ascii_lowercase()
+                )
+            }
+
             /// The brokers it applies to, as the docs' table shows them.
             pub fn brokers(self) -> &'static str {
                 match self {
