@@ -143,6 +143,23 @@ reasons! {
     ManagementUnavailable => ("RabbitMQ", "Warning"),
 }
 
+/// The table of every finding that `docs/broker-safety.md` carries between its
+/// `<!-- findings-table -->` markers (a test fails when they differ).
+pub fn findings_table() -> String {
+    let mut out = String::from("| Finding | Broker | Severity | What it means |\n| --- | --- | --- | --- |\n");
+    for reason in Reason::ALL {
+        let name = reason.as_str();
+        out.push_str(&format!(
+            "| [`{name}`](#{}) | {} | {} | {} |\n",
+            name.to_ascii_lowercase(),
+            reason.brokers(),
+            reason.severities(),
+            reason.summary()
+        ));
+    }
+    out
+}
+
 impl std::fmt::Display for Reason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())

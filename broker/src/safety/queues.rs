@@ -44,8 +44,8 @@ pub fn queue_failure_finding(queue: &str, failure: &QueueFailure) -> Finding {
             Severity::Warning,
             format!(
                 "the broker refused to let the probe read queue {queue} ({detail}): its depth and \
-                 safety are unknown; grant the probe's user read access to it (RabbitMQ configure \
-                 permission for passive declares, a Redis ACL key pattern covering its lists)"
+                 safety are unknown; grant the probe's user access to it (a Redis ACL key pattern \
+                 covering its lists; on RabbitMQ, the authorisation backend's rules for the queue)"
             ),
         ),
         QueueFailure::Unreadable(detail) => Finding::new(
