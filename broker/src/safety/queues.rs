@@ -20,7 +20,7 @@ pub enum QueueFailure {
 pub fn queue_failure_finding(queue: &str, failure: &QueueFailure) -> Finding {
     let finding = match failure {
         // Celery's remote-control mailbox (`celery@host.celery.pidbox`) is exclusive to its worker
-        // by design (control_queue_exclusive, default True since Celery 5.5): not a task queue.
+        // by design (control_queue_exclusive, default True since Celery 5.7): not a task queue.
         QueueFailure::Exclusive if is_celery_internal_queue(queue) => Finding::new(
             Reason::QueueExclusive,
             Severity::Info,
