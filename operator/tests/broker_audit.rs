@@ -63,7 +63,7 @@ fn cli_verdicts(report: &Value) -> BTreeMap<String, Option<String>> {
 }
 
 struct Operator {
-    _api: ApiServer,
+    api: ApiServer,
     client: kube::Client,
     ctx: Arc<Context>,
 }
@@ -73,7 +73,7 @@ fn operator() -> Operator {
     api.load_crds_from_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds")).expect("CRDs load");
     let client = api.client();
     let ctx = Arc::new(Context::new(client.clone(), Arc::new(Metrics::new()), Some("test".into())));
-    Operator { _api: api, client, ctx }
+    Operator { api, client, ctx }
 }
 
 impl Operator {
@@ -360,6 +360,10 @@ async fn an_expiring_queue_on_a_volatile_lru_redis_is_critical_from_the_cli_and_
     let op = operator();
     op.create::<TaskQueue>(json!({"metadata": {"name": "digest"}, "spec": {"broker": {"url": url}}})).await;
     assert_eq!(op.broker_safe("digest").await.as_deref(), Some("QueueExpires"));
+    // The finding is stable from probe to probe (no remaining TTL in it): nothing to rewrite.
+    let writes = op.api.write_count();
+    assert_eq!(op.broker_safe("digest").await.as_deref(), Some("QueueExpires"));
+    assert_eq!(op.api.write_count(), writes);
 }
 
 #[tokio::test]

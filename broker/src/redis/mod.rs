@@ -62,6 +62,7 @@ pub(crate) struct RedisBroker {
     unacked_scan_limit: u64,
     script: Script,
     history: Mutex<History>,
+    expiry: Mutex<expiry::ExpiryCheck>,
 }
 
 /// The script's reply: `(hlen, examined, groups, bindings)`.
@@ -83,6 +84,7 @@ impl RedisBroker {
             unacked_scan_limit: config.unacked_scan_limit,
             script: Script::new(UNACKED_SCRIPT),
             history: Mutex::default(),
+            expiry: Mutex::default(),
         })
     }
 
@@ -144,10 +146,13 @@ impl RedisBroker {
                 pipe.cmd("LLEN").arg(key);
             }
         }
-        let check_expiry = self.safety != SafetyMode::Off;
-        if check_expiry {
-            expiry::add_ttl_commands(&mut pipe, &self.options, queues);
-        }
+        let now = std::time::Instant::now();
+        let expiry_due = if self.safety == SafetyMode::Off {
+            Vec::new()
+        } else {
+            self.expiry.lock().expect("expiry lock").due(queues, now)
+        };
+        expiry::add_ttl_commands(&mut pipe, &self.options, &expiry_due);
         pipe.invoke_script(&invocation);
         for section in info::SECTIONS {
             pipe.cmd("INFO").arg(section);
@@ -156,8 +161,8 @@ impl RedisBroker {
 
         let mut replies = replies.into_iter();
         let ready = self.ready_counts(&mut replies, queues.len())?;
-        let steps = self.options.priority_steps.len();
-        let ttls = if check_expiry { expiry::queue_ttls(&mut replies, steps, queues.len()) } else { Vec::new() };
+        let expiry = expiry::queue_expiry(&mut replies, self.options.priority_steps.len(), expiry_due.len());
+        self.expiry.lock().expect("expiry lock").record(&expiry_due, expiry, now);
         let script_reply = match replies.next().expect("the script's reply") {
             Err(e) if e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) => {
                 invocation.invoke_async::<Value>(&mut con).await
@@ -176,10 +181,9 @@ impl RedisBroker {
         if self.safety != SafetyMode::Off {
             findings.extend(self.safety_findings(&mut con, &mut info).await);
         }
-        for (queue, ttl) in queues.iter().zip(&ttls) {
-            if let Some(ttl) = ttl {
-                findings.push(queue_ttl_finding(queue, *ttl, &info));
-            }
+        if self.safety != SafetyMode::Off {
+            let expiry = self.expiry.lock().expect("expiry lock");
+            findings.extend(queues.iter().filter(|q| expiry.is_expiring(q)).map(|q| queue_ttl_finding(q, &info)));
         }
         for (queue, ready) in queues.iter().zip(&ready) {
             if let Err(failure) = ready {

@@ -88,17 +88,16 @@ fn eviction_policy(policy: Option<&str>, maxmemory: u64) -> Option<Finding> {
 }
 
 /// The finding for a Redis queue whose lists carry a TTL (kombu `Queue(expires=…)` / `x-expires`
-/// PEXPIREs every priority list of the queue on each publish). `ttl_ms` is the smallest remaining
-/// TTL among the queue's lists. Under a `volatile-*` policy with a memory limit those lists are
-/// also the first candidates for eviction.
-pub fn queue_ttl_finding(queue: &str, ttl_ms: u64, info: &BrokerInfo) -> Finding {
+/// PEXPIREs every priority list of the queue on each publish). Under a `volatile-*` policy with a
+/// memory limit those lists are also the first candidates for eviction. The message carries no
+/// remaining TTL: it would change on every probe and rewrite the TaskQueue's condition each time.
+pub fn queue_ttl_finding(queue: &str, info: &BrokerInfo) -> Finding {
     let policy = info.eviction_policy.as_deref().unwrap_or_default();
     let evictable = policy.starts_with("volatile-") && info.maxmemory_bytes.unwrap_or(0) > 0;
     let expiry = format!(
-        "queue {queue} expires: its Redis lists have a TTL ({ttl_ms} ms left; kombu \
-         Queue(expires=…)/x-expires), so Redis deletes them with every waiting task once no task has \
-         been published for that long (kombu refreshes the TTL on publish and basic_get, not when \
-         a worker consumes with BRPOP)"
+        "queue {queue} expires: its Redis lists have a TTL (kombu Queue(expires=…)/x-expires), so \
+         Redis deletes them with every waiting task once no task has been published for that long \
+         (kombu refreshes the TTL on publish and basic_get, not when a worker consumes with BRPOP)"
     );
     if evictable {
         Finding::new(
@@ -231,10 +230,10 @@ mod tests {
             ("allkeys-lru", 10 << 20, Severity::Warning),
         ];
         for (policy, maxmemory, expected) in cases {
-            let finding = queue_ttl_finding("emails", 5_000, &info(policy, maxmemory, 0, 0));
+            let finding = queue_ttl_finding("emails", &info(policy, maxmemory, 0, 0));
             assert_eq!((finding.reason, finding.severity), (Reason::QueueExpires, expected), "{policy} {maxmemory}");
             assert_eq!(finding.queue.as_deref(), Some("emails"));
-            assert!(finding.message.contains("5000 ms"), "{}", finding.message);
+            assert!(finding.message.contains("queue emails expires"), "{}", finding.message);
         }
     }
 }
