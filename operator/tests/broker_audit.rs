@@ -9,16 +9,18 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
 use celery_e2e::ApiServer;
 use celery_operator::crd::TaskQueue;
 use celery_operator::metrics::Metrics;
 use celery_operator::reconcile::{Context, taskqueue};
+use common::create_in_prod;
 use e2e_harness::python::{self, CeleryWorker};
 use e2e_harness::{RabbitServer, RedisServer};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::Api;
-use kube::api::PostParams;
 use serde_json::{Value, json};
 
 // === Helpers: the CLI, the reconciler, real Celery ===
@@ -77,20 +79,8 @@ fn operator() -> Operator {
 }
 
 impl Operator {
-    async fn create<K>(&self, doc: Value)
-    where
-        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + serde::Serialize
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
-    {
-        let obj: K = serde_json::from_value(doc).expect("fixture matches the type");
-        Api::<K>::namespaced(self.client.clone(), "prod").create(&PostParams::default(), &obj).await.expect("created");
-    }
-
     async fn secret(&self, name: &str, data: Value) {
-        self.create::<Secret>(json!({"metadata": {"name": name}, "stringData": data})).await;
+        create_in_prod::<Secret>(&self.client, json!({"metadata": {"name": name}, "stringData": data})).await;
     }
 
     /// Reconciles the TaskQueue once and returns its status conditions.
@@ -236,10 +226,13 @@ async fn every_silent_drop_setting_gets_the_same_verdict_from_the_cli_and_a_task
     let op = operator();
     op.secret("rabbit", json!({"url": amqp, "management": management})).await;
     for (name, ..) in &cases {
-        op.create::<TaskQueue>(json!({"metadata": {"name": name}, "spec": {"broker": {
-            "urlFrom": {"secretKeyRef": {"name": "rabbit", "key": "url"}},
-            "managementUrlFrom": {"secretKeyRef": {"name": "rabbit", "key": "management"}},
-        }}}))
+        create_in_prod::<TaskQueue>(
+            &op.client,
+            json!({"metadata": {"name": name}, "spec": {"broker": {
+                "urlFrom": {"secretKeyRef": {"name": "rabbit", "key": "url"}},
+                "managementUrlFrom": {"secretKeyRef": {"name": "rabbit", "key": "management"}},
+            }}}),
+        )
         .await;
     }
     let mut from_task_queues = BTreeMap::new();
@@ -253,7 +246,7 @@ async fn every_silent_drop_setting_gets_the_same_verdict_from_the_cli_and_a_task
         "metadata": {"name": "expiring", "namespace": "prod"},
         "spec": {"app": "proj.app", "image": "reg/proj:1", "queues": ["ba-arg-expires"],
                  "autoscaling": {"minReplicas": 0, "maxReplicas": 3}}});
-    op.create::<celery_operator::crd::WorkerPool>(pool.clone()).await;
+    create_in_prod::<celery_operator::crd::WorkerPool>(&op.client, pool.clone()).await;
     assert_eq!(op.broker_safe("ba-arg-expires").await.as_deref(), Some("QueueExpiresWhileScaledToZero"));
     let dir = tempfile::tempdir().unwrap();
     let pool_file = dir.path().join("pool.yaml");
@@ -326,7 +319,7 @@ async fn custom_priority_steps_and_separator_count_as_kombu_counts_from_the_cli_
         "metadata": {"name": "reports", "namespace": "prod"},
         "spec": {"broker": {"url": url, "transportOptions": {"prioritySteps": [0, 5], "separator": ":"}}}});
     let op = operator();
-    op.create::<TaskQueue>(task_queue.clone()).await;
+    create_in_prod::<TaskQueue>(&op.client, task_queue.clone()).await;
     let (tq, _) = op.reconcile("reports").await;
     assert_eq!(tq.status.unwrap().ready, Some(kombu as i64));
     // The same TaskQueue as a file in a GitOps repository.
@@ -358,7 +351,8 @@ async fn an_expiring_queue_on_a_volatile_lru_redis_is_critical_from_the_cli_and_
     assert_eq!(findings, vec![("EvictionPolicyVolatile", "info"), ("QueueExpires", "critical")]);
 
     let op = operator();
-    op.create::<TaskQueue>(json!({"metadata": {"name": "digest"}, "spec": {"broker": {"url": url}}})).await;
+    create_in_prod::<TaskQueue>(&op.client, json!({"metadata": {"name": "digest"}, "spec": {"broker": {"url": url}}}))
+        .await;
     assert_eq!(op.broker_safe("digest").await.as_deref(), Some("QueueExpires"));
     // The finding is stable from probe to probe (no remaining TTL in it): nothing to rewrite.
     let writes = op.api.write_count();
@@ -381,9 +375,12 @@ async fn a_sentinel_fronted_redis_is_checked_from_the_cli_and_a_task_queue() {
     assert_eq!(cli_verdicts(&report)["emails"].as_deref(), Some("EvictionPolicyUnsafe"));
 
     let op = operator();
-    op.create::<TaskQueue>(json!({"metadata": {"name": "emails"}, "spec": {"broker": {
-        "url": url, "transportOptions": {"masterName": "celery-main"}}}}))
-        .await;
+    create_in_prod::<TaskQueue>(
+        &op.client,
+        json!({"metadata": {"name": "emails"}, "spec": {"broker": {
+        "url": url, "transportOptions": {"masterName": "celery-main"}}}}),
+    )
+    .await;
     assert_eq!(op.broker_safe("emails").await.as_deref(), Some("EvictionPolicyUnsafe"));
     let (tq, _) = op.reconcile("emails").await;
     assert_eq!(tq.status.unwrap().ready, Some(3));
