@@ -239,3 +239,46 @@ fn check_broker_reads_task_queue_yaml_as_the_operator_would() {
         stderr(&out)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_broker_reads_referenced_secrets_from_the_cluster() {
+    let redis = e2e_harness::RedisServer::builder().password("pw-cluster-5t").start().unwrap();
+    redis.cli(&["LPUSH", "app:mail", "a", "b"]).unwrap();
+    let api = celery_e2e::ApiServer::new();
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "app-redis", "namespace": "prod"}, "stringData": {"url": redis.url()}}))
+    .unwrap();
+    kube::Api::namespaced(api.client(), "prod").create(&Default::default(), &secret).await.unwrap();
+    let served = api.serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let kubeconfig = served.kubeconfig_path.to_str().unwrap().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("queues.yaml");
+    let only_queues: String = QUEUES_YAML.split("---").skip(1).collect::<Vec<_>>().join("---");
+    std::fs::write(&file, only_queues).unwrap();
+    let file = file.to_str().unwrap().to_owned();
+
+    let run = |args: Vec<String>| {
+        let kubeconfig = kubeconfig.clone();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            operator_with_env(&args, &[("KUBECONFIG", &kubeconfig)])
+        })
+    };
+    let out = run(vec!["check-broker".into(), "-f".into(), file, "--from-cluster".into(), "-o".into(), "json".into()])
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(json_report(&out)["brokers"][0]["queues"][0]["ready"], 2);
+    assert!(!stdout(&out).contains("pw-cluster-5t"));
+
+    let target = "secret/prod/app-redis:url";
+    let args = ["check-broker", target, "-q", "mail", "--global-keyprefix", "app:", "-o", "json"];
+    let out = run(args.iter().map(|a| a.to_string()).collect()).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(json_report(&out)["brokers"][0]["queues"][0]["ready"], 2);
+
+    let out = run(vec!["check-broker".into(), "secret/prod/app-redis:nokey".into()]).await.unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(stderr(&out).contains("Secret prod/app-redis has no key \"nokey\""), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("pw-cluster-5t"));
+}
