@@ -25,6 +25,29 @@ impl ResolvedBroker {
     }
 }
 
+/// Everything that makes two TaskQueues share a broker endpoint (and so one client and one probe):
+/// the resolved URLs and CA, and the settings that change how the broker is read and judged.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointKey {
+    url: String,
+    management: Option<String>,
+    ca: Option<String>,
+    transport: String,
+    safety: String,
+}
+
+impl EndpointKey {
+    pub fn new(spec: &BrokerSpec, resolved: &ResolvedBroker) -> Self {
+        Self {
+            url: resolved.url.expose().to_owned(),
+            management: resolved.management_url.as_ref().map(|m| m.expose().to_owned()),
+            ca: resolved.ca_cert_pem.clone(),
+            transport: format!("{:?}", spec.transport_options),
+            safety: format!("{:?}", spec.safety_check),
+        }
+    }
+}
+
 /// The probe configuration of a TaskQueue's broker. Pure: no I/O, no defaults of its own beyond
 /// the CRD's.
 pub fn broker_config(spec: &BrokerSpec, resolved: &ResolvedBroker) -> BrokerConfig {

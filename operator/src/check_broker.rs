@@ -16,7 +16,7 @@ use kube::ResourceExt;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::broker_config::{ResolvedBroker, broker_config, can_scale_to_zero, judge_expiry_with_pools};
+use crate::broker_config::{EndpointKey, ResolvedBroker, broker_config, can_scale_to_zero, judge_expiry_with_pools};
 use crate::crd::{TaskQueue, ValueFrom, WorkerPool};
 use crate::manifests::{self, Manifests};
 use crate::validate;
@@ -421,7 +421,7 @@ async fn endpoints_from_task_queues(
 ) -> Result<Vec<Endpoint>, UsageError> {
     let mut sources = SecretSources { args, secrets: &manifests.secrets, client: None };
     // Grouped by everything that makes an endpoint, like the operator's shared clients.
-    let mut by_endpoint: BTreeMap<String, Endpoint> = BTreeMap::new();
+    let mut by_endpoint: BTreeMap<EndpointKey, Endpoint> = BTreeMap::new();
     for loaded in &manifests.task_queues {
         let tq = &loaded.object;
         let broker = &tq.spec.broker;
@@ -453,14 +453,7 @@ async fn endpoints_from_task_queues(
             ca_cert_pem,
         };
         let config = broker_config(broker, &resolved);
-        let key = format!(
-            "{}|{:?}|{:?}|{:?}|{:?}",
-            resolved.url.expose(),
-            resolved.management_url.as_ref().map(SecretUrl::expose),
-            resolved.ca_cert_pem,
-            config.transport,
-            config.safety
-        );
+        let key = EndpointKey::new(broker, &resolved);
         let endpoint =
             by_endpoint.entry(key).or_insert_with(|| Endpoint { config, queues: Vec::new(), task_queues: Vec::new() });
         endpoint.queues.push(tq.queue_name().to_owned());

@@ -10,19 +10,9 @@ use celery_broker::events::WorkerEvents;
 use celery_broker::{Broker, BrokerConfig, BrokerObservation, ProbeError, Severity};
 
 use crate::autoscale::plan::Activity;
-use crate::broker_config::{ResolvedBroker, broker_config};
+use crate::broker_config::{EndpointKey, ResolvedBroker, broker_config};
 use crate::conditions::{Wanted, kind};
 use crate::crd::{BrokerSpec, BrokerSummary, SafetyCheck};
-
-/// Everything that identifies a broker endpoint and how to read it.
-#[derive(Clone, PartialEq, Eq, Hash)]
-struct EndpointKey {
-    url: String,
-    management: Option<String>,
-    ca: Option<String>,
-    transport: String,
-    safety: SafetyCheck,
-}
 
 /// Brokers by endpoint, shared by every TaskQueue on the same endpoint so they share a connection.
 #[derive(Default)]
@@ -51,13 +41,7 @@ const EVENTS_WARM_UP: Duration = Duration::from_secs(5);
 impl Brokers {
     /// The broker for this endpoint, created on first use (no network I/O here).
     pub fn get(&self, spec: &BrokerSpec, resolved: &ResolvedBroker) -> Result<Arc<Broker>, ProbeError> {
-        let key = EndpointKey {
-            url: resolved.url.expose().to_string(),
-            management: resolved.management_url.as_ref().map(|m| m.expose().to_string()),
-            ca: resolved.ca_cert_pem.clone(),
-            transport: format!("{:?}", spec.transport_options),
-            safety: spec.safety_check,
-        };
+        let key = EndpointKey::new(spec, resolved);
         let mut brokers = self.by_endpoint.lock().expect("broker map lock");
         if let Some(broker) = brokers.get(&key) {
             return Ok(broker.clone());
