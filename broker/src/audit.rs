@@ -3,7 +3,7 @@
 use std::fmt;
 
 use crate::observation::{BrokerInfo, BrokerKind, BrokerObservation};
-use crate::safety::Severity;
+use crate::safety::{Finding, Reason, Severity};
 use crate::{Broker, BrokerConfig, ProbeError};
 
 /// The outcome of [`audit`]: what one probe saw, printable for a terminal.
@@ -22,10 +22,42 @@ impl AuditReport {
     }
 }
 
-/// Probes `queues` on the broker once, with the safety checks of `config.safety`.
+/// Probes `queues` on the broker once, with the safety checks of `config.safety`; with no queue
+/// named, every queue [`Broker::discover`] finds. Queues that cannot be read or listed are
+/// findings; only a broker that cannot be probed at all is an error.
 pub async fn audit(config: BrokerConfig, queues: &[&str]) -> Result<AuditReport, ProbeError> {
     let broker = Broker::new(config)?;
-    let observation = broker.probe(queues).await?;
+    let mut extra = Vec::new();
+    let discovered = if queues.is_empty() {
+        match broker.discover().await {
+            Ok(found) => {
+                if found.is_empty() {
+                    extra.push(Finding::new(
+                        Reason::NoQueuesFound,
+                        Severity::Info,
+                        "no Celery queue found on the broker: nothing has declared one yet, or the \
+                         vhost (RabbitMQ), global key prefix or separator (Redis) is not the app's",
+                    ));
+                }
+                found
+            }
+            Err(ProbeError::Management { detail, .. }) => {
+                extra.push(Finding::new(
+                    Reason::QueueDiscoveryUnavailable,
+                    Severity::Warning,
+                    format!("cannot list the broker's queues ({detail}): name the queues to check"),
+                ));
+                Vec::new()
+            }
+            Err(e) => return Err(e),
+        }
+    } else {
+        Vec::new()
+    };
+    let queues: Vec<&str> =
+        if queues.is_empty() { discovered.iter().map(String::as_str).collect() } else { queues.to_vec() };
+    let mut observation = broker.probe(&queues).await?;
+    observation.findings.extend(extra);
     Ok(AuditReport { endpoint: broker.endpoint(), observation })
 }
 

@@ -38,7 +38,7 @@ pub use audit::{AuditReport, audit};
 pub use error::ProbeError;
 pub use kombu::TransportOptions;
 pub use observation::{BrokerInfo, BrokerKind, BrokerObservation, QueueObservation};
-pub use safety::{Finding, Reason, SafetyMode, Severity};
+pub use safety::{Finding, QueueFailure, Reason, SafetyMode, Severity};
 pub use secret::{SecretUrl, redact_url};
 
 /// Default bound on one probe (connect + round trip).
@@ -126,9 +126,20 @@ impl Broker {
         }
     }
 
+    /// The Celery task queues this broker holds, sorted, without Celery's own event and
+    /// remote-control queues: kombu's binding sets on Redis (a `SCAN` of the keyspace), the
+    /// management API on RabbitMQ (which is required: AMQP cannot list queues). For one-off audits.
+    pub async fn discover(&self) -> Result<Vec<String>, ProbeError> {
+        match &self.inner {
+            Inner::Redis(b) => b.discover().await,
+            Inner::Rabbitmq(b) => b.discover().await,
+        }
+    }
+
     /// Reads every queue in `queues` (Celery queue names; duplicates are read once) in one go.
-    /// A failure of the whole probe (unreachable, timeout, refused) is an error; a missing queue or
-    /// an unavailable part (management API, unacked counts) is a finding.
+    /// A failure of the whole probe (unreachable, timeout, refused) is an error; a queue that cannot
+    /// be read (missing, exclusive, forbidden) or an unavailable part (management API, unacked
+    /// counts) is a finding, and the rest of the probe runs.
     pub async fn probe<Q: AsRef<str>>(&self, queues: &[Q]) -> Result<BrokerObservation, ProbeError> {
         let mut seen = std::collections::HashSet::new();
         let queues: Vec<&str> = queues.iter().map(AsRef::as_ref).filter(|q| seen.insert(*q)).collect();

@@ -1,11 +1,14 @@
 //! The RabbitMQ probe: passive `queue.declare` over AMQP for real-time ready and consumer counts,
 //! plus (optionally) the management API for unacked counts, queue type, arguments and policies.
 //!
-//! A passive declare of a missing queue fails with channel error 404 NOT_FOUND, which closes the
-//! channel: the probe reports the queue as missing (it never declares it actively — mismatched
-//! arguments would raise PRECONDITION_FAILED, and creating queues is the application's business)
-//! and continues on a fresh channel. The management API's statistics lag by its collection
-//! interval (5 s by default), so it is used only for what AMQP cannot tell.
+//! A passive declare that fails for one queue fails with a channel error, which closes the channel:
+//! 404 NOT_FOUND (the probe never declares a queue actively — mismatched arguments would raise
+//! PRECONDITION_FAILED, and creating queues is the application's business), 405 RESOURCE_LOCKED (an
+//! exclusive queue of another connection, such as a Celery worker's pidbox) or 403 ACCESS_REFUSED.
+//! The probe reports a finding on that queue and continues with the next queue on a fresh channel;
+//! only connection-level errors fail the probe. The management API's statistics lag by its
+//! collection interval (5 s by default), so it is used only for what AMQP cannot tell, and for the
+//! depth of queues AMQP may not read.
 
 pub(crate) mod connect;
 
@@ -22,12 +25,25 @@ use serde_json::Value;
 use tokio::sync::Mutex;
 
 use crate::observation::{BrokerInfo, BrokerKind, BrokerObservation, QueueObservation};
-use crate::safety::{Finding, Reason, SafetyMode, Severity, rabbitmq_queue_findings};
+use crate::safety::{
+    Finding, QueueFailure, Reason, SafetyMode, Severity, is_celery_internal_queue, queue_failure_finding,
+    rabbitmq_queue_findings,
+};
 use crate::secret::SecretUrl;
 use crate::{BrokerConfig, ProbeError};
-use connect::is_not_found;
 
-const QUEUE_COLUMNS: &str = "name,type,arguments,policy,effective_policy_definition,messages_unacknowledged,consumers";
+const ACCESS_REFUSED: u16 = 403;
+const NOT_FOUND: u16 = 404;
+const RESOURCE_LOCKED: u16 = 405;
+const QUEUE_COLUMNS: &str =
+    "name,type,arguments,policy,effective_policy_definition,messages_ready,messages_unacknowledged,consumers";
+
+/// What a passive declare told about one queue.
+enum Declared {
+    Found { ready: u64, consumers: u32 },
+    Missing,
+    Failed(QueueFailure),
+}
 
 pub(crate) struct RabbitBroker {
     url: SecretUrl,
@@ -104,56 +120,81 @@ impl RabbitBroker {
                 Severity::Warning,
                 format!("{e}; unacked counts and queue policies are unknown"),
             )),
+            None if self.safety != SafetyMode::Off => findings.push(Finding::new(
+                Reason::ManagementUnavailable,
+                Severity::Warning,
+                "no management API configured: queue arguments and policies that silently drop tasks \
+                 (max-length, message-ttl, delivery-limit, expires) were not checked and unacked \
+                 counts are unknown; give the management URL (TaskQueue managementUrlFrom, \
+                 check-broker --management-url)",
+            )),
             None => {}
         }
         let major = info.version.as_deref().and_then(major_version);
         let mut observed = BTreeMap::new();
         for (queue, declared) in queues.iter().zip(declared) {
             let detail = details.get(*queue);
-            let Some((ready, consumers)) = declared else {
-                findings.push(
-                    Finding::new(
-                        Reason::QueueMissing,
-                        Severity::Warning,
-                        format!(
-                            "queue {queue} does not exist in vhost {}: nothing buffers its tasks, \
-                             and publishers that do not declare it lose them as unroutable; check \
-                             the queue name and vhost, or start a worker that declares it",
-                            self.vhost
-                        ),
-                    )
-                    .for_queue(queue),
-                );
-                let empty = QueueObservation { unacked: Some(0), consumers: Some(0), ..QueueObservation::default() };
-                observed.insert((*queue).to_owned(), empty);
-                continue;
+            let number = |key: &str| detail.and_then(|d| d[key].as_u64());
+            let seen = match declared {
+                // Unacked is unknown until the management statistics include the queue (one
+                // collection interval after it was declared).
+                Declared::Found { ready, consumers } => QueueObservation {
+                    ready,
+                    unacked: number("messages_unacknowledged"),
+                    orphaned_unacked: None,
+                    consumers: Some(consumers),
+                },
+                Declared::Missing => {
+                    findings.push(self.missing(queue));
+                    QueueObservation { unacked: Some(0), consumers: Some(0), ..QueueObservation::default() }
+                }
+                // The management API may still know the depth (it lists exclusive queues too).
+                Declared::Failed(failure) => {
+                    findings.push(queue_failure_finding(queue, &failure));
+                    QueueObservation {
+                        ready: number("messages_ready").unwrap_or_default(),
+                        unacked: number("messages_unacknowledged"),
+                        orphaned_unacked: None,
+                        consumers: number("consumers").and_then(|c| u32::try_from(c).ok()),
+                    }
+                }
             };
             if let (Some(detail), true) = (detail, self.safety != SafetyMode::Off) {
                 findings.extend(rabbitmq_queue_findings(detail, major));
             }
-            // Unknown until the management statistics include the queue (one collection interval
-            // after it was declared).
-            let unacked = detail.and_then(|d| d["messages_unacknowledged"].as_u64());
-            observed.insert(
-                (*queue).to_owned(),
-                QueueObservation { ready, unacked, orphaned_unacked: None, consumers: Some(consumers) },
-            );
+            observed.insert((*queue).to_owned(), seen);
         }
         Ok(BrokerObservation { queues: observed, info, findings })
     }
 
-    /// `(ready, consumers)` per queue, `None` for a queue that does not exist.
-    async fn declare_passively(&self, queues: &[&str]) -> Result<Vec<Option<(u64, u32)>>, ProbeError> {
+    fn missing(&self, queue: &str) -> Finding {
+        Finding::new(
+            Reason::QueueMissing,
+            Severity::Warning,
+            format!(
+                "queue {queue} does not exist in vhost {}: nothing buffers its tasks, and publishers \
+                 that do not declare it lose them as unroutable; check the queue name and vhost, or \
+                 start a worker that declares it",
+                self.vhost
+            ),
+        )
+        .for_queue(queue)
+    }
+
+    /// What a passive declare tells of each queue. A channel error concerns only its queue: the
+    /// next queue is read on a fresh channel.
+    async fn declare_passively(&self, queues: &[&str]) -> Result<Vec<Declared>, ProbeError> {
         let connection = self.connection().await?;
         let mut channel = self.channel(&connection).await?;
         let mut out = Vec::with_capacity(queues.len());
         for queue in queues {
             let options = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
             match channel.queue_declare((*queue).into(), options, FieldTable::default()).await {
-                Ok(q) => out.push(Some((u64::from(q.message_count()), q.consumer_count()))),
-                Err(e) if is_not_found(&e) => {
-                    out.push(None);
-                    // NOT_FOUND closed the channel.
+                Ok(q) => {
+                    out.push(Declared::Found { ready: u64::from(q.message_count()), consumers: q.consumer_count() })
+                }
+                Err(e) if e.is_amqp_soft_error() => {
+                    out.push(self.declared_after(&e));
                     channel = self.channel(&connection).await?;
                 }
                 Err(e) => {
@@ -164,6 +205,36 @@ impl RabbitBroker {
         }
         let _ = channel.close(200, "probe done".into()).await;
         Ok(out)
+    }
+
+    /// What a channel error on a passive declare says about its queue.
+    fn declared_after(&self, e: &lapin::Error) -> Declared {
+        let code = match e.kind() {
+            lapin::ErrorKind::ProtocolError(amqp) => amqp.get_id(),
+            _ => 0,
+        };
+        let detail = self.url.scrub(&e.to_string());
+        match code {
+            NOT_FOUND => Declared::Missing,
+            RESOURCE_LOCKED => Declared::Failed(QueueFailure::Exclusive),
+            ACCESS_REFUSED => Declared::Failed(QueueFailure::Forbidden(detail)),
+            _ => Declared::Failed(QueueFailure::Unreadable(detail)),
+        }
+    }
+
+    /// The vhost's queues by name, from the management API, without Celery's own; an error when
+    /// no management API is configured (AMQP cannot list queues).
+    pub(crate) async fn discover(&self) -> Result<Vec<String>, ProbeError> {
+        let Some(management) = &self.management else {
+            return Err(ProbeError::Management {
+                endpoint: self.url.redacted(),
+                detail: "no management API configured, and AMQP cannot list queues".into(),
+            });
+        };
+        let (_, queues) = management.read(&self.vhost, self.timeout).await?;
+        let mut names: Vec<String> = queues.into_keys().filter(|q| !is_celery_internal_queue(q)).collect();
+        names.sort();
+        Ok(names)
     }
 
     async fn channel(&self, connection: &Connection) -> Result<Channel, ProbeError> {

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use celery_broker::{Broker, BrokerConfig, BrokerObservation, ProbeError, Reason, SafetyMode};
+use celery_broker::{Broker, BrokerConfig, BrokerObservation, ProbeError, Reason, SafetyMode, Severity};
 use common::{poll, publish, send_blocking, start_worker, write_app};
 use e2e_harness::python;
 use e2e_harness::{RabbitServer, RedisServer};
@@ -213,4 +213,61 @@ async fn amqps_is_probed_with_a_custom_ca() {
     let untrusted = Broker::new(BrokerConfig::new(rabbit.amqps_url())).unwrap();
     let err = untrusted.probe(&[queue]).await.unwrap_err();
     assert!(matches!(err, ProbeError::Connect { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn an_exclusive_celery_mailbox_is_a_finding_and_the_other_queues_are_still_read() {
+    let rabbit = rabbit();
+    let control = RedisServer::start().unwrap();
+    let app = tempfile::tempdir().unwrap();
+    write_app(app.path());
+    let url = rabbit.amqp_url();
+    let (tasks, missing) = ("rq-mailbox-tasks", "rq-mailbox-missing");
+    publish(app.path(), &url, "{}", &[(tasks, 0, 3)], &[tasks]);
+    // A real worker owns its remote-control mailbox exclusively (Celery's control_queue_exclusive).
+    let control_url = control.url();
+    let env = [("BROKER", url.as_str()), ("CONTROL", control_url.as_str())];
+    let args = ["-A", "tasks", "worker", "-Q", "rq-mailbox-other", "-c", "1", "-n", "mailbox@probe", "-l", "INFO"];
+    let mut worker = python::CeleryWorker::spawn(app.path(), &args, &env).unwrap();
+    worker.wait_for_log("ready.", Duration::from_secs(60)).unwrap();
+    let mailbox = "mailbox@probe.celery.pidbox";
+
+    let broker = Broker::new(with_management(rabbit, url)).unwrap();
+    // The mailbox first: RESOURCE_LOCKED closes the channel, the next queues are still read.
+    let seen = broker.probe(&[mailbox, tasks, missing]).await.expect("a locked queue does not fail the probe");
+    assert_eq!(seen.queues[tasks].ready, 3);
+    assert_eq!(reasons_for(&seen, missing), vec![Reason::QueueMissing]);
+    let locked: Vec<_> = seen.findings.iter().filter(|f| f.queue.as_deref() == Some(mailbox)).collect();
+    assert_eq!(locked.len(), 1, "{:?}", seen.findings);
+    assert_eq!((locked[0].reason, locked[0].severity), (Reason::QueueExclusive, Severity::Info));
+    // Celery's own mailbox is no reason to call the broker unsafe; the missing queue is.
+    assert!(seen.findings.iter().filter(|f| f.queue.as_deref() != Some(missing)).all(|f| f.severity == Severity::Info));
+
+    // Discovery lists the task queues, not Celery's mailboxes and event queues.
+    let discovered = poll("the management API to list the queues", Duration::from_secs(30), || async {
+        let found = broker.discover().await.unwrap();
+        if found.iter().any(|q| q == tasks) && found.iter().any(|q| q == "rq-mailbox-other") {
+            Ok(found)
+        } else {
+            Err(found)
+        }
+    })
+    .await;
+    assert!(discovered.iter().all(|q| !q.ends_with(".pidbox") && !q.starts_with("celeryev.")), "{discovered:?}");
+    drop(worker);
+}
+
+#[tokio::test]
+async fn without_the_management_api_the_drop_policies_are_reported_unchecked() {
+    let rabbit = rabbit();
+    let url = rabbit.amqp_url();
+    let queue = "rq-unchecked-q";
+    declare(&url, queue, r#"{"x-max-length": 10}"#);
+    let seen = Broker::new(BrokerConfig::new(url.clone())).unwrap().probe(&[queue]).await.unwrap();
+    let reasons: Vec<Reason> = seen.findings.iter().map(|f| f.reason).collect();
+    assert_eq!(reasons, vec![Reason::ManagementUnavailable]);
+    assert!(seen.is_unsafe(), "an unchecked broker is not called safe");
+    // AMQP cannot list queues: discovery needs the management API.
+    let err = Broker::new(BrokerConfig::new(url)).unwrap().discover().await.unwrap_err();
+    assert!(matches!(err, ProbeError::Management { .. }), "{err:?}");
 }

@@ -348,3 +348,140 @@ async fn sentinel_urls_resolve_the_master_with_its_password() {
     assert!(err.to_string().contains("master_name"), "{err}");
     assert!(!format!("{err:?}").contains("m4ster-pw"));
 }
+
+#[tokio::test]
+async fn custom_steps_and_separator_count_as_kombu_and_unacked_follow_a_named_exchange() {
+    let app = tempfile::tempdir().unwrap();
+    write_app(app.path());
+    let redis = RedisServer::start().unwrap();
+    let url = redis.url();
+    let options = TransportOptions { priority_steps: vec![0, 5], separator: ":".into(), ..TransportOptions::default() };
+    let transport = kombu_transport(&options);
+    // Priorities 0..=9 over two lists: 0-4 in `reports`, 5-9 in `reports:5`.
+    let plan = [("reports", 0, 2), ("reports", 3, 1), ("reports", 5, 4), ("reports", 9, 2)];
+    let kombu = publish(app.path(), &url, &transport, &plan, &["reports"]);
+    assert_eq!(kombu.sizes["reports"], 9);
+    assert_eq!(kombu.lists.get("reports:5"), Some(&6), "{:?}", kombu.lists);
+    let broker = Broker::new(config(&url, &options)).unwrap();
+    assert_eq!(broker.probe(&["reports"]).await.unwrap().queues["reports"].ready, 9);
+    // Kombu's defaults read the same keys wrong: 3 of 9.
+    let defaults = Broker::new(config(&url, &TransportOptions::default())).unwrap();
+    assert_eq!(defaults.probe(&["reports"]).await.unwrap().queues["reports"].ready, 3);
+
+    // Tasks published through exchange `jobs` with routing key `jobs.work`, bound to queue `jobs`:
+    // the unacked entries name the exchange, and only the binding table (members joined with the
+    // separator) says which queue they came from.
+    let declare = r#"[["jobs", "jobs", "jobs.work", null]]"#;
+    let env = [
+        ("BROKER", url.as_str()),
+        ("CONTROL", url.as_str()),
+        ("TRANSPORT", transport.as_str()),
+        ("DECLARE", declare),
+        ("EXCHANGE", "jobs"),
+        ("ROUTING_KEY", "jobs.work"),
+    ];
+    send_blocking(app.path(), &env, "jobs", 6);
+    let worker = start_worker(app.path(), &env, "jobs", 3);
+    let seen = poll("the worker to hold 3 prefetched tasks", Duration::from_secs(60), || async {
+        let seen = broker.probe(&["jobs"]).await.unwrap();
+        let jobs = &seen.queues["jobs"];
+        if jobs.unacked == Some(3) && jobs.ready == 2 { Ok(seen) } else { Err(seen.queues) }
+    })
+    .await;
+    assert!(seen.findings.is_empty(), "{:?}", seen.findings);
+    let members = redis.cli(&["SMEMBERS", "_kombu.binding.jobs"]).unwrap();
+    assert!(members.contains("jobs.work::jobs"), "{members}");
+    // With the default separator the same entries are credited to no queue.
+    assert_eq!(defaults.probe(&["jobs"]).await.unwrap().queues["jobs"].unacked, Some(0));
+    redis.cli(&["LPUSH", "release", "1", "1", "1", "1", "1", "1"]).unwrap();
+    drop(worker);
+}
+
+/// Publishes `count` tasks to `queue`, declared by Celery with `Queue(expires=expires_seconds)`.
+fn publish_to_expiring_queue(app_dir: &std::path::Path, url: &str, queue: &str, expires_seconds: u32, count: u32) {
+    let declare = format!(r#"[["{queue}", "{queue}", "{queue}", {expires_seconds}]]"#);
+    let env = [("BROKER", url), ("CONTROL", url), ("DECLARE", declare.as_str())];
+    send_blocking(app_dir, &env, queue, count);
+}
+
+#[tokio::test]
+async fn an_expiring_queue_is_flagged_and_critical_where_volatile_eviction_takes_it() {
+    let app = tempfile::tempdir().unwrap();
+    write_app(app.path());
+    let redis = RedisServer::start().unwrap();
+    publish_to_expiring_queue(app.path(), &redis.url(), "short-lived", 600, 5);
+    assert!(redis.cli(&["PTTL", "short-lived"]).unwrap().trim().parse::<i64>().unwrap() > 0);
+    let seen = Broker::new(BrokerConfig::new(redis.url())).unwrap().probe(&["short-lived", "celery"]).await.unwrap();
+    assert_eq!(seen.queues["short-lived"].ready, 5);
+    let found: Vec<_> = seen.findings.iter().map(|f| (f.reason, f.severity, f.queue.as_deref())).collect();
+    assert_eq!(found, vec![(Reason::QueueExpires, Severity::Warning, Some("short-lived"))]);
+    // Off checks nothing, not even TTLs.
+    let off = BrokerConfig { safety: SafetyMode::Off, ..BrokerConfig::new(redis.url()) };
+    assert!(Broker::new(off).unwrap().probe(&["short-lived"]).await.unwrap().findings.is_empty());
+
+    // Under volatile-lru with a memory limit the same lists are the first keys Redis evicts.
+    let volatile =
+        RedisServer::builder().config("maxmemory 4mb").config("maxmemory-policy volatile-lru").start().unwrap();
+    publish_to_expiring_queue(app.path(), &volatile.url(), "short-lived", 600, 5);
+    let broker = Broker::new(BrokerConfig::new(volatile.url())).unwrap();
+    let seen = broker.probe(&["short-lived"]).await.unwrap();
+    let found: Vec<_> = seen.findings.iter().map(|f| (f.reason, f.severity)).collect();
+    assert_eq!(
+        found,
+        vec![(Reason::EvictionPolicyVolatile, Severity::Info), (Reason::QueueExpires, Severity::Critical)]
+    );
+    // What the finding warns of: fill Redis with keys that have no TTL, and the queue is evicted.
+    let fill = "import os, redis\nr = redis.Redis.from_url(os.environ['URL'])\n\
+                try:\n    [r.set(f'k{i}', 'x' * 10240) for i in range(1000)]\nexcept redis.exceptions.OutOfMemoryError:\n    pass\n";
+    e2e_harness::python::run_script(fill, &[("URL", &volatile.url())]).unwrap();
+    let after = broker.probe(&["short-lived"]).await.unwrap();
+    assert_eq!(after.queues["short-lived"].ready, 0, "the 5 tasks were evicted");
+    assert!(after.findings.iter().any(|f| f.reason == Reason::KeysEvicted), "{:?}", after.findings);
+}
+
+#[tokio::test]
+async fn queues_are_discovered_from_kombu_bindings_without_celerys_own() {
+    let app = tempfile::tempdir().unwrap();
+    write_app(app.path());
+    let redis = RedisServer::start().unwrap();
+    let options = TransportOptions { global_keyprefix: "svc:".into(), ..TransportOptions::default() };
+    let transport = kombu_transport(&options);
+    publish(app.path(), &redis.url(), &transport, &[("emails", 0, 2), ("reports", 9, 1)], &["emails"]);
+    // A worker adds its mailbox (celery.pidbox) and event bindings; neither is a task queue.
+    let url = redis.url();
+    let env = [("BROKER", url.as_str()), ("CONTROL", url.as_str()), ("TRANSPORT", transport.as_str())];
+    let args = ["-A", "tasks", "worker", "-Q", "bulk", "-c", "1", "-E", "-l", "INFO"];
+    let mut worker = e2e_harness::python::CeleryWorker::spawn(app.path(), &args, &env).unwrap();
+    worker.wait_for_log("ready.", Duration::from_secs(60)).unwrap();
+    assert!(redis.cli(&["EXISTS", "svc:_kombu.binding.celery.pidbox"]).unwrap().trim() == "1");
+
+    let broker = Broker::new(config(&url, &options)).unwrap();
+    assert_eq!(broker.discover().await.unwrap(), vec!["bulk", "emails", "reports"]);
+    let report = audit(config(&url, &options), &[]).await.unwrap();
+    let ready: Vec<(&str, u64)> = report.observation.queues.iter().map(|(q, o)| (q.as_str(), o.ready)).collect();
+    assert_eq!(ready, vec![("bulk", 0), ("emails", 2), ("reports", 1)]);
+    // Another prefix sees none of them, and says so.
+    let report = audit(BrokerConfig::new(url.clone()), &[]).await.unwrap();
+    assert!(report.observation.queues.is_empty());
+    assert_eq!(report.observation.findings.iter().map(|f| f.reason).collect::<Vec<_>>(), vec![Reason::NoQueuesFound]);
+    drop(worker);
+}
+
+#[tokio::test]
+async fn a_queue_the_broker_will_not_read_fails_alone() {
+    let redis = RedisServer::builder().config("user limited on >pw ~emails* ~unacked* &* +@all").start().unwrap();
+    redis.cli(&["LPUSH", "emails", "m1", "m2"]).unwrap();
+    redis.cli(&["SET", "clash", "not a list"]).unwrap();
+    let limited = format!("redis://limited:pw@127.0.0.1:{}/0", redis.port());
+    let seen = Broker::new(BrokerConfig::new(limited)).unwrap().probe(&["emails", "secret-queue"]).await.unwrap();
+    assert_eq!(seen.queues["emails"].ready, 2);
+    let forbidden: Vec<_> = seen.findings.iter().filter(|f| f.queue.as_deref() == Some("secret-queue")).collect();
+    assert_eq!(forbidden.iter().map(|f| f.reason).collect::<Vec<_>>(), vec![Reason::QueueForbidden]);
+    assert!(forbidden[0].message.to_ascii_uppercase().contains("NOPERM"), "{}", forbidden[0].message);
+
+    let seen = Broker::new(BrokerConfig::new(redis.url())).unwrap().probe(&["clash", "emails"]).await.unwrap();
+    assert_eq!(seen.queues["emails"].ready, 2);
+    let clash: Vec<_> =
+        seen.findings.iter().filter(|f| f.queue.as_deref() == Some("clash")).map(|f| f.reason).collect();
+    assert_eq!(clash, vec![Reason::QueueUnreadable]);
+}

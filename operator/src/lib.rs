@@ -1,6 +1,8 @@
 //! celery-operator: a Kubernetes operator and autoscaler for Celery worker fleets.
 
 pub mod autoscale;
+pub mod broker_config;
+pub mod check_broker;
 pub mod conditions;
 pub mod controller;
 pub mod crd;
@@ -8,6 +10,7 @@ pub mod deployment;
 pub mod http;
 pub mod labels;
 pub mod leader;
+pub mod manifests;
 pub mod metrics;
 pub mod probe;
 pub mod reconcile;

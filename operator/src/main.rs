@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use celery_operator::check_broker::{self, CheckBrokerArgs};
 use celery_operator::leader::{LeaseOptions, Shutdown, shutdown_when};
 use celery_operator::{controller, crd, http, metrics::Metrics, reconcile::Context, render};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -26,8 +27,9 @@ enum Command {
         #[arg(long)]
         out_dir: Option<PathBuf>,
     },
-    /// Audit a broker once: eviction policy, memory, persistence, queue depths and findings. Exits 1
-    /// on unsafe findings and 2 when the broker cannot be probed, so it can gate a CI pipeline.
+    /// Audit brokers once, as the operator would: every way they can silently lose tasks, queue
+    /// depths, broker facts. From a URL and flags, or from TaskQueue YAML files (--file). Exits 0
+    /// safe, 1 unsafe, 2 unreachable, 64 usage error, so it can gate a CI pipeline.
     CheckBroker(CheckBrokerArgs),
     /// Print the Deployments the operator would create from TaskQueue/WorkerPool YAML files or
     /// directories, offline. Exits non-zero, naming object and field, on invalid input.
@@ -36,22 +38,6 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
-}
-
-#[derive(clap::Args)]
-struct CheckBrokerArgs {
-    /// A broker URL, or `secret/[NAMESPACE/]NAME:KEY` to read it from a Secret with the current
-    /// kubeconfig (keeps the password out of shell history).
-    target: String,
-    /// Celery queue to report (repeatable).
-    #[arg(long = "queue", short = 'q')]
-    queues: Vec<String>,
-    /// kombu global_keyprefix (Redis).
-    #[arg(long, default_value = "")]
-    global_keyprefix: String,
-    /// Switch an unsafe Redis eviction policy to noeviction where CONFIG SET is allowed.
-    #[arg(long)]
-    fix: bool,
 }
 
 #[derive(clap::Args)]
@@ -97,7 +83,16 @@ fn init_tracing(format: LogFormat) {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match Cli::parse().command {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // Help and --version are not errors; anything else is a usage error (64, not clap's 2,
+            // which check-broker uses for an unreachable broker).
+            return if e.use_stderr() { ExitCode::from(check_broker::exit::USAGE) } else { ExitCode::SUCCESS };
+        }
+    };
+    match cli.command {
         Command::Crd { out_dir } => print_crds(out_dir),
         Command::Render { paths } => match render::render_paths(&paths) {
             Ok(yaml) => {
@@ -111,7 +106,7 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::CheckBroker(args) => check_broker(args).await,
+        Command::CheckBroker(args) => ExitCode::from(check_broker::run(args).await),
         Command::Run(args) => {
             init_tracing(args.log_format);
             match run(args).await {
@@ -193,48 +188,4 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "celery-operator".into())
-}
-
-async fn check_broker(args: CheckBrokerArgs) -> ExitCode {
-    let url = match args.target.strip_prefix("secret/") {
-        None => args.target.clone(),
-        Some(reference) => match read_secret_ref(reference).await {
-            Ok(url) => url,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(2);
-            }
-        },
-    };
-    let mut config = celery_broker::BrokerConfig::new(url);
-    config.transport.global_keyprefix = args.global_keyprefix;
-    config.safety = if args.fix { celery_broker::SafetyMode::Fix } else { celery_broker::SafetyMode::Warn };
-    let queues: Vec<&str> = args.queues.iter().map(String::as_str).collect();
-    match celery_broker::audit(config, &queues).await {
-        Ok(report) => {
-            println!("{}", report.to_string().trim_end());
-            if report.is_unsafe() { ExitCode::FAILURE } else { ExitCode::SUCCESS }
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(2)
-        }
-    }
-}
-
-/// Reads `[NAMESPACE/]NAME:KEY` from a Secret.
-async fn read_secret_ref(reference: &str) -> Result<String, String> {
-    let (path, key) = reference.split_once(':').ok_or("expected secret/[NAMESPACE/]NAME:KEY")?;
-    let client = kube::Client::try_default().await.map_err(|e| format!("cannot reach the cluster: {e}"))?;
-    let (namespace, name) = match path.split_once('/') {
-        Some((ns, name)) => (ns.to_string(), name),
-        None => (client.default_namespace().to_string(), path),
-    };
-    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(client, &namespace);
-    let secret = secrets.get(name).await.map_err(|e| format!("Secret {namespace}/{name}: {e}"))?;
-    let value =
-        secret.data.unwrap_or_default().remove(key).ok_or(format!("Secret {namespace}/{name} has no key {key:?}"))?;
-    String::from_utf8(value.0)
-        .map(|v| v.trim().to_string())
-        .map_err(|_| format!("Secret {namespace}/{name} key {key:?} is not UTF-8"))
 }

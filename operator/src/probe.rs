@@ -7,20 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use celery_broker::events::WorkerEvents;
-use celery_broker::{Broker, BrokerConfig, BrokerObservation, ProbeError, SafetyMode, SecretUrl, Severity};
+use celery_broker::{Broker, BrokerConfig, BrokerObservation, ProbeError, Severity};
 
 use crate::autoscale::plan::Activity;
+use crate::broker_config::{EndpointKey, ResolvedBroker, broker_config};
 use crate::conditions::{Wanted, kind};
-use crate::crd::{BrokerSummary, SafetyCheck, TransportOptions};
-
-/// Everything that identifies a broker endpoint and how to read it.
-#[derive(Clone, PartialEq, Eq, Hash)]
-struct EndpointKey {
-    url: String,
-    management: Option<String>,
-    transport: String,
-    safety: SafetyCheck,
-}
+use crate::crd::{BrokerSpec, BrokerSummary, SafetyCheck};
 
 /// Brokers by endpoint, shared by every TaskQueue on the same endpoint so they share a connection.
 #[derive(Default)]
@@ -48,24 +40,13 @@ const EVENTS_WARM_UP: Duration = Duration::from_secs(5);
 
 impl Brokers {
     /// The broker for this endpoint, created on first use (no network I/O here).
-    pub fn get(
-        &self,
-        url: &SecretUrl,
-        management: Option<&SecretUrl>,
-        transport: &TransportOptions,
-        safety: SafetyCheck,
-    ) -> Result<Arc<Broker>, ProbeError> {
-        let key = EndpointKey {
-            url: url.expose().to_string(),
-            management: management.map(|m| m.expose().to_string()),
-            transport: format!("{transport:?}"),
-            safety,
-        };
+    pub fn get(&self, spec: &BrokerSpec, resolved: &ResolvedBroker) -> Result<Arc<Broker>, ProbeError> {
+        let key = EndpointKey::new(spec, resolved);
         let mut brokers = self.by_endpoint.lock().expect("broker map lock");
         if let Some(broker) = brokers.get(&key) {
             return Ok(broker.clone());
         }
-        let config = endpoint_config(url, management, transport, safety);
+        let config = broker_config(spec, resolved);
         let broker = Arc::new(Broker::new(config.clone())?);
         // The subscription starts with the broker, lazily: only pools that autoscale ask for it.
         let subscription = Subscription { _broker: broker.clone(), config, events: None, up_since: None };
@@ -100,32 +81,6 @@ impl Brokers {
             return None;
         }
         Some(events.alive().into_iter().map(|w| (w.hostname, w.active)).collect())
-    }
-}
-
-/// The probe configuration of an endpoint.
-fn endpoint_config(
-    url: &SecretUrl,
-    management: Option<&SecretUrl>,
-    transport: &TransportOptions,
-    safety: SafetyCheck,
-) -> BrokerConfig {
-    {
-        let mut config = BrokerConfig::new(url.clone());
-        config.management_url = management.cloned();
-        config.transport = celery_broker::TransportOptions {
-            global_keyprefix: transport.global_key_prefix.clone(),
-            priority_steps: transport.priority_steps.iter().map(|&p| p.clamp(0, 255) as u8).collect(),
-            separator: transport.separator.clone(),
-            visibility_timeout: std::time::Duration::from_secs(transport.visibility_timeout_seconds.max(1) as u64),
-            ..Default::default()
-        };
-        config.safety = match safety {
-            SafetyCheck::Warn => SafetyMode::Warn,
-            SafetyCheck::Fix => SafetyMode::Fix,
-            SafetyCheck::Off => SafetyMode::Off,
-        };
-        config
     }
 }
 

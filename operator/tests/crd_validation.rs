@@ -171,6 +171,19 @@ fn invalid_documents() -> Vec<(&'static str, Value, &'static str, &'static str)>
         ),
         ("unsupported scheme", queue(json!({"broker": {"url": "sqs://queue"}})), "spec.broker.url", "should match"),
         (
+            "password in a later sentinel of the list",
+            queue(json!({"broker": {"url": "sentinel://s1:26379;sentinel://:hunter2@s2:26379/0",
+                                    "transportOptions": {"masterName": "mymaster"}}})),
+            "spec.broker.url",
+            "must not contain a user or password",
+        ),
+        (
+            "sentinel without a master name",
+            queue(json!({"broker": {"url": "sentinel://s1:26379;sentinel://s2:26379/0"}})),
+            "spec.broker",
+            "a sentinel:// url needs transportOptions.masterName",
+        ),
+        (
             "unknown safety mode",
             queue(with(base_queue(), "broker.safetyCheck", json!("Ignore"))),
             "spec.broker.safetyCheck",
@@ -270,4 +283,15 @@ fn defaults_are_applied_by_the_schema() {
     let admitted = admit(&queue(base_queue())).unwrap();
     assert_eq!(admitted["spec"]["broker"]["safetyCheck"], "Warn");
     assert_eq!(admitted["spec"]["broker"]["transportOptions"]["prioritySteps"], json!([0, 3, 6, 9]));
+}
+
+#[test]
+fn a_sentinel_url_with_its_master_name_and_a_ca_secret_are_accepted() {
+    let doc = queue(json!({"broker": {
+        "url": "sentinel://s1:26379;sentinel://s2:26379/0",
+        "transportOptions": {"masterName": "mymaster"},
+        "tls": {"caFrom": {"secretKeyRef": {"name": "redis-ca", "key": "ca.crt"}}},
+    }}));
+    let admitted = admit(&doc).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(admitted["spec"]["broker"]["transportOptions"]["masterName"], "mymaster");
 }

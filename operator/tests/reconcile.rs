@@ -17,7 +17,7 @@ use celery_operator::reconcile::{Context, taskqueue, workerpool};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Client};
 use serde_json::{Value, json};
@@ -46,8 +46,7 @@ impl Harness {
             + serde::de::DeserializeOwned
             + std::fmt::Debug,
     {
-        let obj: K = serde_json::from_value(doc).expect("fixture matches the type");
-        Api::<K>::namespaced(self.client.clone(), "prod").create(&PostParams::default(), &obj).await.expect("created")
+        common::create_in_prod(&self.client, doc).await
     }
 
     async fn pool(&self, name: &str) -> Arc<WorkerPool> {

@@ -22,6 +22,8 @@
 //! mode when the policy is being fixed.
 
 pub(crate) mod connect;
+mod discover;
+mod expiry;
 mod info;
 
 use std::collections::{BTreeMap, HashMap};
@@ -34,7 +36,9 @@ use tokio::sync::Mutex as AsyncMutex;
 
 use crate::kombu::{TransportOptions, UnackedGroup, attribute_unacked};
 use crate::observation::{BrokerInfo, BrokerObservation, QueueObservation};
-use crate::safety::{Finding, Reason, SafetyMode, Severity, redis_findings};
+use crate::safety::{
+    Finding, QueueFailure, Reason, SafetyMode, Severity, queue_failure_finding, queue_ttl_finding, redis_findings,
+};
 use crate::secret::SecretUrl;
 use crate::{BrokerConfig, ProbeError};
 
@@ -58,6 +62,7 @@ pub(crate) struct RedisBroker {
     unacked_scan_limit: u64,
     script: Script,
     history: Mutex<History>,
+    expiry: Mutex<expiry::ExpiryCheck>,
 }
 
 /// The script's reply: `(hlen, examined, groups, bindings)`.
@@ -79,6 +84,7 @@ impl RedisBroker {
             unacked_scan_limit: config.unacked_scan_limit,
             script: Script::new(UNACKED_SCRIPT),
             history: Mutex::default(),
+            expiry: Mutex::default(),
         })
     }
 
@@ -140,6 +146,13 @@ impl RedisBroker {
                 pipe.cmd("LLEN").arg(key);
             }
         }
+        let now = std::time::Instant::now();
+        let expiry_due = if self.safety == SafetyMode::Off {
+            Vec::new()
+        } else {
+            self.expiry.lock().expect("expiry lock").due(queues, now)
+        };
+        expiry::add_ttl_commands(&mut pipe, &self.options, &expiry_due);
         pipe.invoke_script(&invocation);
         for section in info::SECTIONS {
             pipe.cmd("INFO").arg(section);
@@ -148,6 +161,8 @@ impl RedisBroker {
 
         let mut replies = replies.into_iter();
         let ready = self.ready_counts(&mut replies, queues.len())?;
+        let expiry = expiry::queue_expiry(&mut replies, self.options.priority_steps.len(), expiry_due.len());
+        self.expiry.lock().expect("expiry lock").record(&expiry_due, expiry, now);
         let script_reply = match replies.next().expect("the script's reply") {
             Err(e) if e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) => {
                 invocation.invoke_async::<Value>(&mut con).await
@@ -166,10 +181,20 @@ impl RedisBroker {
         if self.safety != SafetyMode::Off {
             findings.extend(self.safety_findings(&mut con, &mut info).await);
         }
+        if self.safety != SafetyMode::Off {
+            let expiry = self.expiry.lock().expect("expiry lock");
+            findings.extend(queues.iter().filter(|q| expiry.is_expiring(q)).map(|q| queue_ttl_finding(q, &info)));
+        }
+        for (queue, ready) in queues.iter().zip(&ready) {
+            if let Err(failure) = ready {
+                findings.push(queue_failure_finding(queue, failure));
+            }
+        }
         let queues = queues
             .iter()
             .zip(ready)
             .map(|(queue, ready)| {
+                let ready = ready.unwrap_or_default();
                 let (unacked, orphaned) =
                     unacked.as_ref().and_then(|m| m.get(*queue)).map_or((None, None), |&(u, o)| (Some(u), Some(o)));
                 let observation = QueueObservation { ready, unacked, orphaned_unacked: orphaned, consumers: None };
@@ -179,20 +204,30 @@ impl RedisBroker {
         Ok(BrokerObservation { queues, info, findings })
     }
 
-    /// Sums the `LLEN` replies of each queue's priority lists, in queue order.
+    /// Sums the `LLEN` replies of each queue's priority lists, in queue order. An error that
+    /// concerns one queue's keys (a key of another type, an ACL key pattern) fails only that queue;
+    /// any other error fails the probe.
     fn ready_counts(
         &self,
         replies: &mut impl Iterator<Item = RedisResult<Value>>,
         queues: usize,
-    ) -> Result<Vec<u64>, ProbeError> {
+    ) -> Result<Vec<Result<u64, QueueFailure>>, ProbeError> {
         let steps = self.options.priority_steps.len();
         (0..queues)
             .map(|_| {
-                replies.by_ref().take(steps).try_fold(0u64, |sum, reply| {
-                    let value = reply.map_err(|e| self.error(&e))?;
-                    let len = ::redis::from_redis_value::<u64>(value).map_err(|e| ProbeError::broker(&self.url, e))?;
-                    Ok(sum + len)
-                })
+                let lists: Vec<RedisResult<Value>> = replies.by_ref().take(steps).collect();
+                let mut sum = 0u64;
+                for reply in lists {
+                    let value = match reply {
+                        Ok(value) => value,
+                        Err(e) => match queue_failure(&e, &self.url) {
+                            Some(failure) => return Ok(Err(failure)),
+                            None => return Err(self.error(&e)),
+                        },
+                    };
+                    sum += ::redis::from_redis_value::<u64>(value).map_err(|e| ProbeError::broker(&self.url, e))?;
+                }
+                Ok(Ok(sum))
             })
             .collect()
     }
@@ -324,6 +359,17 @@ impl RedisBroker {
             self.history.lock().expect("history lock").fix_failure = Some((policy.to_owned(), why.clone()));
         }
         outcome
+    }
+}
+
+/// The per-queue failure a command error stands for, or `None` when it is not about the queue's
+/// keys.
+fn queue_failure(e: &RedisError, url: &SecretUrl) -> Option<QueueFailure> {
+    let detail = url.scrub(&e.to_string());
+    match e.code() {
+        Some("NOPERM") => Some(QueueFailure::Forbidden(detail)),
+        Some("WRONGTYPE") => Some(QueueFailure::Unreadable(detail)),
+        _ => None,
     }
 }
 

@@ -1,13 +1,15 @@
 //! Broker safety checks: settings under which a broker silently loses Celery tasks. The rules are
 //! pure functions over what a probe read (Redis `INFO`, RabbitMQ management-API JSON).
 
+mod queues;
 mod rabbitmq;
 mod redis;
 
 use serde::{Deserialize, Serialize};
 
+pub use queues::{QueueFailure, escalate_expiring_queues, queue_failure_finding};
 pub use rabbitmq::{is_celery_internal_queue, rabbitmq_queue_findings};
-pub use redis::{MEMORY_PRESSURE_PERCENT, redis_findings};
+pub use redis::{MEMORY_PRESSURE_PERCENT, queue_ttl_finding, redis_findings};
 
 /// What to do about an unsafe broker (the TaskQueue's `safetyCheck`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,64 +33,131 @@ pub enum Severity {
     Critical,
 }
 
-/// A stable, machine-readable reason (CamelCase, used as condition reason and metric label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum Reason {
-    /// Redis `maxmemory-policy` is `allkeys-*`: queued tasks can be evicted.
-    EvictionPolicyUnsafe,
-    /// Fix mode switched Redis to `noeviction`.
-    EvictionPolicyFixed,
-    /// Fix mode could not switch the policy (CONFIG disabled or refused).
-    EvictionPolicyFixFailed,
-    /// Neither `INFO memory` nor `CONFIG GET` told the eviction policy.
-    EvictionPolicyUnknown,
-    /// Redis used memory is at or above 80 % of `maxmemory`.
-    MemoryPressure,
-    /// Redis `evicted_keys` is non-zero or grew since the last probe.
-    KeysEvicted,
-    /// The last RDB save or AOF write failed; Redis may refuse writes.
-    PersistenceFailing,
-    /// The unacked hash was too large to scan; per-queue unacked counts are estimated from a sample.
-    UnackedSampled,
-    /// Unacked messages could not be read (e.g. scripting not permitted); counts are unknown.
-    UnackedUnavailable,
-    /// RabbitMQ `max-length`/`max-length-bytes` with overflow `drop-head` and no dead-letter exchange.
-    MaxLengthDropHead,
-    /// RabbitMQ `max-length` with overflow `reject-publish`: lost unless publishers use confirms.
-    MaxLengthRejectPublish,
-    /// RabbitMQ `message-ttl` without a dead-letter exchange.
-    MessageTtlWithoutDlx,
-    /// RabbitMQ quorum queue `delivery-limit` (default 20 since 4.0) without a dead-letter exchange.
-    DeliveryLimitWithoutDlx,
-    /// RabbitMQ `expires`: the queue and its tasks vanish after a period without consumers.
-    QueueExpires,
-    /// The queue does not exist on the broker (RabbitMQ; it is not created by the probe).
-    QueueMissing,
-    /// The RabbitMQ management API could not be read: no unacked counts, no policy checks.
-    ManagementUnavailable,
+/// Declares [`Reason`] and its catalog in one place: the enum, the stable names, and the one-line
+/// summaries, brokers and severities that `docs/broker-safety.md` lists (a test fails when the page
+/// and this list drift apart).
+macro_rules! reasons {
+    ($($(#[doc = $doc:literal])+ $name:ident => ($brokers:literal, $severity:literal),)+) => {
+        /// A stable, machine-readable reason (CamelCase, used as condition reason, metric label and
+        /// in `check-broker --output json`).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        pub enum Reason {
+            $($(#[doc = $doc])+ $name,)+
+        }
+
+        impl Reason {
+            /// Every reason, in declaration order.
+            pub const ALL: &'static [Reason] = &[$(Self::$name),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$name => stringify!($name),)+
+                }
+            }
+
+            /// One line on what the finding means (the doc comment above).
+            pub fn summary(self) -> &'static str {
+                match self {
+                    $(Self::$name => concat!($($doc),+).trim_ascii(),)+
+                }
+            }
+
+            /// Where `docs/broker-safety.md` explains it: why it loses tasks and how to fix it.
+            pub fn docs_url(self) -> String {
+                format!(
+                    "{}/blob/main/docs/broker-safety.md#{}",
+                    env!("CARGO_PKG_REPOSITORY"),
+                    self.as_str().to_ascii_lowercase()
+                )
+            }
+
+            /// The brokers it applies to, as the docs' table shows them.
+            pub fn brokers(self) -> &'static str {
+                match self {
+                    $(Self::$name => $brokers,)+
+                }
+            }
+
+            /// The severities it is reported with, as the docs' table shows them.
+            pub fn severities(self) -> &'static str {
+                match self {
+                    $(Self::$name => $severity,)+
+                }
+            }
+        }
+    };
 }
 
-impl Reason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::EvictionPolicyUnsafe => "EvictionPolicyUnsafe",
-            Self::EvictionPolicyFixed => "EvictionPolicyFixed",
-            Self::EvictionPolicyFixFailed => "EvictionPolicyFixFailed",
-            Self::EvictionPolicyUnknown => "EvictionPolicyUnknown",
-            Self::MemoryPressure => "MemoryPressure",
-            Self::KeysEvicted => "KeysEvicted",
-            Self::PersistenceFailing => "PersistenceFailing",
-            Self::UnackedSampled => "UnackedSampled",
-            Self::UnackedUnavailable => "UnackedUnavailable",
-            Self::MaxLengthDropHead => "MaxLengthDropHead",
-            Self::MaxLengthRejectPublish => "MaxLengthRejectPublish",
-            Self::MessageTtlWithoutDlx => "MessageTtlWithoutDlx",
-            Self::DeliveryLimitWithoutDlx => "DeliveryLimitWithoutDlx",
-            Self::QueueExpires => "QueueExpires",
-            Self::QueueMissing => "QueueMissing",
-            Self::ManagementUnavailable => "ManagementUnavailable",
-        }
+reasons! {
+    /// Redis `maxmemory-policy` is `allkeys-*`: queued tasks, unacked messages and kombu's binding
+    /// tables can be evicted.
+    EvictionPolicyUnsafe => ("Redis", "Critical (Info without maxmemory)"),
+    /// Redis `maxmemory-policy` is `volatile-*`: at maxmemory publishes fail, and keys with a TTL
+    /// (expiring queues, results, locks) are evicted first.
+    EvictionPolicyVolatile => ("Redis", "Info"),
+    /// Fix mode switched Redis to `noeviction`.
+    EvictionPolicyFixed => ("Redis", "Info"),
+    /// Fix mode could not switch the policy (CONFIG disabled or refused).
+    EvictionPolicyFixFailed => ("Redis", "Warning"),
+    /// Neither `INFO memory` nor `CONFIG GET` told the eviction policy.
+    EvictionPolicyUnknown => ("Redis", "Info"),
+    /// Redis used memory is at or above 80 % of `maxmemory`.
+    MemoryPressure => ("Redis", "Warning"),
+    /// Redis `evicted_keys` is non-zero or grew since the last probe.
+    KeysEvicted => ("Redis", "Critical (Warning on a first probe)"),
+    /// The last RDB save or AOF write failed; Redis may refuse writes.
+    PersistenceFailing => ("Redis", "Warning"),
+    /// The unacked hash was too large to scan; per-queue unacked counts are estimated from a sample.
+    UnackedSampled => ("Redis", "Info"),
+    /// Unacked messages could not be read (e.g. scripting not permitted); counts are unknown.
+    UnackedUnavailable => ("Redis", "Info"),
+    /// RabbitMQ `max-length`/`max-length-bytes` with overflow `drop-head` and no dead-letter exchange.
+    MaxLengthDropHead => ("RabbitMQ", "Critical"),
+    /// RabbitMQ `max-length` with overflow `reject-publish`: lost unless publishers use confirms.
+    MaxLengthRejectPublish => ("RabbitMQ", "Warning"),
+    /// RabbitMQ `message-ttl` without a dead-letter exchange.
+    MessageTtlWithoutDlx => ("RabbitMQ", "Critical"),
+    /// RabbitMQ quorum queue `delivery-limit` (default 20 since 4.0) without a dead-letter exchange.
+    DeliveryLimitWithoutDlx => ("RabbitMQ", "Critical"),
+    /// The queue expires (RabbitMQ `expires`, kombu `Queue(expires=…)` on Redis): it vanishes with
+    /// its tasks after a period without use.
+    QueueExpires => ("Redis, RabbitMQ", "Warning (Critical on Redis under volatile-* with maxmemory)"),
+    /// The queue expires and a WorkerPool consuming it can scale to zero, leaving it unused.
+    QueueExpiresWhileScaledToZero => ("Redis, RabbitMQ", "Critical"),
+    /// The queue does not exist on the broker (RabbitMQ; it is not created by the probe).
+    QueueMissing => ("RabbitMQ", "Warning"),
+    /// The queue is exclusive to another connection (RabbitMQ `RESOURCE_LOCKED`); its depth cannot be
+    /// read, and it is deleted with that connection.
+    QueueExclusive => ("RabbitMQ", "Warning (Info for Celery's own pidbox queues)"),
+    /// The broker refused to let the probe read the queue (RabbitMQ `ACCESS_REFUSED`, Redis `NOPERM`).
+    QueueForbidden => ("Redis, RabbitMQ", "Warning"),
+    /// The queue could not be read for another reason (e.g. a Redis key of the wrong type).
+    QueueUnreadable => ("Redis, RabbitMQ", "Warning"),
+    /// No queue was named and the broker's queues could not be listed.
+    QueueDiscoveryUnavailable => ("Redis, RabbitMQ", "Warning"),
+    /// No queue was named and none was found on the broker (nothing declared one, or the key prefix
+    /// or vhost is not the app's).
+    NoQueuesFound => ("Redis, RabbitMQ", "Info"),
+    /// The RabbitMQ management API is not configured or could not be read: no unacked counts, no
+    /// policy checks.
+    ManagementUnavailable => ("RabbitMQ", "Warning"),
+}
+
+/// The table of every finding that `docs/broker-safety.md` carries between its
+/// `<!-- findings-table -->` markers (a test fails when they differ).
+pub fn findings_table() -> String {
+    let mut out = String::from("| Finding | Broker | Severity | What it means |\n| --- | --- | --- | --- |\n");
+    for reason in Reason::ALL {
+        let name = reason.as_str();
+        out.push_str(&format!(
+            "| [`{name}`](#{}) | {} | {} | {} |\n",
+            name.to_ascii_lowercase(),
+            reason.brokers(),
+            reason.severities(),
+            reason.summary()
+        ));
     }
+    out
 }
 
 impl std::fmt::Display for Reason {

@@ -1,6 +1,11 @@
 //! RabbitMQ rules over a queue object of the management API (`GET /api/queues/{vhost}/{name}`):
 //! settings under which RabbitMQ discards tasks without telling anyone.
 //!
+//! RabbitMQ 4.x cannot run where this is built (Debian ships 3.10.8), so its rules — the quorum
+//! `delivery-limit` default of 20, `-1` meaning unlimited — are kept pure, over the management
+//! API's JSON, and tested with 4.x-shaped queue objects; the 3.x behaviour is also tested against
+//! a real node.
+//!
 //! A setting can come from the queue's `x-` arguments or from its effective policy
 //! (`effective_policy_definition`, which merges policy and operator policy). For the numeric limits
 //! RabbitMQ enforces the lower of the two; for `overflow` and the dead-letter exchange the queue
@@ -13,10 +18,11 @@ use super::{Finding, Reason, Severity};
 /// Quorum queues get `delivery-limit` 20 by default since RabbitMQ 4.0.
 const QUORUM_DEFAULT_DELIVERY_LIMIT: i64 = 20;
 
-/// Celery's own queues (events, remote-control replies and mailboxes) are transient by design
-/// and carry TTLs and expiry on purpose.
+/// Celery's own queues (event receivers `celeryev.<uuid>`, remote-control mailboxes
+/// `<worker>.<control exchange>.pidbox` and replies `<uuid>.reply.<control exchange>.pidbox`) are
+/// transient by design and carry TTLs, expiry and exclusivity on purpose; they hold no tasks.
 pub fn is_celery_internal_queue(name: &str) -> bool {
-    name.starts_with("celeryev.") || name.ends_with(".celery.pidbox")
+    name.starts_with("celeryev.") || name.ends_with(".pidbox")
 }
 
 struct Settings<'a> {
@@ -252,5 +258,39 @@ mod tests {
             q["name"] = json!(name);
             assert_eq!(reasons(q, Some(4)), vec![], "{name}");
         }
+    }
+
+    /// A quorum queue as RabbitMQ 4.1's `GET /api/queues/{vhost}` lists it (trimmed to the fields
+    /// the probe asks for).
+    fn rabbitmq_four_quorum_queue(arguments: Value, effective_policy: Value) -> Value {
+        json!({
+            "arguments": arguments,
+            "consumers": 4,
+            "effective_policy_definition": effective_policy,
+            "messages_ready": 120,
+            "messages_unacknowledged": 8,
+            "name": "celery",
+            "policy": null,
+            "type": "quorum",
+        })
+    }
+
+    #[test]
+    fn rabbitmq_four_quorum_queues_drop_after_twenty_deliveries_unless_dead_lettered_or_unlimited() {
+        let declared_by_celery = json!({"x-queue-type": "quorum"});
+        let limited = vec![(Reason::DeliveryLimitWithoutDlx, Severity::Critical)];
+        let default = rabbitmq_four_quorum_queue(declared_by_celery.clone(), json!({}));
+        assert_eq!(reasons(default.clone(), Some(4)), limited);
+        // The same queue on 3.x has no limit.
+        assert_eq!(reasons(default, Some(3)), vec![]);
+        // An operator policy's limit merged into the effective policy, dead-lettered by a user policy.
+        let merged =
+            json!({"delivery-limit": 50, "dead-letter-exchange": "dlx", "dead-letter-strategy": "at-least-once"});
+        assert_eq!(reasons(rabbitmq_four_quorum_queue(declared_by_celery.clone(), merged), Some(4)), vec![]);
+        // Unlimited, by argument or by policy.
+        let unlimited = json!({"x-queue-type": "quorum", "x-delivery-limit": -1});
+        assert_eq!(reasons(rabbitmq_four_quorum_queue(unlimited, json!({})), Some(4)), vec![]);
+        let by_policy = rabbitmq_four_quorum_queue(declared_by_celery, json!({"delivery-limit": -1}));
+        assert_eq!(reasons(by_policy, Some(4)), vec![]);
     }
 }

@@ -1,4 +1,4 @@
-//! Redis rules: eviction policy, memory pressure, evictions, failing persistence.
+//! Redis rules: eviction policy, memory pressure, evictions, failing persistence, expiring queues.
 
 use super::{Finding, Reason, Severity};
 use crate::observation::BrokerInfo;
@@ -47,9 +47,22 @@ fn eviction_policy(policy: Option<&str>, maxmemory: u64) -> Option<Finding> {
              sure it is noeviction",
         ));
     };
+    if policy.starts_with("volatile-") {
+        // Only keys with a TTL are evicted, and kombu's queue lists (unless the queue expires),
+        // unacked hash and binding sets have none: for them this is noeviction.
+        return Some(Finding::new(
+            Reason::EvictionPolicyVolatile,
+            Severity::Info,
+            format!(
+                "maxmemory-policy is {policy}: when memory is full Redis evicts keys with a TTL first \
+                 (expiring queues, Celery results, locks) and then refuses new tasks like \
+                 noeviction; prefer noeviction, never give a queue an expiry on this Redis, and \
+                 alert at {MEMORY_PRESSURE_PERCENT} % of maxmemory"
+            ),
+        ));
+    }
     if !policy.starts_with("allkeys-") {
-        // noeviction refuses writes when full; volatile-* only evicts keys with a TTL, and kombu's
-        // queue lists, unacked hash and binding sets have none.
+        // noeviction refuses writes when full: publishers get an error, nothing is lost silently.
         return None;
     }
     Some(if maxmemory == 0 {
@@ -72,6 +85,38 @@ fn eviction_policy(policy: Option<&str>, maxmemory: u64) -> Option<Finding> {
             ),
         )
     })
+}
+
+/// The finding for a Redis queue whose lists carry a TTL (kombu `Queue(expires=…)` / `x-expires`
+/// PEXPIREs every priority list of the queue on each publish). Under a `volatile-*` policy with a
+/// memory limit those lists are also the first candidates for eviction. The message carries no
+/// remaining TTL: it would change on every probe and rewrite the TaskQueue's condition each time.
+pub fn queue_ttl_finding(queue: &str, info: &BrokerInfo) -> Finding {
+    let policy = info.eviction_policy.as_deref().unwrap_or_default();
+    let evictable = policy.starts_with("volatile-") && info.maxmemory_bytes.unwrap_or(0) > 0;
+    let expiry = format!(
+        "queue {queue} expires: its Redis lists have a TTL (kombu Queue(expires=…)/x-expires), so \
+         Redis deletes them with every waiting task once no task has been published for that long \
+         (kombu refreshes the TTL on publish and basic_get, not when a worker consumes with BRPOP)"
+    );
+    if evictable {
+        Finding::new(
+            Reason::QueueExpires,
+            Severity::Critical,
+            format!(
+                "{expiry}; and under maxmemory-policy {policy} keys with a TTL are evicted first when \
+                 memory is full, so its tasks can vanish at any time: remove expires from the queue \
+                 declaration and set maxmemory-policy noeviction"
+            ),
+        )
+    } else {
+        Finding::new(
+            Reason::QueueExpires,
+            Severity::Warning,
+            format!("{expiry}: remove expires from the queue declaration (Celery task_queues)"),
+        )
+    }
+    .for_queue(queue)
 }
 
 fn evictions(now: Option<u64>, before: Option<u64>) -> Option<Finding> {
@@ -127,8 +172,8 @@ mod tests {
         type Case<'a> = (&'a str, u64, &'a [(Reason, Severity)]);
         let cases: &[Case<'_>] = &[
             ("noeviction", 10 << 20, &[]),
-            ("volatile-lru", 10 << 20, &[]),
-            ("volatile-ttl", 0, &[]),
+            ("volatile-lru", 10 << 20, &[(EvictionPolicyVolatile, Info)]),
+            ("volatile-ttl", 0, &[(EvictionPolicyVolatile, Info)]),
             ("allkeys-lru", 10 << 20, &[(EvictionPolicyUnsafe, Critical)]),
             ("allkeys-lfu", 10 << 20, &[(EvictionPolicyUnsafe, Critical)]),
             ("allkeys-random", 1, &[(EvictionPolicyUnsafe, Critical)]),
@@ -172,5 +217,23 @@ mod tests {
         let mut unknown = info("noeviction", 0, 0, 0);
         unknown.eviction_policy = None;
         assert_eq!(reasons(&redis_findings(&unknown, Some(0))), vec![(Reason::EvictionPolicyUnknown, Severity::Info)]);
+    }
+
+    #[test]
+    fn an_expiring_queue_is_critical_only_where_its_lists_are_evictable() {
+        let cases = [
+            ("noeviction", 10 << 20, Severity::Warning),
+            ("volatile-lru", 0, Severity::Warning),
+            ("volatile-lru", 10 << 20, Severity::Critical),
+            ("volatile-ttl", 1, Severity::Critical),
+            // allkeys-* is critical on its own (EvictionPolicyUnsafe).
+            ("allkeys-lru", 10 << 20, Severity::Warning),
+        ];
+        for (policy, maxmemory, expected) in cases {
+            let finding = queue_ttl_finding("emails", &info(policy, maxmemory, 0, 0));
+            assert_eq!((finding.reason, finding.severity), (Reason::QueueExpires, expected), "{policy} {maxmemory}");
+            assert_eq!(finding.queue.as_deref(), Some("emails"));
+            assert!(finding.message.contains("queue emails expires"), "{}", finding.message);
+        }
     }
 }

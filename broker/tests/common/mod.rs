@@ -10,14 +10,19 @@ use celery_broker::TransportOptions;
 use e2e_harness::python::{self, CeleryWorker};
 
 /// A Celery app module: `tasks.block` waits on the Redis list `release` (in `CONTROL`, a plain
-/// Redis URL) so a worker can be held mid-task; `tasks.noop` does nothing.
+/// Redis URL) so a worker can be held mid-task; `tasks.noop` does nothing. `DECLARE` (JSON
+/// `[[queue, exchange, routing_key, expires_seconds_or_null], ...]`) sets `task_queues`.
 pub const TASKS_PY: &str = r#"
 import json, os
 from celery import Celery
+from kombu import Exchange, Queue
 
 app = Celery("tasks", broker=os.environ["BROKER"])
 app.conf.broker_transport_options = json.loads(os.environ.get("TRANSPORT", "{}"))
 app.conf.broker_connection_retry_on_startup = True
+if os.environ.get("DECLARE"):
+    app.conf.task_queues = [Queue(q, Exchange(ex), routing_key=rk, expires=expires)
+                            for q, ex, rk, expires in json.loads(os.environ["DECLARE"])]
 
 @app.task(name="tasks.block")
 def block():
@@ -97,10 +102,12 @@ pub fn publish(app_dir: &Path, broker: &str, transport: &str, plan: &[(&str, u8,
     KombuView { sizes: map(&json["sizes"]), lists: map(&json["lists"]) }
 }
 
-/// Sends `count` `tasks.block` tasks to `queue` with real Celery (`env` names BROKER, TRANSPORT).
+/// Sends `count` `tasks.block` tasks to `queue` with real Celery (`env` names BROKER, TRANSPORT, and
+/// optionally EXCHANGE and ROUTING_KEY to publish through a named exchange, and DECLARE).
 pub fn send_blocking(app_dir: &Path, env: &[(&str, &str)], queue: &str, count: u32) {
     let code = "import os, sys\nsys.path.insert(0, os.environ['APP_DIR'])\nfrom tasks import app\n\
-                [app.send_task('tasks.block', queue=os.environ['Q']) for _ in range(int(os.environ['N']))]\n";
+                [app.send_task('tasks.block', queue=os.environ['Q'], exchange=os.environ.get('EXCHANGE'), \
+                routing_key=os.environ.get('ROUTING_KEY')) for _ in range(int(os.environ['N']))]\n";
     let (dir, n) = (app_dir.to_string_lossy(), count.to_string());
     let mut env = env.to_vec();
     env.extend([("APP_DIR", dir.as_ref()), ("Q", queue), ("N", n.as_str())]);

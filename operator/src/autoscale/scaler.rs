@@ -362,10 +362,7 @@ impl Scaler {
             return r.broker.clone();
         }
         let broker = match crate::reconcile::taskqueue::resolve(tq, &self.ctx).await {
-            Ok(Ok((url, management))) => {
-                let b = &tq.spec.broker;
-                self.ctx.brokers.get(&url, management.as_ref(), &b.transport_options, b.safety_check).ok()
-            }
+            Ok(Ok(resolved)) => self.ctx.brokers.get(&tq.spec.broker, &resolved).ok(),
             // Blocked (reported on the TaskQueue by its reconciler) or an API error: retry later.
             Ok(Err(_)) => None,
             Err(e) => {

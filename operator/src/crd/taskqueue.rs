@@ -41,13 +41,15 @@ pub struct TaskQueueSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.url) != has(self.urlFrom)").message("exactly one of url or urlFrom must be set").reason(Reason::FieldValueRequired))]
+#[x_kube(validation = Rule::new("!has(self.url) || !self.url.startsWith('sentinel://') || has(self.transportOptions.masterName)").message("a sentinel:// url needs transportOptions.masterName (Celery's master_name transport option)").reason(Reason::FieldValueRequired))]
 pub struct BrokerSpec {
-    /// Broker URL without credentials, e.g. `redis://redis:6379/0` or `amqp://rabbitmq:5672/vhost`.
-    /// Schemes: redis, rediss, amqp, amqps. A URL carrying a user or password is refused: put it in a
-    /// Secret and use urlFrom.
+    /// Broker URL without credentials, e.g. `redis://redis:6379/0`, `amqp://rabbitmq:5672/vhost` or
+    /// Celery's Sentinel form `sentinel://s1:26379;sentinel://s2:26379/0` (with
+    /// transportOptions.masterName). Schemes: redis, rediss, sentinel, amqp, amqps. A URL carrying a
+    /// user or password is refused: put it in a Secret and use urlFrom.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 2048), regex(pattern = r"^(redis|rediss|amqp|amqps)://"))]
-    #[x_kube(validation = Rule::new("!self.matches('^[a-z]+://[^/?#]*@')").message("url must not contain a user or password: store the URL in a Secret and reference it with urlFrom.secretKeyRef").reason(Reason::FieldValueForbidden))]
+    #[schemars(length(max = 2048), regex(pattern = r"^(redis|rediss|sentinel|amqp|amqps)://"))]
+    #[x_kube(validation = Rule::new("!self.matches('://[^/?#;]*@')").message("url must not contain a user or password: store the URL in a Secret and reference it with urlFrom.secretKeyRef").reason(Reason::FieldValueForbidden))]
     pub url: Option<String>,
 
     /// Broker URL read from a Secret key (the only way to pass credentials). The operator never logs
@@ -61,9 +63,14 @@ pub struct BrokerSpec {
     pub transport_options: TransportOptions,
 
     /// RabbitMQ management API URL (http or https, credentials included) read from a Secret. Adds
-    /// unacknowledged counts and queue policy checks to what AMQP alone can see.
+    /// unacknowledged counts and queue policy checks to what AMQP alone can see; without it the
+    /// policies that silently drop tasks cannot be checked (BrokerSafe reports that).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub management_url_from: Option<ValueFrom>,
+
+    /// TLS settings for rediss://, amqps:// and an https:// management API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<BrokerTls>,
 
     /// What to do when the broker can silently drop tasks (a Redis eviction policy that can evict
     /// queue keys, a RabbitMQ queue that drops messages without a dead-letter exchange):
@@ -71,6 +78,17 @@ pub struct BrokerSpec {
     /// allowed), Off.
     #[serde(default)]
     pub safety_check: SafetyCheck,
+}
+
+/// How to trust the broker's TLS certificate.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub struct BrokerTls {
+    /// PEM CA certificate(s) to trust instead of the system roots, read from a Secret key (e.g. the
+    /// `ca.crt` of a cert-manager Certificate). For Redis, `?ssl_ca_certs=` in the URL names a file
+    /// inside the operator's pod instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_from: Option<ValueFrom>,
 }
 
 /// A reference to a value held in a Secret.
@@ -121,6 +139,12 @@ pub struct TransportOptions {
     #[serde(default = "default_visibility_timeout")]
     #[schemars(range(min = 1, max = 2_592_000))]
     pub visibility_timeout_seconds: i64,
+
+    /// kombu `master_name`: the Redis Sentinel master to ask the Sentinels for; required with
+    /// sentinel:// URLs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub master_name: Option<String>,
 }
 
 impl Default for TransportOptions {
@@ -130,6 +154,7 @@ impl Default for TransportOptions {
             priority_steps: default_priority_steps(),
             separator: default_separator(),
             visibility_timeout_seconds: default_visibility_timeout(),
+            master_name: None,
         }
     }
 }

@@ -16,8 +16,9 @@ use serde_json::json;
 use tracing::instrument;
 
 use super::{Blocked, Context, Result, display_name, reconciled};
+use crate::broker_config::{self, ResolvedBroker};
 use crate::conditions::{self, Wanted};
-use crate::crd::{SecretKeyRef, TaskQueue, TaskQueueStatus};
+use crate::crd::{SecretKeyRef, TaskQueue, TaskQueueStatus, WorkerPool};
 use crate::probe;
 use crate::validate::{self, FieldError};
 
@@ -37,7 +38,7 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action> 
             reconciled(&*tq, &ctx);
             return Ok(Action::await_change());
         }
-        Ok((url, management)) => probe_queue(&tq, &ctx, &url, management.as_ref(), &mut new).await,
+        Ok(resolved) => probe_queue(&tq, &ctx, &resolved, &mut new).await,
     };
     write_status(&tq, &ctx, new, wanted).await?;
     reconciled(&*tq, &ctx);
@@ -47,12 +48,11 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action> 
 async fn probe_queue(
     tq: &TaskQueue,
     ctx: &Context,
-    url: &SecretUrl,
-    management: Option<&SecretUrl>,
+    resolved: &ResolvedBroker,
     status: &mut TaskQueueStatus,
 ) -> Vec<Wanted> {
     let spec = &tq.spec.broker;
-    let broker = match ctx.brokers.get(url, management, &spec.transport_options, spec.safety_check) {
+    let broker = match ctx.brokers.get(spec, resolved) {
         Ok(broker) => broker,
         Err(e) => {
             let error = FieldError::new("spec.broker", e.to_string());
@@ -65,7 +65,8 @@ async fn probe_queue(
     ctx.metrics.probe_finished(&labels, started.elapsed(), result.as_ref().err().map(|e| e.metric_label()));
     match result {
         Err(e) => probe::unreachable(&e),
-        Ok(observation) => {
+        Ok(mut observation) => {
+            judge_expiry(tq, ctx, &mut observation).await;
             let report = probe::report(&observation, tq.queue_name(), broker.endpoint(), spec.safety_check);
             ctx.metrics.queue_observed(&labels, report.ready, report.unacked, observation.is_unsafe());
             // Depth and memory move all the time under load: they are written at most every
@@ -94,8 +95,21 @@ async fn probe_queue(
     }
 }
 
-/// The broker URL (and management URL) from the spec or the referenced Secrets, or why not.
-pub(crate) async fn resolve(tq: &TaskQueue, ctx: &Context) -> Result<Result<(SecretUrl, Option<SecretUrl>), Blocked>> {
+/// An expiring queue is critical when a pool consuming it can scale to zero; the pools are read
+/// only when the queue expires.
+async fn judge_expiry(tq: &TaskQueue, ctx: &Context, observation: &mut celery_broker::BrokerObservation) {
+    if !observation.findings.iter().any(|f| f.reason == celery_broker::Reason::QueueExpires) {
+        return;
+    }
+    let pools: Api<WorkerPool> = Api::namespaced(ctx.client.clone(), &tq.namespace().unwrap_or_default());
+    match pools.list(&Default::default()).await {
+        Ok(pools) => broker_config::judge_expiry_with_pools(&mut observation.findings, tq, &pools.items),
+        Err(e) => tracing::debug!(error = %e, "cannot list WorkerPools; expiring queue judged without them"),
+    }
+}
+
+/// The broker URL, management URL and CA from the spec or the referenced Secrets, or why not.
+pub(crate) async fn resolve(tq: &TaskQueue, ctx: &Context) -> Result<Result<ResolvedBroker, Blocked>> {
     let errors = validate::check_task_queue(tq);
     if !errors.is_empty() {
         return Ok(Err(Blocked::new("InvalidSpec", &errors)));
@@ -116,7 +130,14 @@ pub(crate) async fn resolve(tq: &TaskQueue, ctx: &Context) -> Result<Result<(Sec
             Err(blocked) => return Ok(Err(blocked)),
         },
     };
-    Ok(Ok((url, management)))
+    let ca_cert_pem = match broker.tls.as_ref().and_then(|tls| tls.ca_from.as_ref()) {
+        None => None,
+        Some(from) => match secret_value(tq, ctx, &from.secret_key_ref, "spec.broker.tls.caFrom").await? {
+            Ok(value) => Some(value),
+            Err(blocked) => return Ok(Err(blocked)),
+        },
+    };
+    Ok(Ok(ResolvedBroker { url, management_url: management, ca_cert_pem }))
 }
 
 /// A Secret key's value, trimmed; errors name the field and never include the value.

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 /// Polls `check` until it holds, failing with `what` after a generous deadline (no fixed sleeps).
+#[allow(dead_code)]
 pub async fn poll<F, Fut>(what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
@@ -33,4 +34,18 @@ pub fn keda_scaled_object_crd() -> serde_json::Value {
                                      "x-kubernetes-preserve-unknown-fields": true}}}]
         }
     })
+}
+
+/// Creates `doc` (a resource of kind `K`, as JSON) in namespace `prod`, as a user's `kubectl apply`.
+#[allow(dead_code)]
+pub async fn create_in_prod<K>(client: &kube::Client, doc: serde_json::Value) -> K
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let obj: K = serde_json::from_value(doc).expect("fixture matches the type");
+    kube::Api::<K>::namespaced(client.clone(), "prod").create(&Default::default(), &obj).await.expect("created")
 }
