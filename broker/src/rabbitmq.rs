@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lapin::options::QueueDeclareOptions;
 use lapin::tcp::OwnedTLSConfig;
@@ -20,13 +20,18 @@ use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::Value;
 use tokio::sync::Mutex;
 
-use crate::observation::{BrokerInfo, BrokerKind, BrokerObservation, QueueObservation};
+use crate::latency::{ArrivalCounters, HeadSample};
+use crate::native_delay;
+use crate::observation::{BrokerInfo, BrokerKind, BrokerObservation, DelayedDelivery, QueueObservation};
 use crate::safety::{Finding, Reason, SafetyMode, Severity, rabbitmq_queue_findings};
 use crate::secret::SecretUrl;
 use crate::{BrokerConfig, ProbeError};
 
 const NOT_FOUND: u16 = 404;
-const QUEUE_COLUMNS: &str = "name,type,arguments,policy,effective_policy_definition,messages_unacknowledged,consumers";
+const QUEUE_COLUMNS: &str = "name,type,arguments,policy,effective_policy_definition,messages_unacknowledged,consumers,\
+                             messages,messages_ready,message_stats.publish,head_message_timestamp";
+/// How long the queues native delayed delivery reaches (read from bindings) are reused.
+const DELAYED_TARGETS_TTL: Duration = Duration::from_secs(30);
 
 pub(crate) struct RabbitBroker {
     url: SecretUrl,
@@ -37,6 +42,8 @@ pub(crate) struct RabbitBroker {
     connection: Mutex<Option<Arc<Connection>>>,
     safety: SafetyMode,
     timeout: Duration,
+    /// The queues `celery_delayed_delivery` reaches, and when they were read.
+    delayed_targets: Mutex<Option<(Instant, Option<Vec<String>>)>>,
 }
 
 struct Management {
@@ -78,6 +85,7 @@ impl RabbitBroker {
             connection: Mutex::new(None),
             safety: config.safety,
             timeout: config.timeout,
+            delayed_targets: Mutex::new(None),
         })
     }
 
@@ -116,6 +124,11 @@ impl RabbitBroker {
             None => {}
         }
         let major = info.version.as_deref().and_then(major_version);
+        if let (Some(levels), Some(management)) = (native_delay::delayed_levels(&details), &self.management) {
+            let targets = self.delayed_targets(management).await;
+            info.delayed_delivery = Some(DelayedDelivery { levels, targets });
+        }
+        let delayed_targets = info.delayed_delivery.as_ref().and_then(|d| d.targets.clone());
         let mut observed = BTreeMap::new();
         for (queue, declared) in queues.iter().zip(declared) {
             let detail = details.get(*queue);
@@ -139,16 +152,40 @@ impl RabbitBroker {
             };
             if let (Some(detail), true) = (detail, self.safety != SafetyMode::Off) {
                 findings.extend(rabbitmq_queue_findings(detail, major));
+                findings.extend(native_delay::quorum_findings(detail, delayed_targets.as_deref()));
             }
             // Unknown until the management statistics include the queue (one collection interval
             // after it was declared).
             let unacked = detail.and_then(|d| d["messages_unacknowledged"].as_u64());
+            let scheduled = info.delayed_delivery.as_ref().and_then(|d| native_delay::delayed_for(queue, d));
+            let head = detail.and_then(ArrivalCounters::from_management).map(HeadSample::Counters);
             observed.insert(
                 (*queue).to_owned(),
-                QueueObservation { ready, unacked, orphaned_unacked: None, consumers: Some(consumers) },
+                QueueObservation {
+                    ready,
+                    unacked,
+                    consumers: Some(consumers),
+                    scheduled,
+                    head,
+                    ..QueueObservation::default()
+                },
             );
         }
         Ok(BrokerObservation { queues: observed, info, findings })
+    }
+
+    /// The queues native delayed delivery reaches, re-read from the bindings at most every
+    /// [`DELAYED_TARGETS_TTL`]; `None` when they cannot be read.
+    async fn delayed_targets(&self, management: &Management) -> Option<Vec<String>> {
+        let mut cached = self.delayed_targets.lock().await;
+        if let Some((at, targets)) = cached.as_ref()
+            && at.elapsed() < DELAYED_TARGETS_TTL
+        {
+            return targets.clone();
+        }
+        let targets = management.delayed_targets(&self.vhost).await.ok();
+        *cached = Some((Instant::now(), targets.clone()));
+        targets
     }
 
     /// `(ready, consumers)` per queue, `None` for a queue that does not exist.
@@ -249,6 +286,24 @@ impl Management {
             return Err(ProbeError::management(&self.url, format!("GET {path}: HTTP {status}")));
         }
         response.json().await.map_err(|e| ProbeError::management(&self.url, e.without_url()))
+    }
+
+    /// The queues the exchange `celery_delayed_delivery` routes to (through the exchanges it binds).
+    async fn delayed_targets(&self, vhost: &str) -> Result<Vec<String>, ProbeError> {
+        let vhost = utf8_percent_encode(vhost, NON_ALPHANUMERIC).to_string();
+        let bindings = |exchange: &str| {
+            let exchange = utf8_percent_encode(exchange, NON_ALPHANUMERIC);
+            self.get_owned(format!("/api/exchanges/{vhost}/{exchange}/bindings/source"))
+        };
+        let delivery = bindings(native_delay::DELIVERY_EXCHANGE).await?;
+        let names = native_delay::bound_exchanges(&delivery);
+        let listed = futures::future::try_join_all(names.iter().map(|name| bindings(name))).await?;
+        let exchanges = names.into_iter().zip(listed).collect();
+        Ok(native_delay::delivery_targets(&delivery, &exchanges))
+    }
+
+    async fn get_owned(&self, path: String) -> Result<Value, ProbeError> {
+        self.get(&path).await
     }
 
     /// The server version and the vhost's queues by name, in two concurrent requests.

@@ -4,8 +4,16 @@
 //! 1. `LLEN` of every priority list of every queue (kombu's `_size`, see [`crate::kombu`]);
 //! 2. `EVALSHA` of `unacked.lua`, which walks the shared `unacked` hash *server-side* and returns
 //!    only counts per (exchange, routing key), the orphaned share (older than the visibility
-//!    timeout), and the binding sets of the exchanges it saw;
-//! 3. `INFO server|memory|persistence|stats` for the safety checks.
+//!    timeout), the scheduled share (ETA in the future: held by a worker until due) with when it
+//!    comes due, and the binding sets of the exchanges it saw;
+//! 3. `EVALSHA` of `waiting.lua`, which walks each list from the head (bounded by
+//!    `list_scan_limit`): scheduled messages on the lists, the first due message and the latency
+//!    tracker's markers ([`crate::latency`]);
+//! 4. `INFO server|memory|persistence|stats` for the safety checks.
+//!
+//! Both scripts read a message's ETA (Celery protocol 2 header, ISO 8601), delivery tag and
+//! publish stamp with plain substring searches (`eta.lua`, prepended to each); task bodies never
+//! leave Redis.
 //!
 //! Trade-off of step 2: the unacked hash holds whole task messages (often kilobytes each), so
 //! downloading it (`HGETALL`/`HVALS`) every poll would cost O(unacked × message size) bandwidth and
@@ -23,6 +31,7 @@
 
 pub(crate) mod connect;
 mod info;
+mod waiting;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -33,12 +42,16 @@ use ::redis::{RedisError, RedisResult, Script, Value};
 use tokio::sync::Mutex as AsyncMutex;
 
 use crate::kombu::{TransportOptions, UnackedGroup, attribute_unacked};
+use crate::latency::{MARKER_LEN, ProbeHints};
 use crate::observation::{BrokerInfo, BrokerObservation, QueueObservation};
 use crate::safety::{Finding, Reason, SafetyMode, Severity, redis_findings};
+use crate::schedule::{DUE_BUCKET_EDGES, scheduled_findings};
 use crate::secret::SecretUrl;
 use crate::{BrokerConfig, ProbeError};
+use waiting::{HeldReport, ListReport, QueueLists};
 
-const UNACKED_SCRIPT: &str = include_str!("unacked.lua");
+const UNACKED_SCRIPT: &str = concat!(include_str!("eta.lua"), include_str!("unacked.lua"));
+const WAITING_SCRIPT: &str = concat!(include_str!("eta.lua"), include_str!("waiting.lua"));
 
 #[derive(Default)]
 struct History {
@@ -56,12 +69,25 @@ pub(crate) struct RedisBroker {
     safety: SafetyMode,
     timeout: Duration,
     unacked_scan_limit: u64,
+    list_scan_limit: u64,
     script: Script,
+    waiting_script: Script,
     history: Mutex<History>,
 }
 
-/// The script's reply: `(hlen, examined, groups, bindings)`.
-type UnackedReply = (u64, u64, Vec<(String, String, u64, u64)>, Vec<(String, Vec<String>)>);
+/// The unacked script's reply: `(hlen, examined, groups, bindings)`; a group is `exchange,
+/// routing_key, count, orphaned` followed by the scheduled columns ([`waiting::held_report`]).
+type UnackedReply = (u64, u64, Vec<Vec<Value>>, Vec<(String, Vec<String>)>);
+
+/// What the unacked script told, per queue.
+struct Unacked {
+    /// `(unacked, orphaned)`.
+    counts: BTreeMap<String, (u64, u64)>,
+    /// Scheduled tasks held by workers.
+    held: BTreeMap<String, HeldReport>,
+    /// False when the hash was sampled.
+    exact: bool,
+}
 
 impl RedisBroker {
     pub(crate) fn new(config: &BrokerConfig) -> Result<Self, ProbeError> {
@@ -77,7 +103,9 @@ impl RedisBroker {
             safety: config.safety,
             timeout: config.timeout,
             unacked_scan_limit: config.unacked_scan_limit,
+            list_scan_limit: config.list_scan_limit,
             script: Script::new(UNACKED_SCRIPT),
+            waiting_script: Script::new(WAITING_SCRIPT),
             history: Mutex::default(),
         })
     }
@@ -112,8 +140,8 @@ impl RedisBroker {
         }
     }
 
-    pub(crate) async fn probe(&self, queues: &[&str]) -> Result<BrokerObservation, ProbeError> {
-        let result = tokio::time::timeout(self.timeout, self.probe_once(queues))
+    pub(crate) async fn probe(&self, queues: &[&str], hints: &ProbeHints) -> Result<BrokerObservation, ProbeError> {
+        let result = tokio::time::timeout(self.timeout, self.probe_once(queues, hints))
             .await
             .unwrap_or_else(|_| Err(ProbeError::timeout(&self.url, self.timeout)));
         if let Err(ProbeError::Connect { .. } | ProbeError::Timeout { .. }) = &result {
@@ -122,16 +150,34 @@ impl RedisBroker {
         result
     }
 
-    async fn probe_once(&self, queues: &[&str]) -> Result<BrokerObservation, ProbeError> {
+    async fn probe_once(&self, queues: &[&str], hints: &ProbeHints) -> Result<BrokerObservation, ProbeError> {
         let mut con = self.connection().await?;
-        let orphaned_before = now_secs() - self.options.visibility_timeout.as_secs_f64();
+        let now = now_secs();
+        let visibility = self.options.visibility_timeout.as_secs_f64();
+        let edges = DUE_BUCKET_EDGES.map(|e| e.to_string()).join(" ");
+        let orphaned_before = now - visibility;
         let mut invocation = self.script.prepare_invoke();
         invocation
             .key(self.options.unacked_key())
             .key(self.options.unacked_index_key())
             .arg(format!("{orphaned_before:.6}"))
             .arg(self.unacked_scan_limit)
-            .arg(self.options.binding_key(""));
+            .arg(self.options.binding_key(""))
+            .arg(format!("{now:.6}"))
+            .arg(format!("{visibility:.3}"))
+            .arg(&edges);
+        let mut walk = self.waiting_script.prepare_invoke();
+        walk.arg(format!("{now:.6}"))
+            .arg(format!("{visibility:.3}"))
+            .arg(&edges)
+            .arg(self.list_scan_limit)
+            .arg(MARKER_LEN);
+        for queue in queues {
+            for (index, key) in self.options.priority_keys(queue).into_iter().enumerate() {
+                walk.key(key);
+                walk.arg(hints.for_list(queue, index).join(" "));
+            }
+        }
 
         let mut pipe = ::redis::pipe();
         pipe.ignore_errors();
@@ -141,6 +187,7 @@ impl RedisBroker {
             }
         }
         pipe.invoke_script(&invocation);
+        pipe.invoke_script(&walk);
         for section in info::SECTIONS {
             pipe.cmd("INFO").arg(section);
         }
@@ -148,17 +195,15 @@ impl RedisBroker {
 
         let mut replies = replies.into_iter();
         let ready = self.ready_counts(&mut replies, queues.len())?;
-        let script_reply = match replies.next().expect("the script's reply") {
-            Err(e) if e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) => {
-                invocation.invoke_async::<Value>(&mut con).await
-            }
-            other => other,
-        };
+        let script_reply =
+            rerun_if_unloaded(replies.next().expect("the unacked script's reply"), &invocation, &mut con).await;
+        let walk_reply = rerun_if_unloaded(replies.next().expect("the waiting script's reply"), &walk, &mut con).await;
         let info_replies: Vec<String> =
             replies.filter_map(|r| r.ok().and_then(|v| ::redis::from_redis_value(v).ok())).collect();
 
         let mut findings = Vec::new();
         let unacked = self.unacked(script_reply, queues, &mut findings);
+        let lists = self.lists(walk_reply, queues.len(), &mut findings);
         let mut info = info::broker_info(info_replies.iter().map(String::as_str));
         if info.eviction_policy.is_none() {
             self.read_policy_from_config(&mut con, &mut info).await;
@@ -166,16 +211,20 @@ impl RedisBroker {
         if self.safety != SafetyMode::Off {
             findings.extend(self.safety_findings(&mut con, &mut info).await);
         }
-        let queues = queues
+        let steps = self.options.priority_steps.len();
+        let queues: BTreeMap<String, QueueObservation> = queues
             .iter()
             .zip(ready)
-            .map(|(queue, ready)| {
-                let (unacked, orphaned) =
-                    unacked.as_ref().and_then(|m| m.get(*queue)).map_or((None, None), |&(u, o)| (Some(u), Some(o)));
-                let observation = QueueObservation { ready, unacked, orphaned_unacked: orphaned, consumers: None };
+            .enumerate()
+            .map(|(i, (queue, ready))| {
+                let lists = lists.as_deref().map(|all| QueueLists(&all[i * steps..(i + 1) * steps]));
+                let observation = queue_observation(queue, ready, unacked.as_ref(), lists.as_ref());
                 ((*queue).to_owned(), observation)
             })
             .collect();
+        if self.safety != SafetyMode::Off {
+            findings.extend(scheduled_findings(&queues, now, self.options.visibility_timeout));
+        }
         Ok(BrokerObservation { queues, info, findings })
     }
 
@@ -197,14 +246,49 @@ impl RedisBroker {
             .collect()
     }
 
-    /// Per-queue `(unacked, orphaned)` from the script's reply; `None` (with a finding) when the
-    /// script could not run.
-    fn unacked(
-        &self,
-        reply: RedisResult<Value>,
-        queues: &[&str],
-        findings: &mut Vec<Finding>,
-    ) -> Option<BTreeMap<String, (u64, u64)>> {
+    /// Per-list reports of the waiting script, in key order; `None` (with a finding) when it
+    /// could not run.
+    fn lists(&self, reply: RedisResult<Value>, queues: usize, findings: &mut Vec<Finding>) -> Option<Vec<ListReport>> {
+        let expected = queues * self.options.priority_steps.len();
+        let reports = match reply {
+            Ok(value) => waiting::list_reports(&value)
+                .filter(|r| r.len() == expected)
+                .ok_or_else(|| "the list script's reply was malformed".to_owned()),
+            Err(e) => Err(self.url.scrub(&e.to_string())),
+        };
+        match reports {
+            Ok(reports) => {
+                if reports.iter().any(|r| r.head.scanned < r.head.len) {
+                    findings.push(Finding::new(
+                        Reason::ListScanSampled,
+                        Severity::Info,
+                        format!(
+                            "some queues hold more messages than listScanLimit {} lets the probe walk: \
+                             scheduled (ETA) tasks past the walked part count as waiting",
+                            self.list_scan_limit
+                        ),
+                    ));
+                }
+                Some(reports)
+            }
+            Err(why) => {
+                findings.push(Finding::new(
+                    Reason::ListScanUnavailable,
+                    Severity::Info,
+                    format!(
+                        "cannot read the ETAs of waiting messages: {why}; scheduled tasks on the lists \
+                         count as waiting and queue latency is unknown — allow EVALSHA for the \
+                         operator's Redis user"
+                    ),
+                ));
+                None
+            }
+        }
+    }
+
+    /// Per-queue counts from the unacked script's reply; `None` (with a finding) when the script
+    /// could not run.
+    fn unacked(&self, reply: RedisResult<Value>, queues: &[&str], findings: &mut Vec<Finding>) -> Option<Unacked> {
         let parsed = reply.and_then(|v| ::redis::from_redis_value::<UnackedReply>(v).map_err(RedisError::from));
         let (total, examined, groups, bindings) = match parsed {
             Ok(reply) => reply,
@@ -235,17 +319,59 @@ impl RedisBroker {
                 ),
             ));
         }
-        let groups: Vec<UnackedGroup> = groups
-            .into_iter()
-            .map(|(exchange, routing_key, count, orphaned)| UnackedGroup {
-                exchange,
-                routing_key,
-                count: scale(count),
-                orphaned: scale(orphaned),
+        let parsed: Option<Vec<(UnackedGroup, HeldReport)>> = groups
+            .iter()
+            .map(|columns| {
+                let (exchange, routing_key, count, orphaned): (String, String, u64, u64) =
+                    ::redis::from_redis_value_ref(&Value::Array(columns.get(..4)?.to_vec())).ok()?;
+                let group = UnackedGroup { exchange, routing_key, count: scale(count), orphaned: scale(orphaned) };
+                let held = waiting::held_report(columns.get(4..)?)?;
+                let held = HeldReport {
+                    scheduled: scale(held.scheduled),
+                    beyond_visibility: scale(held.beyond_visibility),
+                    due: held.due.map_counts(scale),
+                    ..held
+                };
+                Some((group, held))
             })
             .collect();
+        let Some(parsed) = parsed else {
+            findings.push(Finding::new(
+                Reason::UnackedUnavailable,
+                Severity::Info,
+                "cannot count unacked (prefetched or running) messages: the unacked script's reply was \
+                 malformed; scaling sees only waiting tasks",
+            ));
+            return None;
+        };
         let bindings: HashMap<String, Vec<String>> = bindings.into_iter().collect();
-        Some(attribute_unacked(&groups, &bindings, &self.options, queues))
+        let (groups, held): (Vec<UnackedGroup>, Vec<HeldReport>) = parsed.into_iter().unzip();
+        let counts = attribute_unacked(&groups, &bindings, &self.options, queues);
+        Some(Unacked { counts, held: self.attribute_held(&groups, &held, &bindings, queues), exact: examined >= total })
+    }
+
+    /// Credits each group's scheduled tasks to the queues kombu routes it to (the routing of
+    /// [`attribute_unacked`], asked one group at a time).
+    fn attribute_held(
+        &self,
+        groups: &[UnackedGroup],
+        held: &[HeldReport],
+        bindings: &HashMap<String, Vec<String>>,
+        queues: &[&str],
+    ) -> BTreeMap<String, HeldReport> {
+        let mut out: BTreeMap<String, HeldReport> = BTreeMap::new();
+        for (group, report) in groups.iter().zip(held).filter(|(_, r)| r.scheduled > 0) {
+            let probe = UnackedGroup { count: 1, orphaned: 0, ..group.clone() };
+            let routed = attribute_unacked(std::slice::from_ref(&probe), bindings, &self.options, queues);
+            for queue in routed.into_iter().filter(|(_, (n, _))| *n > 0).map(|(q, _)| q) {
+                let entry = out.entry(queue).or_default();
+                entry.scheduled += report.scheduled;
+                entry.beyond_visibility += report.beyond_visibility;
+                entry.farthest = entry.farthest.max(report.farthest);
+                entry.due.merge(&report.due);
+            }
+        }
+        out
     }
 
     /// Fills the eviction policy and maxmemory from `CONFIG GET` when `INFO` lacked them.
@@ -324,6 +450,46 @@ impl RedisBroker {
             self.history.lock().expect("history lock").fix_failure = Some((policy.to_owned(), why.clone()));
         }
         outcome
+    }
+}
+
+/// A script's reply, or its reply after loading it when the server did not know it (first poll
+/// after a restart: `NOSCRIPT`).
+async fn rerun_if_unloaded(
+    reply: RedisResult<Value>,
+    invocation: &::redis::ScriptInvocation<'_>,
+    con: &mut ConnectionManager,
+) -> RedisResult<Value> {
+    match reply {
+        Err(e) if e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) => {
+            invocation.invoke_async::<Value>(con).await
+        }
+        other => other,
+    }
+}
+
+/// One queue's observation from its `LLEN`s, the unacked script and the waiting script.
+fn queue_observation(
+    queue: &str,
+    ready: u64,
+    unacked: Option<&Unacked>,
+    lists: Option<&QueueLists<'_>>,
+) -> QueueObservation {
+    let (count, orphaned) =
+        unacked.and_then(|u| u.counts.get(queue)).map_or((None, None), |&(u, o)| (Some(u), Some(o)));
+    let held = unacked.map(|u| u.held.get(queue).cloned().unwrap_or_default());
+    let scheduled = (lists.is_some() || unacked.is_some())
+        .then(|| waiting::scheduled(lists, held.as_ref(), unacked.is_some_and(|u| u.exact)));
+    let listed = scheduled.as_ref().map_or(0, |s| s.listed);
+    QueueObservation {
+        ready,
+        unacked: count,
+        orphaned_unacked: orphaned,
+        consumers: None,
+        waiting: lists.map(|l| l.len().saturating_sub(listed)),
+        reserved_due: count.map(|n| n.saturating_sub(held.as_ref().map_or(0, |h| h.scheduled))),
+        scheduled,
+        head: lists.map(QueueLists::head),
     }
 }
 

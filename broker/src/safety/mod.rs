@@ -66,6 +66,15 @@ pub enum Reason {
     QueueMissing,
     /// The RabbitMQ management API could not be read: no unacked counts, no policy checks.
     ManagementUnavailable,
+    /// Tasks are scheduled (ETA/countdown) further ahead than the Redis `visibility_timeout`: kombu
+    /// restores them to the queue while a worker holds them, so each runs more than once.
+    EtaBeyondVisibilityTimeout,
+    /// A Redis list is longer than the probe walks: scheduled tasks past the walk count as waiting.
+    ListScanSampled,
+    /// The ETAs of waiting Redis messages could not be read (e.g. scripting not permitted).
+    ListScanUnavailable,
+    /// A RabbitMQ quorum queue: Celery gives its workers a static prefetch count (no global QoS).
+    QuorumQueueStaticPrefetch,
 }
 
 impl Reason {
@@ -87,6 +96,10 @@ impl Reason {
             Self::QueueExpires => "QueueExpires",
             Self::QueueMissing => "QueueMissing",
             Self::ManagementUnavailable => "ManagementUnavailable",
+            Self::EtaBeyondVisibilityTimeout => "EtaBeyondVisibilityTimeout",
+            Self::ListScanSampled => "ListScanSampled",
+            Self::ListScanUnavailable => "ListScanUnavailable",
+            Self::QuorumQueueStaticPrefetch => "QuorumQueueStaticPrefetch",
         }
     }
 }
