@@ -147,9 +147,14 @@ pub enum LatencyBasis {
     /// From the tracker's sightings: a lower bound within one poll interval of the truth
     /// (RabbitMQ: plus the management statistics interval).
     Sighting,
-    /// The oldest message predates anything the tracker has seen or could locate (just started,
-    /// or a burst longer than the scan limit): the age is at least this.
+    /// The oldest message predates everything the tracker has seen (it just started): the age is
+    /// at least this.
     AtLeast,
+    /// The probe's walk could not place the oldest message among the tracker's markers (a burst
+    /// longer than the walk was consumed between two polls): the newest marker's age stands in,
+    /// which may be above or below the truth, by at most the time that marker was newest plus one
+    /// poll interval.
+    Estimate,
 }
 
 /// The age of a queue's oldest waiting (due) task.
@@ -308,7 +313,7 @@ impl ListTrack {
         if !located {
             // Every marker looked for has left or lies past the walk: the newest one stands in.
             let newest = self.markers.back().map_or(now, |m| m.first_newest);
-            return (newest, LatencyBasis::AtLeast);
+            return (newest, LatencyBasis::Estimate);
         }
         for (i, marker) in self.markers.iter().enumerate() {
             match found.get(marker.tag.as_str()) {
@@ -318,7 +323,7 @@ impl ListTrack {
                 Some(_) => {}
                 None if i < passed => return (marker.first_newest, LatencyBasis::Sighting),
                 // Not looked for: present, but on an unknown side of the message.
-                None => return (marker.first_newest, LatencyBasis::AtLeast),
+                None => return (marker.first_newest, LatencyBasis::Estimate),
             }
         }
         // Newer than every marker: it arrived after the last poll.
@@ -381,4 +386,193 @@ fn thin_samples(samples: &mut VecDeque<(f64, u64)>, max: usize) {
         index += 1;
         index > half || index % 2 == 1
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::observation::{BrokerInfo, BrokerKind, QueueObservation};
+
+    fn observation(queue: &str, head: HeadSample) -> BrokerObservation {
+        let q = QueueObservation { head: Some(head), ..QueueObservation::default() };
+        BrokerObservation {
+            queues: BTreeMap::from([(queue.to_owned(), q)]),
+            info: BrokerInfo::new(BrokerKind::Redis),
+            findings: Vec::new(),
+        }
+    }
+
+    /// A list as the probe reports it: `messages` oldest first as (tag, eta seconds), with the
+    /// hinted markers located, walking at most `walk` from the head.
+    fn list(messages: &[(&str, Option<f64>)], hints: &ProbeHints, walk: usize, now: f64) -> HeadSample {
+        let wanted = hints.for_list("q", 0);
+        let walked = &messages[..walk.min(messages.len())];
+        let first_due = walked.iter().enumerate().find(|(_, (_, eta))| eta.is_none_or(|e| e <= now)).map(
+            |(position, (tag, eta))| HeadMessage {
+                position: position as u64,
+                tag: (*tag).to_owned(),
+                eta_ms: eta.map(|e| (e * 1000.0) as i64),
+                published_ms: None,
+            },
+        );
+        let markers = walked
+            .iter()
+            .enumerate()
+            .filter(|(_, (tag, _))| wanted.iter().any(|w| w == tag))
+            .map(|(position, (tag, _))| MarkerHit { tag: (*tag).to_owned(), position: position as u64 })
+            .collect();
+        HeadSample::Lists(vec![ListHead {
+            len: messages.len() as u64,
+            scanned: walked.len() as u64,
+            first_due,
+            newest: messages.last().map(|(tag, _)| (*tag).to_owned()),
+            markers,
+        }])
+    }
+
+    fn seconds(l: Option<Latency>) -> Option<(f64, LatencyBasis)> {
+        l.map(|l| (l.oldest_wait.as_secs_f64(), l.basis))
+    }
+
+    /// A list's messages, oldest first: (tag, ETA in Unix seconds).
+    type Messages<'a> = Vec<(&'a str, Option<f64>)>;
+
+    /// Feeds `lists` at the given times; returns each latency.
+    fn run(steps: &[(f64, Messages<'_>)], walk: usize) -> Vec<Option<(f64, LatencyBasis)>> {
+        let mut tracker = LatencyTracker::new();
+        steps
+            .iter()
+            .map(|(now, messages)| {
+                let sample = list(messages, &tracker.hints(), walk, *now);
+                tracker.observe(*now, &observation("q", sample));
+                seconds(tracker.latency("q"))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_head_is_aged_from_the_poll_that_first_saw_it_newest() {
+        let got = run(
+            &[
+                (100.0, vec![("a", None)]),
+                (101.0, vec![("a", None), ("b", None)]),
+                (102.0, vec![("a", None), ("b", None), ("c1", None), ("c2", None)]),
+                (105.0, vec![("b", None), ("c1", None), ("c2", None)]),
+                (107.0, vec![("c1", None), ("c2", None)]),
+                (108.0, vec![]),
+            ],
+            100,
+        );
+        let s = LatencyBasis::Sighting;
+        assert_eq!(
+            got,
+            vec![
+                // First sight: it arrived by now.
+                Some((0.0, s)),
+                Some((1.0, s)),
+                Some((2.0, s)),
+                // b was first seen newest at 101.
+                Some((4.0, s)),
+                // c1 was never newest; it arrived no later than c2, first seen at 102.
+                Some((5.0, s)),
+                None,
+            ]
+        );
+    }
+
+    #[test]
+    fn a_due_eta_task_waits_from_its_eta_and_a_future_one_not_at_all() {
+        let got = run(
+            &[
+                (100.0, vec![("held", Some(150.0)), ("x", None)]),
+                (110.0, vec![("held", Some(150.0)), ("x", None)]),
+                (160.0, vec![("held", Some(150.0)), ("x", None)]),
+                (170.0, vec![("held", Some(500.0))]),
+            ],
+            100,
+        );
+        let s = LatencyBasis::Sighting;
+        // x is the first due message; once `held` is due it is the head, waiting since its ETA.
+        assert_eq!(got, vec![Some((0.0, s)), Some((10.0, s)), Some((10.0, s)), None]);
+    }
+
+    #[test]
+    fn a_head_past_the_walk_is_a_lower_bound() {
+        // Ten messages arrive at once; the walk covers two, and every known marker has gone.
+        let burst: Vec<(&str, Option<f64>)> =
+            ["m0", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "m9"].iter().map(|t| (*t, None)).collect();
+        let got = run(&[(100.0, vec![("old", None)]), (101.0, burst.clone()), (104.0, burst[5..].to_vec())], 2);
+        // `old` is not in the walk: gone, or past it? The tracker cannot tell and estimates from it.
+        assert_eq!(got[1], Some((1.0, LatencyBasis::Estimate)));
+        // m9, first seen newest at 101, stands in for m5 (which arrived by then).
+        assert_eq!(got[2], Some((3.0, LatencyBasis::Estimate)));
+    }
+
+    #[test]
+    fn markers_stay_bounded_and_still_age_an_old_head() {
+        let mut tracker = LatencyTracker::new();
+        let mut messages: Vec<(String, Option<f64>)> = Vec::new();
+        for t in 0..2000u32 {
+            messages.push((format!("m{t}"), None));
+            let view: Vec<(&str, Option<f64>)> = messages.iter().map(|(m, e)| (m.as_str(), *e)).collect();
+            let now = 1000.0 + f64::from(t);
+            let sample = list(&view, &tracker.hints(), 100, now);
+            tracker.observe(now, &observation("q", sample));
+        }
+        let track = &tracker.queues["q"].lists[0];
+        assert!(track.markers.len() <= MARKERS_PER_LIST, "{}", track.markers.len());
+        let (age, basis) = seconds(tracker.latency("q")).unwrap();
+        assert_eq!((age, basis), (1999.0, LatencyBasis::Sighting));
+    }
+
+    #[test]
+    fn rabbitmq_counters_place_the_head_in_the_arrival_sequence() {
+        let mut tracker = LatencyTracker::new();
+        let mut at = |now: f64, published: u64, ready: u64| {
+            let counters = ArrivalCounters { published, ready, head_timestamp: None };
+            tracker.observe(now, &observation("q", HeadSample::Counters(counters)));
+            seconds(tracker.latency("q"))
+        };
+        let s = LatencyBasis::Sighting;
+        // Two published before tracking started: their age is at least the time since then.
+        assert_eq!(at(100.0, 2, 2), Some((0.0, LatencyBasis::AtLeast)));
+        assert_eq!(at(101.0, 3, 3), Some((1.0, LatencyBasis::AtLeast)));
+        assert_eq!(at(102.0, 5, 5), Some((2.0, LatencyBasis::AtLeast)));
+        // Three consumed: the head is message 4, first counted at 102.
+        assert_eq!(at(106.0, 5, 2), Some((4.0, s)));
+        // Message 6 arrives at 107 and everything before it is consumed.
+        assert_eq!(at(107.0, 6, 1), Some((0.0, s)));
+        assert_eq!(at(110.0, 6, 1), Some((3.0, s)));
+        assert_eq!(at(111.0, 6, 0), None);
+        // A re-created queue starts its counter again.
+        assert_eq!(at(112.0, 1, 1), Some((0.0, LatencyBasis::AtLeast)));
+        // A head timestamp wins.
+        let counters = ArrivalCounters { published: 1, ready: 1, head_timestamp: Some(50) };
+        tracker.observe(113.0, &observation("q", HeadSample::Counters(counters)));
+        assert_eq!(seconds(tracker.latency("q")), Some((63.0, LatencyBasis::Timestamp)));
+    }
+
+    #[test]
+    fn queues_no_longer_probed_are_forgotten() {
+        let mut tracker = LatencyTracker::new();
+        let sample = list(&[("a", None)], &ProbeHints::default(), 10, 0.0);
+        tracker.observe(0.0, &observation("q", sample));
+        assert!(tracker.hints().markers.contains_key("q"));
+        tracker.observe(1.0, &observation("other", HeadSample::Lists(vec![])));
+        assert!(tracker.hints().markers.is_empty());
+        assert_eq!(tracker.latency("q"), None);
+    }
+
+    #[test]
+    fn management_counters_parse_from_a_queue_object() {
+        let q =
+            serde_json::json!({"messages_ready": 3, "message_stats": {"publish": 9}, "head_message_timestamp": null});
+        assert_eq!(
+            ArrivalCounters::from_management(&q),
+            Some(ArrivalCounters { published: 9, ready: 3, head_timestamp: None })
+        );
+        assert_eq!(ArrivalCounters::from_management(&serde_json::json!({"messages_ready": 3})), None);
+    }
 }
