@@ -154,9 +154,11 @@ impl Broker {
     ) -> Result<BrokerObservation, ProbeError> {
         let mut seen = std::collections::HashSet::new();
         let queues: Vec<&str> = queues.iter().map(AsRef::as_ref).filter(|q| seen.insert(*q)).collect();
+        // Boxed: the probes' state machines are deep, and callers' futures embed them (a reconciler
+        // awaiting a probe hit rustc's query depth limit).
         match &self.inner {
-            Inner::Redis(b) => b.probe(&queues, hints).await,
-            Inner::Rabbitmq(b) => b.probe(&queues).await,
+            Inner::Redis(b) => Box::pin(b.probe(&queues, hints)).await,
+            Inner::Rabbitmq(b) => Box::pin(b.probe(&queues)).await,
         }
     }
 }
