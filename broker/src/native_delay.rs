@@ -25,7 +25,7 @@ use serde_json::Value;
 
 use crate::observation::DelayedDelivery;
 use crate::safety::{Finding, Reason, Severity, is_celery_internal_queue};
-use crate::schedule::{DELAYED_LEVELS, DueHistogram, Scheduled, delayed_level_bound, delayed_level_of};
+use crate::schedule::{DELAYED_LEVELS, Scheduled, delayed_for_queues, delayed_level_of};
 
 /// The exchange the last level dead-letters to (Celery 5.7 uses no prefix).
 pub const DELIVERY_EXCHANGE: &str = "celery_delayed_delivery";
@@ -79,20 +79,9 @@ pub fn bound_exchanges(delivery: &Value) -> Vec<String> {
 }
 
 /// `queue`'s share of the delayed messages: all of them when it is the only queue the delivery
-/// exchange routes to (the level queues do not tell the target otherwise), else `None`. Each level
-/// is placed at its upper bound ([`delayed_level_bound`]), so sizing ahead of them is never early.
+/// exchange routes to (see [`delayed_for_queues`]).
 pub fn delayed_for(queue: &str, delayed: &DelayedDelivery) -> Option<Scheduled> {
-    let targets = delayed.targets.as_deref()?;
-    if targets != [queue] {
-        return None;
-    }
-    let mut due = DueHistogram::default();
-    for (level, &n) in delayed.levels.iter().enumerate() {
-        if let Some(bound) = u32::try_from(level).ok().and_then(delayed_level_bound) {
-            due.add(bound as f64, n);
-        }
-    }
-    Some(Scheduled { delayed: delayed.total(), due, exact: false, ..Scheduled::default() })
+    delayed_for_queues(&[queue], delayed)
 }
 
 /// `QuorumQueueStaticPrefetch` for a probed quorum queue (management queue object): Info, since

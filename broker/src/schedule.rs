@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::observation::QueueObservation;
+use crate::observation::{DelayedDelivery, QueueObservation};
 use crate::safety::{Finding, Reason, Severity};
 
 /// Upper edges, in seconds from now, of the [`DueHistogram`] buckets. Fine-grained where lead
@@ -140,6 +140,25 @@ impl Scheduled {
 /// Returns the bound in seconds for level `L`, `None` past the 28 levels Celery declares.
 pub fn delayed_level_bound(level: u32) -> Option<u64> {
     (level < DELAYED_LEVELS).then(|| 1u64 << (level + 1))
+}
+
+/// The delayed messages of native delayed delivery as scheduled tasks of `queues`, when every
+/// queue the delivery exchange routes to is among them (the level queues do not say which queue a
+/// message is for; reading a message's routing key would mean consuming it), else `None`. Each
+/// level counts at its upper bound ([`delayed_level_bound`]), so sizing ahead for them is never
+/// early, and may be late by up to that bound.
+pub fn delayed_for_queues<S: AsRef<str>>(queues: &[S], delayed: &DelayedDelivery) -> Option<Scheduled> {
+    let targets = delayed.targets.as_deref().filter(|t| !t.is_empty())?;
+    if !targets.iter().all(|t| queues.iter().any(|q| q.as_ref() == t)) {
+        return None;
+    }
+    let mut due = DueHistogram::default();
+    for (level, &n) in delayed.levels.iter().enumerate() {
+        if let Some(bound) = u32::try_from(level).ok().and_then(delayed_level_bound) {
+            due.add(bound as f64, n);
+        }
+    }
+    Some(Scheduled { delayed: delayed.total(), due, exact: false, ..Scheduled::default() })
 }
 
 /// Levels of native delayed delivery (`MAX_NUMBER_OF_BITS_TO_USE`).
