@@ -9,9 +9,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use celery_broker::latency::{HeadSample, LatencyBasis};
 use celery_broker::{Broker, BrokerConfig, BrokerObservation, LatencyTracker, Reason, Severity};
-use common::poll;
+use common::{poll, pop_one, send_noop};
 use e2e_harness::RabbitServer;
-use e2e_harness::python::{CeleryWorker, run_script};
+use e2e_harness::python::CeleryWorker;
 
 fn rabbit() -> &'static RabbitServer {
     RabbitServer::shared().expect("private RabbitMQ node")
@@ -42,26 +42,9 @@ fn now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
 }
 
-/// Sends `count` tasks with `countdown` (0: none) through real Celery; returns the Unix times
-/// just before and just after.
 fn send(app: &Path, env: &[(&str, &str)], count: u32, countdown: u32) -> (f64, f64) {
-    let code = "import os, sys, time\nsys.path.insert(0, os.environ['APP_DIR'])\nfrom rtasks import app\n\
-                c = int(os.environ['COUNTDOWN']) or None\nbefore = time.time()\n\
-                [app.send_task('tasks.noop', queue=os.environ['QUEUE'], countdown=c) for _ in range(int(os.environ['N']))]\n\
-                print(before, time.time())\n";
-    let (dir, n, c) = (app.to_string_lossy(), count.to_string(), countdown.to_string());
-    let mut env = env.to_vec();
-    env.extend([("APP_DIR", dir.as_ref()), ("N", n.as_str()), ("COUNTDOWN", c.as_str())]);
-    let out = run_script(code, &env).unwrap();
-    let times: Vec<f64> = out.split_whitespace().map(|t| t.parse().unwrap()).collect();
-    (times[0], times[1])
-}
-
-/// Takes the head message of `queue` off RabbitMQ, as a consumer would.
-fn pop_one(url: &str, queue: &str) {
-    let code = "import os\nfrom kombu import Connection\n\
-                with Connection(os.environ['URL']) as c:\n    m = c.default_channel.basic_get(os.environ['Q'], no_ack=True)\n    assert m is not None\n";
-    run_script(code, &[("URL", url), ("Q", queue)]).unwrap();
+    let queue = env.iter().find(|(k, _)| *k == "QUEUE").map(|(_, v)| *v).expect("QUEUE in env");
+    send_noop(app, "rtasks", env, queue, count, countdown)
 }
 
 /// A vhost of its own, the app written to a temp dir, and a probe with the management API.

@@ -8,30 +8,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use celery_broker::latency::LatencyBasis;
 use celery_broker::{Broker, BrokerConfig, LatencyTracker, Reason, Severity, TransportOptions};
-use common::{kombu_transport, poll, send_blocking, start_worker, write_app};
+use common::{kombu_transport, poll, pop_one, send_blocking, send_noop, start_worker, write_app};
 use e2e_harness::RedisServer;
 use e2e_harness::python::run_script;
 
-/// Sends `count` `tasks.noop` to `queue` with `countdown` (0: none) through real Celery; returns
-/// the Unix times just before and just after.
 fn send(app: &Path, env: &[(&str, &str)], queue: &str, count: u32, countdown: u32) -> (f64, f64) {
-    let code = "import os, sys, time\nsys.path.insert(0, os.environ['APP_DIR'])\nfrom tasks import app\n\
-                c = int(os.environ['COUNTDOWN']) or None\nbefore = time.time()\n\
-                [app.send_task('tasks.noop', queue=os.environ['Q'], countdown=c) for _ in range(int(os.environ['N']))]\n\
-                print(before, time.time())\n";
-    let (dir, n, c) = (app.to_string_lossy(), count.to_string(), countdown.to_string());
-    let mut env = env.to_vec();
-    env.extend([("APP_DIR", dir.as_ref()), ("Q", queue), ("N", n.as_str()), ("COUNTDOWN", c.as_str())]);
-    let out = run_script(code, &env).unwrap();
-    let times: Vec<f64> = out.split_whitespace().map(|t| t.parse().unwrap()).collect();
-    (times[0], times[1])
-}
-
-/// Pops the message at the head of `queue` the way a kombu consumer does (and acks it).
-fn pop_one(url: &str, queue: &str) {
-    let code = "import os\nfrom kombu import Connection\n\
-                with Connection(os.environ['URL']) as c:\n    m = c.default_channel.basic_get(os.environ['Q'], no_ack=True)\n    assert m is not None\n";
-    run_script(code, &[("URL", url), ("Q", queue)]).unwrap();
+    send_noop(app, "tasks", env, queue, count, countdown)
 }
 
 fn now() -> f64 {

@@ -60,12 +60,15 @@ local function eta_of(value)
 end
 
 -- The first `len` characters of the delivery tag (kombu's last property, so looked for near the
--- end first), or ''.
+-- end first), or '' when there is none or it holds characters other than [A-Za-z0-9-] (kombu's
+-- are UUIDs; replies use other characters as separators).
 local function tag_of(value, len)
   local key = '"delivery_tag": "'
   local at = find(value, key, math.max(1, #value - 200), true) or find(value, key, 1, true)
   if not at then return '' end
-  return sub(value, at + #key, at + #key + len - 1)
+  local tag = sub(value, at + #key, at + #key + len - 1)
+  if not match(tag, '^[%w%-]*$') then return '' end
+  return tag
 end
 
 -- properties.published_at (Judoscale's before_task_publish stamp, Unix seconds) or a header of

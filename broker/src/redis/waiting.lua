@@ -15,20 +15,25 @@
 -- ARGV[5]  = characters of a delivery tag to report and compare (a prefix)
 -- ARGV[5 + i] = the markers to look for in KEYS[i], space-separated tag prefixes ('' for none)
 --
--- Returns, per key, {len, walked, scheduled, beyond_visibility, farthest_eta,
---   {bucket, count, ...}, first_due, newest_tag, {marker, position, ...}}
--- where first_due is {position, tag, eta_ms or false, published_ms or false} or {} and positions
--- count from the head (0). `farthest_eta` is in Unix seconds rounded up, 0 when none.
+-- Returns one string, a line per key in key order: `0` for an empty list, else nine
+-- space-separated fields
+--   len walked scheduled beyond_visibility farthest_eta buckets first_due newest hits
+-- with `-` for an empty field: buckets `bucket:count,...` (0-based), first_due
+-- `position:tag:eta_ms:published_ms` (`-` for a missing ETA or stamp), newest a tag, hits
+-- `tag:position,...`. Positions count from the head (0); farthest_eta is Unix seconds rounded up
+-- (0: none). Tags are restricted to [A-Za-z0-9-] by tag_of, so the separators are unambiguous.
+-- One flat string instead of nested arrays: converting thousands of small Lua tables to a RESP
+-- reply cost more than the walk itself (BENCHMARKS-broker.md).
 --
--- Cost: the walk copies each message into Lua and searches it twice (ETA, and the tag while
--- markers are still unfound), a few µs per 1.5 KB message; the limit bounds how long Redis is
--- blocked (BENCHMARKS-broker.md).
+-- Cost: the walk copies each message into Lua and searches it for its ETA (and its tag where
+-- needed), a few µs per 1.5 KB message; the limit bounds how long Redis is blocked.
 
 local now = tonumber(ARGV[1])
 local visibility = tonumber(ARGV[2])
 local edges = parse_edges(ARGV[3])
 local budget = tonumber(ARGV[4])
 local tag_len = tonumber(ARGV[5])
+local concat = table.concat
 
 local lens, nonempty = {}, {}
 for i, key in ipairs(KEYS) do
@@ -36,57 +41,94 @@ for i, key in ipairs(KEYS) do
   if lens[i] > 0 then nonempty[#nonempty + 1] = i end
 end
 
--- Water-filling: shortest lists first, each gets min(its length, an equal share of what is left).
-table.sort(nonempty, function(a, b) return lens[a] < lens[b] end)
-local allowance, left = {}, budget
-for k, i in ipairs(nonempty) do
-  local share = math.max(1, floor(left / (#nonempty - k + 1)))
-  allowance[i] = math.min(lens[i], share)
-  left = math.max(0, left - allowance[i])
+-- Water-filling without a sort: lists no longer than an equal share of what is left are walked
+-- whole; the rest split what remains, at least one message each.
+local allowance, remaining, pending = {}, budget, nonempty
+while #pending > 0 do
+  local share = math.max(1, floor(remaining / #pending))
+  local rest = {}
+  for _, i in ipairs(pending) do
+    if lens[i] <= share then
+      allowance[i] = lens[i]
+      remaining = remaining - lens[i]
+    else
+      rest[#rest + 1] = i
+    end
+  end
+  if #rest == #pending then
+    for _, i in ipairs(rest) do allowance[i] = share end
+    break
+  end
+  pending = rest
 end
 
+local function field(n) return n and tostring(n) or '-' end
+
 local PAGE = 100
-local out = {}
+local lines = {}
 for i, key in ipairs(KEYS) do
   local len, walk = lens[i], allowance[i] or 0
-  local scheduled, beyond, farthest, histogram = 0, 0, 0, {}
-  local first_due, newest, hits = {}, '', {}
-  local wanted, unfound = {}, 0
-  for marker in string.gmatch(ARGV[5 + i] or '', '%S+') do
-    wanted[marker] = true
-    unfound = unfound + 1
-  end
-  local position = 0
-  while position < walk do
-    local n = math.min(PAGE, walk - position)
-    -- LRANGE returns left to right; the head is the last element.
-    local page = redis.call('LRANGE', key, -(position + n), -(position + 1))
-    for j = #page, 1, -1 do
-      local value = page[j]
-      local eta = eta_of(value)
-      if eta and eta > now then
-        scheduled = scheduled + 1
-        if eta - now > visibility then beyond = beyond + 1 end
-        if eta > farthest then farthest = math.ceil(eta) end
-        local b = bucket_of(edges, eta - now)
-        histogram[b] = (histogram[b] or 0) + 1
-      elseif first_due[1] == nil then
-        first_due = {position, tag_of(value, tag_len), eta and floor(eta * 1000) or false, published_ms_of(value)}
+  if len == 0 then
+    lines[i] = '0'
+  else
+    -- Tables only where needed: most lists hold no scheduled task and no marker.
+    local scheduled, beyond, farthest, histogram = 0, 0, 0, nil
+    local first_due, newest, hits = '-', nil, nil
+    local wanted, unfound = nil, 0
+    local hinted = ARGV[5 + i]
+    if hinted and hinted ~= '' then
+      wanted = {}
+      for marker in string.gmatch(hinted, '%S+') do
+        wanted[marker] = true
+        unfound = unfound + 1
       end
-      if unfound > 0 then
-        local tag = tag_of(value, tag_len)
-        if wanted[tag] then
-          wanted[tag] = nil
-          unfound = unfound - 1
-          hits[#hits + 1] = tag
-          hits[#hits + 1] = position
-        end
-      end
-      position = position + 1
     end
-    if #page < n then break end
+    local position = 0
+    while position < walk do
+      local n = math.min(PAGE, walk - position)
+      -- LRANGE returns left to right; the head is the last element.
+      local page = redis.call('LRANGE', key, -(position + n), -(position + 1))
+      for j = #page, 1, -1 do
+        local value, tag = page[j], nil
+        local eta = eta_of(value)
+        if eta and eta > now then
+          scheduled = scheduled + 1
+          if eta - now > visibility then beyond = beyond + 1 end
+          if eta > farthest then farthest = math.ceil(eta) end
+          local b = bucket_of(edges, eta - now)
+          histogram = histogram or {}
+          histogram[b] = (histogram[b] or 0) + 1
+        elseif first_due == '-' then
+          tag = tag_of(value, tag_len)
+          first_due = position .. ':' .. tag .. ':' .. field(eta and floor(eta * 1000)) .. ':'
+            .. field(published_ms_of(value) or nil)
+        end
+        if unfound > 0 then
+          tag = tag or tag_of(value, tag_len)
+          if wanted[tag] then
+            wanted[tag] = nil
+            unfound = unfound - 1
+            hits = hits or {}
+            hits[#hits + 1] = tag .. ':' .. position
+          end
+        end
+        position = position + 1
+        -- The walk reached index 0: that message is the newest.
+        if position == len then newest = tag or tag_of(value, tag_len) end
+      end
+      if #page < n then break end
+    end
+    newest = newest or tag_of(redis.call('LINDEX', key, 0) or '', tag_len)
+    if newest == '' then newest = '-' end
+    local buckets = '-'
+    if histogram then
+      local flat, parts = sparse(histogram, #edges + 1), {}
+      for k = 1, #flat, 2 do parts[#parts + 1] = flat[k] .. ':' .. flat[k + 1] end
+      buckets = concat(parts, ',')
+    end
+    local hit_list = hits and concat(hits, ',') or '-'
+    lines[i] = len .. ' ' .. position .. ' ' .. scheduled .. ' ' .. beyond .. ' ' .. farthest .. ' ' .. buckets
+      .. ' ' .. first_due .. ' ' .. newest .. ' ' .. hit_list
   end
-  if len > 0 then newest = tag_of(redis.call('LINDEX', key, 0) or '', tag_len) end
-  out[i] = {len, position, scheduled, beyond, farthest, sparse(histogram, #edges + 1), first_due, newest, hits}
 end
-return out
+return concat(lines, '\n')

@@ -78,39 +78,69 @@ pub(crate) fn held_report(columns: &[Value]) -> Option<HeldReport> {
     })
 }
 
-/// The reply of `waiting.lua`: one report per key, in key order; `None` when it is malformed.
+/// The reply of `waiting.lua` (a line per key): one report per key, in key order; `None` when
+/// it is malformed.
 pub(crate) fn list_reports(reply: &Value) -> Option<Vec<ListReport>> {
-    array(reply)?.iter().map(list_report).collect()
+    let text = text(reply)?;
+    if text.is_empty() {
+        return Some(Vec::new());
+    }
+    text.split('\n').map(list_report).collect()
 }
 
-fn list_report(v: &Value) -> Option<ListReport> {
-    let [len, walked, scheduled, beyond, farthest, due, first_due, newest, hits] = array(v)? else {
+/// `-` is an empty field.
+fn present(field: &str) -> Option<&str> {
+    (field != "-").then_some(field)
+}
+
+fn list_report(line: &str) -> Option<ListReport> {
+    if line == "0" {
+        return Some(ListReport::default());
+    }
+    let fields: Vec<&str> = line.split(' ').collect();
+    let [len, walked, scheduled, beyond, farthest, buckets, first_due, newest, hits] = fields[..] else {
         return None;
     };
-    let first_due = match array(first_due)? {
-        [] => None,
-        [position, tag, eta, published] => Some(HeadMessage {
-            position: count(position)?,
-            tag: text(tag)?,
-            eta_ms: int(eta),
-            published_ms: int(published),
-        }),
-        _ => return None,
+    let mut due = DueHistogram::default();
+    for pair in present(buckets).into_iter().flat_map(|b| b.split(',')) {
+        let (bucket, n) = pair.split_once(':')?;
+        due.add_to_bucket(bucket.parse().ok()?, n.parse().ok()?);
+    }
+    let first_due = match present(first_due) {
+        None => None,
+        Some(message) => {
+            let [position, tag, eta, published] = message.split(':').collect::<Vec<_>>()[..] else {
+                return None;
+            };
+            let optional = |f: &str| present(f).map(str::parse::<i64>).transpose();
+            Some(HeadMessage {
+                position: position.parse().ok()?,
+                tag: tag.to_owned(),
+                eta_ms: optional(eta).ok()?,
+                published_ms: optional(published).ok()?,
+            })
+        }
     };
-    let hits = array(hits)?
-        .chunks(2)
-        .map(|pair| match pair {
-            [tag, position] => Some(MarkerHit { tag: text(tag)?, position: count(position)? }),
-            _ => None,
+    let markers = present(hits)
+        .into_iter()
+        .flat_map(|h| h.split(','))
+        .map(|hit| {
+            let (tag, position) = hit.split_once(':')?;
+            Some(MarkerHit { tag: tag.to_owned(), position: position.parse().ok()? })
         })
         .collect::<Option<Vec<_>>>()?;
-    let newest = text(newest).filter(|t| !t.is_empty());
     Some(ListReport {
-        head: ListHead { len: count(len)?, scanned: count(walked)?, first_due, newest, markers: hits },
-        scheduled: count(scheduled)?,
-        beyond_visibility: count(beyond)?,
-        farthest: int(farthest)?,
-        due: histogram(due)?,
+        head: ListHead {
+            len: len.parse().ok()?,
+            scanned: walked.parse().ok()?,
+            first_due,
+            newest: present(newest).map(str::to_owned),
+            markers,
+        },
+        scheduled: scheduled.parse().ok()?,
+        beyond_visibility: beyond.parse().ok()?,
+        farthest: farthest.parse().ok()?,
+        due,
     })
 }
 
@@ -179,36 +209,16 @@ mod tests {
     }
 
     #[test]
-    fn a_list_report_reads_every_column() {
-        let reply = Value::Array(vec![
-            Value::Array(vec![
-                Value::Int(7),
-                Value::Int(5),
-                Value::Int(2),
-                Value::Int(1),
-                Value::Int(1_900_000_000),
-                Value::Array(vec![Value::Int(3), Value::Int(1), Value::Int(32), Value::Int(1)]),
-                Value::Array(vec![Value::Int(2), bulk("26a77231-7f5"), Value::Nil, Value::Int(1_796_137_585_352)]),
-                bulk("517eded3-bd4"),
-                Value::Array(vec![bulk("aaaaaaaa-aaa"), Value::Int(4)]),
-            ]),
-            Value::Array(vec![
-                Value::Int(0),
-                Value::Int(0),
-                Value::Int(0),
-                Value::Int(0),
-                Value::Int(0),
-                Value::Array(vec![]),
-                Value::Array(vec![]),
-                bulk(""),
-                Value::Array(vec![]),
-            ]),
-        ]);
+    fn a_list_report_reads_every_field() {
+        let reply = bulk(
+            "7 5 2 1 1900000000 3:1,32:1 2:26a77231-7f5:-:1796137585352 517eded3-bd4 aaaaaaaa-aaa:4\n0\n\
+             1 1 0 0 0 - 0::1700000000000:- - -",
+        );
         let reports = list_reports(&reply).unwrap();
-        assert_eq!(reports.len(), 2);
+        assert_eq!(reports.len(), 3);
         let first = &reports[0];
         assert_eq!((first.head.len, first.head.scanned, first.scheduled, first.beyond_visibility), (7, 5, 2, 1));
-        assert_eq!(first.due.total(), 2);
+        assert_eq!((first.farthest, first.due.total()), (1_900_000_000, 2));
         assert_eq!(first.due.due_within(std::time::Duration::from_secs(5)), 1);
         assert_eq!(
             first.head.first_due,
@@ -222,19 +232,27 @@ mod tests {
         assert_eq!(first.head.newest.as_deref(), Some("517eded3-bd4"));
         assert_eq!(first.head.markers, vec![MarkerHit { tag: "aaaaaaaa-aaa".into(), position: 4 }]);
         assert_eq!(reports[1].head, ListHead::default());
+        // A message without a usable tag, due since its ETA.
+        let third = &reports[2].head;
+        assert_eq!((third.newest.as_ref(), third.markers.len()), (None, 0));
+        let due = third.first_due.as_ref().unwrap();
+        assert_eq!((due.tag.as_str(), due.eta_ms, due.published_ms), ("", Some(1_700_000_000_000), None));
 
-        let lists = QueueLists(&reports);
+        let lists = QueueLists(&reports[..2]);
         assert_eq!((lists.len(), lists.complete()), (7, false));
         let held = HeldReport { scheduled: 3, beyond_visibility: 0, farthest: 1_950_000_000, ..HeldReport::default() };
         let s = scheduled(Some(&lists), Some(&held), true);
         assert_eq!((s.listed, s.held, s.total()), (2, 3, 5));
         assert_eq!((s.farthest_eta, s.beyond_visibility_timeout, s.exact), (Some(1_950_000_000), 1, false));
+        assert_eq!(list_reports(&bulk("")), Some(Vec::new()));
     }
 
     #[test]
     fn malformed_replies_are_rejected_not_misread() {
         assert_eq!(list_reports(&Value::Int(3)), None);
-        assert_eq!(list_reports(&Value::Array(vec![Value::Array(vec![Value::Int(1)])])), None);
+        assert_eq!(list_reports(&bulk("1 1 0")), None);
+        assert_eq!(list_reports(&bulk("1 1 0 0 0 x - - -")), None);
+        assert_eq!(list_reports(&bulk("1 1 0 0 0 - 0:t - -")), None);
         assert_eq!(histogram(&Value::Array(vec![Value::Int(1)])), None);
         assert_eq!(held_report(&[Value::Int(1)]), None);
     }
