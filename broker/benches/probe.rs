@@ -153,7 +153,7 @@ async fn latency(url: &str, queues: &[String]) -> (Duration, Duration) {
 }
 
 /// Mean round trips and commands per poll (after a warm-up poll that loads the scripts), through
-/// a counting proxy. Commands are what the probe sends (`LLEN`s, 2 `EVALSHA`, 4 `INFO`), not the
+/// a counting proxy. Commands are what the probe sends (2 `EVALSHA`, 4 `INFO`), not the
 /// calls the scripts make inside Redis.
 async fn round_trips(redis_port: u16, queues: &[String]) -> (f64, f64) {
     let counter = Arc::new(Mutex::new(Turns::default()));

@@ -76,7 +76,10 @@ pub struct BrokerConfig {
     /// (the scan runs inside Redis, about 4 µs per entry, and blocks it while it runs).
     pub unacked_scan_limit: u64,
     /// Redis: waiting messages walked per probe, all lists together, from each list's head (shared
-    /// out so short lists are walked whole). Scheduled tasks past the walk count as waiting.
+    /// out so short lists are walked whole; every non-empty list gets at least one). Scheduled
+    /// tasks past the walk count as waiting. 0 turns the walk off: no scheduled tasks on the lists
+    /// and no queue latency, for fleets where its per-list cost (a few µs of Redis time per
+    /// non-empty list, BENCHMARKS-broker.md) matters.
     pub list_scan_limit: u64,
 }
 

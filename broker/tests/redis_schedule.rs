@@ -136,10 +136,18 @@ async fn past_the_list_scan_limit_scheduled_messages_count_as_waiting_and_say_so
     assert_eq!((q.ready, q.waiting, s.listed, s.exact), (35, Some(30), 5, false), "{q:?}");
     assert!(seen.findings.iter().any(|f| f.reason == Reason::ListScanSampled), "{:?}", seen.findings);
     // With the default limit everything is walked.
-    let seen = Broker::new(BrokerConfig::new(url)).unwrap().probe(&["bulk"]).await.unwrap();
+    let seen = Broker::new(BrokerConfig::new(url.clone())).unwrap().probe(&["bulk"]).await.unwrap();
     let q = &seen.queues["bulk"];
     assert_eq!((q.waiting, q.scheduled.as_ref().unwrap().listed), (Some(5), 30));
     assert!(seen.findings.iter().all(|f| f.reason != Reason::ListScanSampled));
+    // 0 turns the walk off: lengths only, everything counts as waiting, no head for latency.
+    let off = BrokerConfig { list_scan_limit: 0, ..BrokerConfig::new(url) };
+    let seen = Broker::new(off).unwrap().probe(&["bulk"]).await.unwrap();
+    let q = &seen.queues["bulk"];
+    assert_eq!((q.ready, q.waiting, q.scheduled.as_ref().unwrap().listed), (35, Some(35), 0));
+    let mut tracker = LatencyTracker::new();
+    tracker.observe(now(), &seen);
+    assert_eq!(tracker.latency("bulk"), None);
 }
 
 /// One probe and tracker update; returns (probe start, reported latency in seconds, basis).
@@ -234,4 +242,35 @@ async fn a_publish_stamp_gives_the_exact_age() {
     assert_eq!(basis, LatencyBasis::Timestamp);
     // The stamp was taken a moment before `stamped`: the age is about 100 s, read off the message.
     assert!((at - stamped - 0.5..=at - stamped + 0.5).contains(&age), "{age} vs {}", at - stamped);
+}
+
+#[tokio::test]
+async fn etas_parse_the_same_inside_redis_as_in_rust() {
+    // The scripts read ETAs with eta.lua; schedule::parse_eta is its Rust mirror.
+    let redis = RedisServer::start().unwrap();
+    let script = format!(
+        "{}\nlocal out = {{}}\nfor i, s in ipairs(ARGV) do local v = parse_eta(s); out[i] = v and string.format('%.6f', v) or '' end\nreturn out",
+        include_str!("../src/redis/eta.lua")
+    );
+    let cases = [
+        "2026-12-01T16:00:15.276429+00:00",
+        "2030-01-01T00:00:00Z",
+        "2030-01-01T01:00:00+01:00",
+        "2029-12-31T19:00:00-0500",
+        "2029-12-31T19:00:00-05",
+        "2030-01-01 00:00:00",
+        "2000-02-29T12:00:00.5+00:00",
+        "1969-07-20T20:17:40+00:00",
+        "not a date",
+        "2030-13-01T00:00:00Z",
+        "2030-01-01T00:00:00+1",
+        "2030-01-01T00:00:00.Z",
+        "",
+    ];
+    let mut con = ::redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let parsed: Vec<String> = ::redis::Script::new(&script).arg(&cases[..]).invoke_async(&mut con).await.unwrap();
+    for (text, lua) in cases.iter().zip(parsed) {
+        let rust = celery_broker::schedule::parse_eta(text).map(|v| format!("{v:.6}")).unwrap_or_default();
+        assert_eq!(lua, rust, "{text:?}");
+    }
 }

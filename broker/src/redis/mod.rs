@@ -1,15 +1,19 @@
 //! The Redis probe: ONE pipelined round trip per poll for all queues of an endpoint.
 //!
 //! The pipeline holds, in order:
-//! 1. `LLEN` of every priority list of every queue (kombu's `_size`, see [`crate::kombu`]);
-//! 2. `EVALSHA` of `unacked.lua`, which walks the shared `unacked` hash *server-side* and returns
+//! 1. `EVALSHA` of `unacked.lua`, which walks the shared `unacked` hash *server-side* and returns
 //!    only counts per (exchange, routing key), the orphaned share (older than the visibility
 //!    timeout), the scheduled share (ETA in the future: held by a worker until due) with when it
 //!    comes due, and the binding sets of the exchanges it saw;
-//! 3. `EVALSHA` of `waiting.lua`, which walks each list from the head (bounded by
+//! 2. `EVALSHA` of `waiting.lua`, which takes the `LLEN` of every priority list of every queue
+//!    (kombu's `_size`, see [`crate::kombu`]) and walks each list from the head (bounded by
 //!    `list_scan_limit`): scheduled messages on the lists, the first due message and the latency
 //!    tracker's markers ([`crate::latency`]);
-//! 4. `INFO server|memory|persistence|stats` for the safety checks.
+//! 3. `INFO server|memory|persistence|stats` for the safety checks.
+//!
+//! The `LLEN`s run inside the script rather than as thousands of pipelined commands: that is
+//! cheaper than before the walk existed (BENCHMARKS-broker.md). Where scripting is not permitted,
+//! a second round trip sends the `LLEN`s as commands, so ready counts never depend on it.
 //!
 //! Both scripts read a message's ETA (Celery protocol 2 header, ISO 8601), delivery tag and
 //! publish stamp with plain substring searches (`eta.lua`, prepended to each); task bodies never
@@ -25,8 +29,8 @@
 //! queue would avoid re-reading values but needs every tag each poll and a second round trip for
 //! new ones; sampling keeps one round trip.
 //!
-//! Extra round trips happen only on the first poll after a server restart (`NOSCRIPT`: the script
-//! is loaded and re-run), when `INFO` lacks the eviction policy (`CONFIG GET` fallback), and in Fix
+//! Extra round trips happen only on the first poll after a server restart (`NOSCRIPT`: the scripts
+//! are loaded and re-run), where scripting is not permitted (the `LLEN`s), when `INFO` lacks the eviction policy (`CONFIG GET` fallback), and in Fix
 //! mode when the policy is being fixed.
 
 pub(crate) mod connect;
@@ -166,26 +170,25 @@ impl RedisBroker {
             .arg(format!("{now:.6}"))
             .arg(format!("{visibility:.3}"))
             .arg(&edges);
+        let keys: Vec<String> = queues.iter().flat_map(|q| self.options.priority_keys(q)).collect();
         let mut walk = self.waiting_script.prepare_invoke();
         walk.arg(format!("{now:.6}"))
             .arg(format!("{visibility:.3}"))
             .arg(&edges)
             .arg(self.list_scan_limit)
             .arg(MARKER_LEN);
-        for queue in queues {
-            for (index, key) in self.options.priority_keys(queue).into_iter().enumerate() {
-                walk.key(key);
-                walk.arg(hints.for_list(queue, index).join(" "));
+        let steps = self.options.priority_steps.len();
+        for (i, key) in keys.iter().enumerate() {
+            walk.key(key);
+            let markers = hints.for_list(queues[i / steps], i % steps);
+            if !markers.is_empty() {
+                // Sparse: `<1-based key index> <marker> <marker> …`.
+                walk.arg(format!("{} {}", i + 1, markers.join(" ")));
             }
         }
 
         let mut pipe = ::redis::pipe();
         pipe.ignore_errors();
-        for queue in queues {
-            for key in self.options.priority_keys(queue) {
-                pipe.cmd("LLEN").arg(key);
-            }
-        }
         pipe.invoke_script(&invocation);
         pipe.invoke_script(&walk);
         for section in info::SECTIONS {
@@ -194,7 +197,6 @@ impl RedisBroker {
         let replies: Vec<RedisResult<Value>> = pipe.query_async(&mut con).await.map_err(|e| self.error(&e))?;
 
         let mut replies = replies.into_iter();
-        let ready = self.ready_counts(&mut replies, queues.len())?;
         let script_reply =
             rerun_if_unloaded(replies.next().expect("the unacked script's reply"), &invocation, &mut con).await;
         let walk_reply = rerun_if_unloaded(replies.next().expect("the waiting script's reply"), &walk, &mut con).await;
@@ -204,6 +206,10 @@ impl RedisBroker {
         let mut findings = Vec::new();
         let unacked = self.unacked(script_reply, queues, &mut findings);
         let lists = self.lists(walk_reply, queues.len(), &mut findings);
+        let ready = match &lists {
+            Some(reports) => reports.chunks(steps).map(|lists| QueueLists(lists).len()).collect(),
+            None => self.ready_counts(&mut con, &keys, queues.len()).await?,
+        };
         let mut info = info::broker_info(info_replies.iter().map(String::as_str));
         if info.eviction_policy.is_none() {
             self.read_policy_from_config(&mut con, &mut info).await;
@@ -211,7 +217,6 @@ impl RedisBroker {
         if self.safety != SafetyMode::Off {
             findings.extend(self.safety_findings(&mut con, &mut info).await);
         }
-        let steps = self.options.priority_steps.len();
         let queues: BTreeMap<String, QueueObservation> = queues
             .iter()
             .zip(ready)
@@ -228,22 +233,21 @@ impl RedisBroker {
         Ok(BrokerObservation { queues, info, findings })
     }
 
-    /// Sums the `LLEN` replies of each queue's priority lists, in queue order.
-    fn ready_counts(
+    /// Ready counts without the waiting script (scripting not permitted): the `LLEN` of every
+    /// priority list in one more pipelined round trip, summed per queue, in queue order.
+    async fn ready_counts(
         &self,
-        replies: &mut impl Iterator<Item = RedisResult<Value>>,
+        con: &mut ConnectionManager,
+        keys: &[String],
         queues: usize,
     ) -> Result<Vec<u64>, ProbeError> {
+        let mut pipe = ::redis::pipe();
+        for key in keys {
+            pipe.cmd("LLEN").arg(key);
+        }
+        let lens: Vec<u64> = pipe.query_async(con).await.map_err(|e| self.error(&e))?;
         let steps = self.options.priority_steps.len();
-        (0..queues)
-            .map(|_| {
-                replies.by_ref().take(steps).try_fold(0u64, |sum, reply| {
-                    let value = reply.map_err(|e| self.error(&e))?;
-                    let len = ::redis::from_redis_value::<u64>(value).map_err(|e| ProbeError::broker(&self.url, e))?;
-                    Ok(sum + len)
-                })
-            })
-            .collect()
+        Ok((0..queues).map(|q| lens[q * steps..(q + 1) * steps].iter().sum()).collect())
     }
 
     /// Per-list reports of the waiting script, in key order; `None` (with a finding) when it

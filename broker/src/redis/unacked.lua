@@ -61,8 +61,14 @@ local function count(tag, value)
   local eta = eta_of(value)
   if eta and eta > now then
     group[5] = group[5] + 1
-    local delivered = tonumber(redis.call('ZSCORE', KEYS[2], tag))
-    if delivered and eta > delivered + visibility then group[6] = group[6] + 1 end
+    -- Due further ahead than the timeout from now: certainly beyond it (delivered <= now);
+    -- otherwise it depends on when it was delivered.
+    if eta - now > visibility then
+      group[6] = group[6] + 1
+    else
+      local delivered = tonumber(redis.call('ZSCORE', KEYS[2], tag))
+      if delivered and eta > delivered + visibility then group[6] = group[6] + 1 end
+    end
     if eta > group[7] then group[7] = math.ceil(eta) end
     local b = bucket_of(edges, eta - now)
     group[8][b] = (group[8][b] or 0) + 1

@@ -11,9 +11,11 @@
 -- ARGV[2]  = visibility_timeout (seconds)
 -- ARGV[3]  = upper edges (seconds from now) of the due-time histogram buckets, space-separated
 -- ARGV[4]  = scan limit: messages walked in all lists together (shared out fairly: short lists
---            are walked whole, the rest split what is left; every non-empty list gets at least 1)
+--            are walked whole, the rest split what is left; every non-empty list gets at least 1);
+--            0 walks nothing (lengths only)
 -- ARGV[5]  = characters of a delivery tag to report and compare (a prefix)
--- ARGV[5 + i] = the markers to look for in KEYS[i], space-separated tag prefixes ('' for none)
+-- ARGV[6 …] = the markers to look for, for the keys that have some: `<i> <tag prefix> …` with i
+--            the key's 1-based index in KEYS
 --
 -- Returns one string, a line per key in key order: `0` for an empty list, else nine
 -- space-separated fields
@@ -35,6 +37,12 @@ local budget = tonumber(ARGV[4])
 local tag_len = tonumber(ARGV[5])
 local concat = table.concat
 
+local hints = {}
+for a = 6, #ARGV do
+  local index, markers = match(ARGV[a], '^(%d+) (.*)$')
+  if index then hints[tonumber(index)] = markers end
+end
+
 local lens, nonempty = {}, {}
 for i, key in ipairs(KEYS) do
   lens[i] = redis.call('LLEN', key)
@@ -44,6 +52,7 @@ end
 -- Water-filling without a sort: lists no longer than an equal share of what is left are walked
 -- whole; the rest split what remains, at least one message each.
 local allowance, remaining, pending = {}, budget, nonempty
+if budget <= 0 then pending = {} end
 while #pending > 0 do
   local share = math.max(1, floor(remaining / #pending))
   local rest = {}
@@ -75,8 +84,8 @@ for i, key in ipairs(KEYS) do
     local scheduled, beyond, farthest, histogram = 0, 0, 0, nil
     local first_due, newest, hits = '-', nil, nil
     local wanted, unfound = nil, 0
-    local hinted = ARGV[5 + i]
-    if hinted and hinted ~= '' then
+    local hinted = hints[i]
+    if hinted then
       wanted = {}
       for marker in string.gmatch(hinted, '%S+') do
         wanted[marker] = true
@@ -118,8 +127,8 @@ for i, key in ipairs(KEYS) do
       end
       if #page < n then break end
     end
-    newest = newest or tag_of(redis.call('LINDEX', key, 0) or '', tag_len)
-    if newest == '' then newest = '-' end
+    if not newest and walk > 0 then newest = tag_of(redis.call('LINDEX', key, 0) or '', tag_len) end
+    if not newest or newest == '' then newest = '-' end
     local buckets = '-'
     if histogram then
       local flat, parts = sparse(histogram, #edges + 1), {}
