@@ -177,6 +177,9 @@ struct Marker {
 struct ListTrack {
     /// Oldest first; only markers not known to have left the list.
     markers: VecDeque<Marker>,
+    /// When the first due message started waiting, as last computed, and how it is known: stands
+    /// in when a poll does not walk the list (more non-empty lists than the probe walks).
+    since: Option<(f64, LatencyBasis)>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -259,7 +262,12 @@ impl ListTrack {
     fn observe(&mut self, now: f64, seen: &ListHead) -> Option<Latency> {
         if seen.len == 0 {
             self.markers.clear();
+            self.since = None;
             return None;
+        }
+        if seen.scanned == 0 {
+            // Not walked this time: nothing is known to have left; the last estimate ages.
+            return self.since.map(|(since, basis)| Latency { oldest_wait: age(now, since), basis });
         }
         let passed = self.markers.len().min(HINTS_PER_LIST);
         let found: HashMap<&str, u64> = seen.markers.iter().map(|h| (h.tag.as_str(), h.position)).collect();
@@ -287,6 +295,7 @@ impl ListTrack {
             let since = eta.map_or(arrived_by, |eta| eta.max(arrived_by));
             Latency { oldest_wait: age(now, since), basis }
         });
+        self.since = latency.map(|l| (now - l.oldest_wait.as_secs_f64(), l.basis));
 
         if let Some(newest) = &seen.newest {
             match self.markers.back_mut() {
@@ -552,6 +561,24 @@ mod tests {
         let counters = ArrivalCounters { published: 1, ready: 1, head_timestamp: Some(50) };
         tracker.observe(113.0, &observation("q", HeadSample::Counters(counters)));
         assert_eq!(seconds(tracker.latency("q")), Some((63.0, LatencyBasis::Timestamp)));
+    }
+
+    #[test]
+    fn a_list_the_probe_did_not_walk_keeps_ageing_its_last_estimate() {
+        let mut tracker = LatencyTracker::new();
+        let sample = list(&[("a", None)], &tracker.hints(), 10, 100.0);
+        tracker.observe(100.0, &observation("q", sample));
+        let sample = list(&[("a", None), ("b", None)], &tracker.hints(), 10, 102.0);
+        tracker.observe(102.0, &observation("q", sample));
+        assert_eq!(seconds(tracker.latency("q")), Some((2.0, LatencyBasis::Sighting)));
+        // Two lists, one walked per poll: the other's head is not read this time.
+        let unwalked = HeadSample::Lists(vec![ListHead { len: 2, ..ListHead::default() }]);
+        tracker.observe(105.0, &observation("q", unwalked));
+        assert_eq!(seconds(tracker.latency("q")), Some((5.0, LatencyBasis::Sighting)));
+        // The markers survive: once walked again, `b` is aged from its sighting at 102.
+        let sample = list(&[("b", None)], &tracker.hints(), 10, 106.0);
+        tracker.observe(106.0, &observation("q", sample));
+        assert_eq!(seconds(tracker.latency("q")), Some((4.0, LatencyBasis::Sighting)));
     }
 
     #[test]

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use celery_broker::latency::LatencyBasis;
+use celery_broker::latency::{HeadSample, LatencyBasis};
 use celery_broker::{Broker, BrokerConfig, LatencyTracker, Reason, Severity, TransportOptions};
 use common::{kombu_transport, poll, pop_one, send_blocking, send_noop, start_worker, write_app};
 use e2e_harness::RedisServer;
@@ -148,6 +148,38 @@ async fn past_the_list_scan_limit_scheduled_messages_count_as_waiting_and_say_so
     let mut tracker = LatencyTracker::new();
     tracker.observe(now(), &seen);
     assert_eq!(tracker.latency("bulk"), None);
+}
+
+#[tokio::test]
+async fn with_more_non_empty_lists_than_the_limit_the_walk_takes_their_heads_in_turn() {
+    let app = tempfile::tempdir().unwrap();
+    write_app(app.path());
+    let redis = RedisServer::start().unwrap();
+    let url = redis.url();
+    let env = [("BROKER", url.as_str()), ("CONTROL", url.as_str()), ("TRANSPORT", "{}")];
+    let queues = ["q0", "q1", "q2", "q3", "q4"];
+    for q in queues {
+        send(app.path(), &env, q, 1, 0);
+    }
+    let broker = Broker::new(BrokerConfig { list_scan_limit: 3, ..BrokerConfig::new(url) }).unwrap();
+    let mut walked = std::collections::BTreeSet::new();
+    for _ in 0..2 {
+        let seen = broker.probe(&queues).await.unwrap();
+        let heads: Vec<&str> = queues
+            .iter()
+            .filter(|q| match &seen.queues[**q].head {
+                Some(HeadSample::Lists(lists)) => lists.iter().any(|l| l.scanned > 0),
+                _ => false,
+            })
+            .copied()
+            .collect();
+        // Never more than the limit, and the lengths are always all there.
+        assert_eq!(heads.len(), 3, "{heads:?}");
+        assert!(queues.iter().all(|q| seen.queues[*q].ready == 1));
+        assert!(seen.findings.iter().any(|f| f.reason == Reason::ListScanSampled));
+        walked.extend(heads);
+    }
+    assert_eq!(walked.len(), 5, "two polls cover every list: {walked:?}");
 }
 
 /// One probe and tracker update; returns (probe start, reported latency in seconds, basis).

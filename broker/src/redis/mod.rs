@@ -77,6 +77,9 @@ pub(crate) struct RedisBroker {
     script: Script,
     waiting_script: Script,
     history: Mutex<History>,
+    /// Probes so far: rotates which lists' heads are walked when there are more non-empty lists
+    /// than `list_scan_limit`.
+    polls: std::sync::atomic::AtomicU64,
 }
 
 /// The unacked script's reply: `(hlen, examined, groups, bindings)`; a group is `exchange,
@@ -111,6 +114,7 @@ impl RedisBroker {
             script: Script::new(UNACKED_SCRIPT),
             waiting_script: Script::new(WAITING_SCRIPT),
             history: Mutex::default(),
+            polls: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -176,7 +180,11 @@ impl RedisBroker {
             .arg(format!("{visibility:.3}"))
             .arg(&edges)
             .arg(self.list_scan_limit)
-            .arg(MARKER_LEN);
+            .arg(MARKER_LEN)
+            .arg(
+                self.polls.fetch_add(1, std::sync::atomic::Ordering::Relaxed).wrapping_mul(self.list_scan_limit)
+                    % (1 << 32),
+            );
         let steps = self.options.priority_steps.len();
         for (i, key) in keys.iter().enumerate() {
             walk.key(key);
@@ -267,8 +275,9 @@ impl RedisBroker {
                         Reason::ListScanSampled,
                         Severity::Info,
                         format!(
-                            "some queues hold more messages than listScanLimit {} lets the probe walk: \
-                             scheduled (ETA) tasks past the walked part count as waiting",
+                            "the probe walks at most listScanLimit {} waiting messages per poll, and the \
+                             queues hold more (or more non-empty lists, whose heads are then walked in \
+                             turn): scheduled (ETA) tasks past the walked part count as waiting",
                             self.list_scan_limit
                         ),
                     ));

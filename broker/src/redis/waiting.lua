@@ -11,10 +11,12 @@
 -- ARGV[2]  = visibility_timeout (seconds)
 -- ARGV[3]  = upper edges (seconds from now) of the due-time histogram buckets, space-separated
 -- ARGV[4]  = scan limit: messages walked in all lists together (shared out fairly: short lists
---            are walked whole, the rest split what is left; every non-empty list gets at least 1);
---            0 walks nothing (lengths only)
+--            are walked whole, the rest split what is left, at least 1 each). With more non-empty
+--            lists than that, one message of `limit` of them, taken in turn from ARGV[6]; 0 walks
+--            nothing (lengths only). So the walk never exceeds the limit.
 -- ARGV[5]  = characters of a delivery tag to report and compare (a prefix)
--- ARGV[6 …] = the markers to look for, for the keys that have some: `<i> <tag prefix> …` with i
+-- ARGV[6]  = rotation: where in the non-empty lists to start when they cannot all be walked
+-- ARGV[7 …] = the markers to look for, for the keys that have some: `<i> <tag prefix> …` with i
 --            the key's 1-based index in KEYS
 --
 -- Returns one string, a line per key in key order: `0` for an empty list, else nine
@@ -35,10 +37,11 @@ local visibility = tonumber(ARGV[2])
 local edges = parse_edges(ARGV[3])
 local budget = tonumber(ARGV[4])
 local tag_len = tonumber(ARGV[5])
+local rotation = tonumber(ARGV[6]) or 0
 local concat = table.concat
 
 local hints = {}
-for a = 6, #ARGV do
+for a = 7, #ARGV do
   local index, markers = match(ARGV[a], '^(%d+) (.*)$')
   if index then hints[tonumber(index)] = markers end
 end
@@ -50,9 +53,16 @@ for i, key in ipairs(KEYS) do
 end
 
 -- Water-filling without a sort: lists no longer than an equal share of what is left are walked
--- whole; the rest split what remains, at least one message each.
+-- whole; the rest split what remains, at least one message each (which stays within the limit
+-- while there are no more non-empty lists than the limit; beyond, the heads of `budget` lists,
+-- in turn).
 local allowance, remaining, pending = {}, budget, nonempty
-if budget <= 0 then pending = {} end
+if budget <= 0 then
+  pending = {}
+elseif #nonempty > budget then
+  for k = 0, budget - 1 do allowance[nonempty[(rotation + k) % #nonempty + 1]] = 1 end
+  pending = {}
+end
 while #pending > 0 do
   local share = math.max(1, floor(remaining / #pending))
   local rest = {}
