@@ -19,8 +19,8 @@
 -- ARGV[7 …] = the markers to look for, for the keys that have some: `<i> <tag prefix> …` with i
 --            the key's 1-based index in KEYS
 --
--- Returns one string, a line per key in key order: `0` for an empty list, else nine
--- space-separated fields
+-- Returns one string, a line per key in key order: the length alone for a list not walked (`0`
+-- for an empty one), else nine space-separated fields
 --   len walked scheduled beyond_visibility farthest_eta buckets first_due newest hits
 -- with `-` for an empty field: buckets `bucket:count,...` (0-based), first_due
 -- `position:tag:eta_ms:published_ms` (`-` for a missing ETA or stamp), newest a tag, hits
@@ -87,8 +87,8 @@ local PAGE = 100
 local lines = {}
 for i, key in ipairs(KEYS) do
   local len, walk = lens[i], allowance[i] or 0
-  if len == 0 then
-    lines[i] = '0'
+  if walk == 0 then
+    lines[i] = len
   else
     -- Tables only where needed: most lists hold no scheduled task and no marker.
     local scheduled, beyond, farthest, histogram = 0, 0, 0, nil

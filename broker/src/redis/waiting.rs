@@ -94,8 +94,9 @@ fn present(field: &str) -> Option<&str> {
 }
 
 fn list_report(line: &str) -> Option<ListReport> {
-    if line == "0" {
-        return Some(ListReport::default());
+    // A list the walk skipped (or an empty one): its length alone.
+    if let Ok(len) = line.parse::<u64>() {
+        return Some(ListReport { head: ListHead { len, ..ListHead::default() }, ..ListReport::default() });
     }
     let fields: Vec<&str> = line.split(' ').collect();
     let [len, walked, scheduled, beyond, farthest, buckets, first_due, newest, hits] = fields[..] else {
@@ -212,10 +213,12 @@ mod tests {
     fn a_list_report_reads_every_field() {
         let reply = bulk(
             "7 5 2 1 1900000000 3:1,32:1 2:26a77231-7f5:-:1796137585352 517eded3-bd4 aaaaaaaa-aaa:4\n0\n\
-             1 1 0 0 0 - 0::1700000000000:- - -",
+             1 1 0 0 0 - 0::1700000000000:- - -\n12",
         );
         let reports = list_reports(&reply).unwrap();
-        assert_eq!(reports.len(), 3);
+        assert_eq!(reports.len(), 4);
+        // Not walked: the length alone.
+        assert_eq!((reports[3].head.len, reports[3].head.scanned, reports[3].head.first_due.is_none()), (12, 0, true));
         let first = &reports[0];
         assert_eq!((first.head.len, first.head.scanned, first.scheduled, first.beyond_visibility), (7, 5, 2, 1));
         assert_eq!((first.farthest, first.due.total()), (1_900_000_000, 2));
