@@ -367,31 +367,20 @@ impl CounterTrack {
             Some(i) => Latency { oldest_wait: age(now, self.history[i].0), basis: LatencyBasis::Sighting },
             None => Latency { oldest_wait: Duration::ZERO, basis: LatencyBasis::Sighting },
         };
-        thin_samples(&mut self.history, COUNTER_SAMPLES);
+        thin(&mut self.history, COUNTER_SAMPLES);
         Some(latency)
     }
 }
 
-/// Keeps at most `max` markers by dropping every other one of the older half (never the oldest).
-fn thin(markers: &mut VecDeque<Marker>, max: usize) {
-    if markers.len() <= max {
+/// Keeps at most `max` entries (markers, counter samples) by dropping every other one of the older
+/// half (never the oldest): resolution degrades for old entries, which matter least.
+fn thin<T>(entries: &mut VecDeque<T>, max: usize) {
+    if entries.len() <= max {
         return;
     }
-    let half = markers.len() / 2;
+    let half = entries.len() / 2;
     let mut index = 0;
-    markers.retain(|_| {
-        index += 1;
-        index > half || index % 2 == 1
-    });
-}
-
-fn thin_samples(samples: &mut VecDeque<(f64, u64)>, max: usize) {
-    if samples.len() <= max {
-        return;
-    }
-    let half = samples.len() / 2;
-    let mut index = 0;
-    samples.retain(|_| {
+    entries.retain(|_| {
         index += 1;
         index > half || index % 2 == 1
     });
