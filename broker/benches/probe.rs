@@ -1,10 +1,11 @@
 //! Probe latency and round trips on one local Redis, for 1 … 10,000 queues × 4 priorities, and
-//! the cost of the server-side unacked scan. Not a test: run
-//! `cargo bench -p celery-broker --bench probe` and read the Markdown tables it prints.
+//! the cost of the server-side scans (the unacked hash, and the walk of the lists for scheduled
+//! tasks and latency markers). Not a test: run `cargo bench -p celery-broker --bench probe` and
+//! read the Markdown tables it prints.
 //!
-//! Round trips are counted by a TCP proxy between the probe and Redis that parses RESP in both
-//! directions: a round trip starts whenever the client sends a command while no reply is
-//! outstanding. Latency is measured without the proxy.
+//! Round trips and commands are counted by a TCP proxy between the probe and Redis that parses
+//! RESP in both directions: a round trip starts whenever the client sends a command while no reply
+//! is outstanding. Latency is measured without the proxy.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,6 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 const QUEUE_COUNTS: [usize; 4] = [1, 100, 1_000, 10_000];
 const UNACKED_COUNTS: [usize; 4] = [0, 1_000, 10_000, 50_000];
+const WAITING_COUNTS: [usize; 4] = [0, 1_000, 10_000, 100_000];
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -30,19 +32,66 @@ async fn main() {
         let queues: Vec<String> = (0..n).map(|i| format!("queue-{i}")).collect();
         fill_queues(&mut con, &options, &queues).await;
         let (p50, p99) = latency(&redis.url(), &queues).await;
-        let trips = round_trips(redis.port(), &queues).await;
-        let commands = commands_per_poll(&redis, &queues).await;
-        println!("| {n} | {} | {} | {} | {trips:.2} | {commands} |", n * 4, ms(p50), ms(p99));
+        let (trips, commands) = round_trips(redis.port(), &queues).await;
+        println!("| {n} | {} | {} | {} | {trips:.2} | {commands:.0} |", n * 4, ms(p50), ms(p99));
     }
 
     println!("\n## Probe of 1,000 queues with U unacked messages (~1.5 KB each, default scan limit 2,000)\n");
-    println!("| unacked | p50 | p99 |");
-    println!("|---:|---:|---:|");
+    println!("| unacked | p50 (no ETA) | p99 (no ETA) | p50 (all with a future ETA) | p99 (all with a future ETA) |");
+    println!("|---:|---:|---:|---:|---:|");
     let queues: Vec<String> = (0..1_000).map(|i| format!("queue-{i}")).collect();
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut con).await.unwrap();
     for u in UNACKED_COUNTS {
-        fill_unacked(&mut con, &options, u).await;
+        fill_unacked(&mut con, &options, u, false).await;
         let (p50, p99) = latency(&redis.url(), &queues).await;
-        println!("| {u} | {} | {} |", ms(p50), ms(p99));
+        fill_unacked(&mut con, &options, u, true).await;
+        let (eta50, eta99) = latency(&redis.url(), &queues).await;
+        println!("| {u} | {} | {} | {} | {} |", ms(p50), ms(p99), ms(eta50), ms(eta99));
+    }
+
+    println!(
+        "\n## Probe of 1,000 queues, W messages waiting in 10 of them (~1.5 KB each, 1 in 10 with a future ETA, default list scan limit 1,000)\n"
+    );
+    println!("| waiting | p50 | p99 |");
+    println!("|---:|---:|---:|");
+    fill_unacked(&mut con, &options, 0, false).await;
+    for w in WAITING_COUNTS {
+        fill_waiting(&mut con, &options, &queues, w).await;
+        let (p50, p99) = latency(&redis.url(), &queues).await;
+        println!("| {w} | {} | {} |", ms(p50), ms(p99));
+    }
+}
+
+/// A Celery protocol 2 message in kombu's JSON layout, ~1.5 KB; `eta` as Celery writes it.
+fn celery_message(tag: &str, queue: &str, eta: Option<&str>) -> String {
+    let body = "A".repeat(1_200);
+    let eta = eta.map_or_else(|| "null".to_owned(), |e| format!("\"{e}\""));
+    format!(
+        r#"{{"body": "{body}", "content-encoding": "utf-8", "content-type": "application/json", "headers": {{"lang": "py", "task": "tasks.work", "id": "{tag}", "shadow": null, "eta": {eta}, "expires": null, "retries": 0}}, "properties": {{"correlation_id": "{tag}", "delivery_info": {{"exchange": "", "routing_key": "{queue}"}}, "priority": 0, "body_encoding": "base64", "delivery_tag": "{tag}"}}}}"#
+    )
+}
+
+/// `count` messages spread over the first 10 of `queues` (one list each), every tenth with an ETA
+/// an hour ahead.
+async fn fill_waiting(
+    con: &mut redis::aio::MultiplexedConnection,
+    options: &TransportOptions,
+    queues: &[String],
+    count: usize,
+) {
+    for queue in &queues[..10] {
+        let _: () = redis::cmd("DEL").arg(options.priority_keys(queue)).query_async(con).await.unwrap();
+    }
+    let eta = "2099-01-01T00:00:00.000000+00:00";
+    for chunk in (0..count).collect::<Vec<_>>().chunks(5_000) {
+        let mut pipe = redis::pipe();
+        for &i in chunk {
+            let queue = &queues[i % 10];
+            let tag = format!("{i:08x}-0000-4000-8000-000000000000");
+            let message = celery_message(&tag, queue, (i % 10 == 0).then_some(eta));
+            pipe.cmd("LPUSH").arg(queue).arg(message).ignore();
+        }
+        let _: () = pipe.query_async(con).await.unwrap();
     }
 }
 
@@ -61,20 +110,24 @@ async fn fill_queues(con: &mut redis::aio::MultiplexedConnection, options: &Tran
     let _: () = pipe.query_async(con).await.unwrap();
 }
 
-/// `count` unacked entries in kombu's format, spread over 50 queues.
-async fn fill_unacked(con: &mut redis::aio::MultiplexedConnection, options: &TransportOptions, count: usize) {
+/// `count` unacked entries in kombu's format, spread over 50 queues; with `eta`, each held for an
+/// ETA an hour ahead (what a worker holding scheduled tasks leaves there).
+async fn fill_unacked(
+    con: &mut redis::aio::MultiplexedConnection,
+    options: &TransportOptions,
+    count: usize,
+    eta: bool,
+) {
     let _: () =
         redis::cmd("DEL").arg(options.unacked_key()).arg(options.unacked_index_key()).query_async(con).await.unwrap();
-    let body = "A".repeat(1_200);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let eta = eta.then_some("2099-01-01T00:00:00.000000+00:00");
     for chunk in (0..count).collect::<Vec<_>>().chunks(5_000) {
         let mut pipe = redis::pipe();
         for &i in chunk {
             let queue = format!("queue-{}", i % 50);
             let tag = format!("{i:08x}-0000-4000-8000-000000000000");
-            let value = format!(
-                r#"[{{"body": "{body}", "content-encoding": "utf-8", "content-type": "application/json", "headers": {{"task": "tasks.work", "id": "{tag}"}}, "properties": {{"delivery_tag": "{tag}", "delivery_info": {{"exchange": "{queue}", "routing_key": "{queue}"}}}}}}, "{queue}", "{queue}"]"#
-            );
+            let value = format!(r#"[{}, "{queue}", "{queue}"]"#, celery_message(&tag, &queue, eta));
             pipe.cmd("HSET").arg(options.unacked_key()).arg(&tag).arg(value).ignore();
             pipe.cmd("ZADD").arg(options.unacked_index_key()).arg(now).arg(&tag).ignore();
         }
@@ -99,41 +152,27 @@ async fn latency(url: &str, queues: &[String]) -> (Duration, Duration) {
     (times[polls / 2], times[polls * 99 / 100])
 }
 
-/// Commands the probe sends per poll (LLEN, EVALSHA, INFO — not the calls inside the script),
-/// from `INFO commandstats`.
-async fn commands_per_poll(redis: &RedisServer, queues: &[String]) -> u64 {
-    let broker = Broker::new(BrokerConfig::new(redis.url())).unwrap();
-    broker.probe(queues).await.unwrap();
-    redis.cli(&["CONFIG", "RESETSTAT"]).unwrap();
-    let polls = 5;
-    for _ in 0..polls {
-        broker.probe(queues).await.unwrap();
-    }
-    let stats = redis.cli(&["INFO", "commandstats"]).unwrap();
-    let calls: u64 = stats
-        .lines()
-        .filter(|l| ["cmdstat_llen:", "cmdstat_evalsha:", "cmdstat_info:"].iter().any(|c| l.starts_with(c)))
-        .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
-        .sum();
-    // The INFO commandstats being answered is not in its own reply.
-    calls / polls
-}
-
-/// Mean round trips per poll (after a warm-up poll that loads the script), through a counting
-/// proxy.
-async fn round_trips(redis_port: u16, queues: &[String]) -> f64 {
+/// Mean round trips and commands per poll (after a warm-up poll that loads the scripts), through
+/// a counting proxy. Commands are what the probe sends (2 `EVALSHA`, 4 `INFO`), not the
+/// calls the scripts make inside Redis.
+async fn round_trips(redis_port: u16, queues: &[String]) -> (f64, f64) {
     let counter = Arc::new(Mutex::new(Turns::default()));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy_port = listener.local_addr().unwrap().port();
     tokio::spawn(proxy(listener, redis_port, counter.clone()));
     let broker = Broker::new(BrokerConfig::new(format!("redis://127.0.0.1:{proxy_port}/0"))).unwrap();
     broker.probe(queues).await.unwrap();
-    let before = counter.lock().unwrap().round_trips;
+    let (trips, requests) = {
+        let t = counter.lock().unwrap();
+        (t.round_trips, t.requests)
+    };
     let polls = 10;
     for _ in 0..polls {
         broker.probe(queues).await.unwrap();
     }
-    (counter.lock().unwrap().round_trips - before) as f64 / f64::from(polls)
+    let t = counter.lock().unwrap();
+    let per_poll = |n: u64| n as f64 / f64::from(polls);
+    (per_poll(t.round_trips - trips), per_poll(t.requests - requests))
 }
 
 #[derive(Default)]

@@ -154,7 +154,8 @@ mod tests {
             persistence_ok: Some(true),
             ..BrokerInfo::new(BrokerKind::Redis)
         };
-        let queue = QueueObservation { ready: 12, unacked: Some(4), orphaned_unacked: Some(0), consumers: None };
+        let queue =
+            QueueObservation { ready: 12, unacked: Some(4), orphaned_unacked: Some(0), ..QueueObservation::default() };
         let report = AuditReport {
             endpoint: "redis://:***@redis:6379/0".into(),
             observation: BrokerObservation {

@@ -26,10 +26,13 @@ mod audit;
 mod error;
 pub mod events;
 pub mod kombu;
+pub mod latency;
+mod native_delay;
 mod observation;
 mod rabbitmq;
 mod redis;
 pub mod safety;
+pub mod schedule;
 mod secret;
 
 use std::time::Duration;
@@ -37,8 +40,10 @@ use std::time::Duration;
 pub use audit::{AuditReport, audit};
 pub use error::ProbeError;
 pub use kombu::TransportOptions;
-pub use observation::{BrokerInfo, BrokerKind, BrokerObservation, QueueObservation};
+pub use latency::{LatencyTracker, ProbeHints};
+pub use observation::{BrokerInfo, BrokerKind, BrokerObservation, DelayedDelivery, QueueObservation};
 pub use safety::{Finding, QueueFailure, Reason, SafetyMode, Severity};
+pub use schedule::{DueHistogram, Scheduled};
 pub use secret::{SecretUrl, redact_url};
 
 /// Default bound on one probe (connect + round trip).
@@ -46,6 +51,9 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default largest Redis unacked hash scanned in full (about 7 ms of Redis time); larger ones are
 /// sampled.
 pub const DEFAULT_UNACKED_SCAN_LIMIT: u64 = 2_000;
+/// Default number of waiting Redis messages the probe walks per poll (all lists together) to
+/// find scheduled tasks on the lists and the oldest due one (BENCHMARKS-broker.md).
+pub const DEFAULT_LIST_SCAN_LIMIT: u64 = 1_000;
 
 /// How to reach and judge one broker endpoint.
 #[derive(Debug, Clone)]
@@ -67,6 +75,12 @@ pub struct BrokerConfig {
     /// Redis: unacked hashes larger than this are estimated from a sample of this many entries
     /// (the scan runs inside Redis, about 4 µs per entry, and blocks it while it runs).
     pub unacked_scan_limit: u64,
+    /// Redis: waiting messages walked per probe, all lists together, from each list's head (shared
+    /// out so short lists are walked whole; every non-empty list gets at least one). Scheduled
+    /// tasks past the walk count as waiting. 0 turns the walk off: no scheduled tasks on the lists
+    /// and no queue latency, for fleets where its per-list cost (a few µs of Redis time per
+    /// non-empty list, BENCHMARKS-broker.md) matters.
+    pub list_scan_limit: u64,
 }
 
 impl BrokerConfig {
@@ -79,6 +93,7 @@ impl BrokerConfig {
             safety: SafetyMode::default(),
             timeout: DEFAULT_TIMEOUT,
             unacked_scan_limit: DEFAULT_UNACKED_SCAN_LIMIT,
+            list_scan_limit: DEFAULT_LIST_SCAN_LIMIT,
         }
     }
 }
@@ -141,11 +156,23 @@ impl Broker {
     /// be read (missing, exclusive, forbidden) or an unavailable part (management API, unacked
     /// counts) is a finding, and the rest of the probe runs.
     pub async fn probe<Q: AsRef<str>>(&self, queues: &[Q]) -> Result<BrokerObservation, ProbeError> {
+        self.probe_with(queues, &ProbeHints::default()).await
+    }
+
+    /// [`probe`](Self::probe), also looking for what a [`LatencyTracker`] asks about (Redis; the
+    /// RabbitMQ probe needs no hints).
+    pub async fn probe_with<Q: AsRef<str>>(
+        &self,
+        queues: &[Q],
+        hints: &ProbeHints,
+    ) -> Result<BrokerObservation, ProbeError> {
         let mut seen = std::collections::HashSet::new();
         let queues: Vec<&str> = queues.iter().map(AsRef::as_ref).filter(|q| seen.insert(*q)).collect();
+        // Boxed: the probes' state machines are deep, and callers' futures embed them (a reconciler
+        // awaiting a probe hit rustc's query depth limit).
         match &self.inner {
-            Inner::Redis(b) => b.probe(&queues).await,
-            Inner::Rabbitmq(b) => b.probe(&queues).await,
+            Inner::Redis(b) => Box::pin(b.probe(&queues, hints)).await,
+            Inner::Rabbitmq(b) => Box::pin(b.probe(&queues)).await,
         }
     }
 }

@@ -14,7 +14,7 @@ pub(crate) mod connect;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
@@ -24,7 +24,9 @@ use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::Value;
 use tokio::sync::Mutex;
 
-use crate::observation::{BrokerInfo, BrokerKind, BrokerObservation, QueueObservation};
+use crate::latency::{ArrivalCounters, HeadSample};
+use crate::native_delay;
+use crate::observation::{BrokerInfo, BrokerKind, BrokerObservation, DelayedDelivery, QueueObservation};
 use crate::safety::{
     Finding, QueueFailure, Reason, SafetyMode, Severity, is_celery_internal_queue, queue_failure_finding,
     rabbitmq_queue_findings,
@@ -35,8 +37,10 @@ use crate::{BrokerConfig, ProbeError};
 const ACCESS_REFUSED: u16 = 403;
 const NOT_FOUND: u16 = 404;
 const RESOURCE_LOCKED: u16 = 405;
-const QUEUE_COLUMNS: &str =
-    "name,type,arguments,policy,effective_policy_definition,messages_ready,messages_unacknowledged,consumers";
+const QUEUE_COLUMNS: &str = "name,type,arguments,policy,effective_policy_definition,messages_ready,\
+                             messages_unacknowledged,consumers,messages,message_stats.publish,head_message_timestamp";
+/// How long the queues native delayed delivery reaches (read from bindings) are reused.
+const DELAYED_TARGETS_TTL: Duration = Duration::from_secs(30);
 
 /// What a passive declare told about one queue.
 enum Declared {
@@ -53,6 +57,8 @@ pub(crate) struct RabbitBroker {
     connection: Mutex<Option<Arc<Connection>>>,
     safety: SafetyMode,
     timeout: Duration,
+    /// The queues `celery_delayed_delivery` reaches, and when they were read.
+    delayed_targets: Mutex<Option<(Instant, Option<Vec<String>>)>>,
 }
 
 struct Management {
@@ -85,6 +91,7 @@ impl RabbitBroker {
             connection: Mutex::new(None),
             safety: config.safety,
             timeout: config.timeout,
+            delayed_targets: Mutex::new(None),
         })
     }
 
@@ -131,6 +138,11 @@ impl RabbitBroker {
             None => {}
         }
         let major = info.version.as_deref().and_then(major_version);
+        if let (Some(levels), Some(management)) = (native_delay::delayed_levels(&details), &self.management) {
+            let targets = self.delayed_targets(management).await;
+            info.delayed_delivery = Some(DelayedDelivery { levels, targets });
+        }
+        let delayed_targets = info.delayed_delivery.as_ref().and_then(|d| d.targets.clone());
         let mut observed = BTreeMap::new();
         for (queue, declared) in queues.iter().zip(declared) {
             let detail = details.get(*queue);
@@ -141,8 +153,8 @@ impl RabbitBroker {
                 Declared::Found { ready, consumers } => QueueObservation {
                     ready,
                     unacked: number("messages_unacknowledged"),
-                    orphaned_unacked: None,
                     consumers: Some(consumers),
+                    ..QueueObservation::default()
                 },
                 Declared::Missing => {
                     findings.push(self.missing(queue));
@@ -154,15 +166,21 @@ impl RabbitBroker {
                     QueueObservation {
                         ready: number("messages_ready").unwrap_or_default(),
                         unacked: number("messages_unacknowledged"),
-                        orphaned_unacked: None,
                         consumers: number("consumers").and_then(|c| u32::try_from(c).ok()),
+                        ..QueueObservation::default()
                     }
                 }
             };
             if let (Some(detail), true) = (detail, self.safety != SafetyMode::Off) {
                 findings.extend(rabbitmq_queue_findings(detail, major));
+                findings.extend(native_delay::quorum_findings(detail, delayed_targets.as_deref()));
             }
-            observed.insert((*queue).to_owned(), seen);
+            // Native delayed delivery's levels credited to the queue, and the publish counters the
+            // latency tracker reads (from the management listing, so also for queues AMQP may not
+            // read).
+            let scheduled = info.delayed_delivery.as_ref().and_then(|d| native_delay::delayed_for(queue, d));
+            let head = detail.and_then(ArrivalCounters::from_management).map(HeadSample::Counters);
+            observed.insert((*queue).to_owned(), QueueObservation { scheduled, head, ..seen });
         }
         Ok(BrokerObservation { queues: observed, info, findings })
     }
@@ -179,6 +197,20 @@ impl RabbitBroker {
             ),
         )
         .for_queue(queue)
+    }
+
+    /// The queues native delayed delivery reaches, re-read from the bindings at most every
+    /// [`DELAYED_TARGETS_TTL`]; `None` when they cannot be read.
+    async fn delayed_targets(&self, management: &Management) -> Option<Vec<String>> {
+        let mut cached = self.delayed_targets.lock().await;
+        if let Some((at, targets)) = cached.as_ref()
+            && at.elapsed() < DELAYED_TARGETS_TTL
+        {
+            return targets.clone();
+        }
+        let targets = management.delayed_targets(&self.vhost).await.ok();
+        *cached = Some((Instant::now(), targets.clone()));
+        targets
     }
 
     /// What a passive declare tells of each queue. A channel error concerns only its queue: the
@@ -298,6 +330,24 @@ impl Management {
             return Err(ProbeError::management(&self.url, format!("GET {path}: HTTP {status}")));
         }
         response.json().await.map_err(|e| ProbeError::management(&self.url, e.without_url()))
+    }
+
+    /// The queues the exchange `celery_delayed_delivery` routes to (through the exchanges it binds).
+    async fn delayed_targets(&self, vhost: &str) -> Result<Vec<String>, ProbeError> {
+        let vhost = utf8_percent_encode(vhost, NON_ALPHANUMERIC).to_string();
+        let bindings = |exchange: &str| {
+            let exchange = utf8_percent_encode(exchange, NON_ALPHANUMERIC);
+            self.get_owned(format!("/api/exchanges/{vhost}/{exchange}/bindings/source"))
+        };
+        let delivery = bindings(native_delay::DELIVERY_EXCHANGE).await?;
+        let names = native_delay::bound_exchanges(&delivery);
+        let listed = futures::future::try_join_all(names.iter().map(|name| bindings(name))).await?;
+        let exchanges = names.into_iter().zip(listed).collect();
+        Ok(native_delay::delivery_targets(&delivery, &exchanges))
+    }
+
+    async fn get_owned(&self, path: String) -> Result<Value, ProbeError> {
+        self.get(&path).await
     }
 
     /// The server version and the vhost's queues by name, in two concurrent requests.

@@ -280,10 +280,16 @@ async fn a_user_without_scripting_still_gets_ready_counts() {
     let redis = RedisServer::builder().config("user limited on >pw ~* &* +@all -@scripting").start().unwrap();
     let url = format!("redis://limited:pw@127.0.0.1:{}/0", redis.port());
     redis.cli(&["LPUSH", "celery", "m1", "m2"]).unwrap();
-    let seen = Broker::new(BrokerConfig::new(url)).unwrap().probe(&["celery"]).await.unwrap();
-    assert_eq!(seen.queues["celery"].ready, 2);
-    assert_eq!(seen.queues["celery"].unacked, None);
-    assert!(seen.findings.iter().any(|f| f.reason == Reason::UnackedUnavailable));
+    let broker = Broker::new(BrokerConfig::new(url)).unwrap();
+    // The first poll learns that the scripts fail; later ones read the lengths in the pipeline.
+    for _ in 0..2 {
+        let seen = broker.probe(&["celery"]).await.unwrap();
+        assert_eq!(seen.queues["celery"].ready, 2);
+        assert_eq!((seen.queues["celery"].unacked, seen.queues["celery"].waiting), (None, None));
+        let reasons: Vec<Reason> = seen.findings.iter().map(|f| f.reason).collect();
+        assert!(reasons.contains(&Reason::UnackedUnavailable), "{reasons:?}");
+        assert!(reasons.contains(&Reason::ListScanUnavailable), "{reasons:?}");
+    }
 }
 
 #[tokio::test]
@@ -473,15 +479,36 @@ async fn a_queue_the_broker_will_not_read_fails_alone() {
     redis.cli(&["LPUSH", "emails", "m1", "m2"]).unwrap();
     redis.cli(&["SET", "clash", "not a list"]).unwrap();
     let limited = format!("redis://limited:pw@127.0.0.1:{}/0", redis.port());
-    let seen = Broker::new(BrokerConfig::new(limited)).unwrap().probe(&["emails", "secret-queue"]).await.unwrap();
-    assert_eq!(seen.queues["emails"].ready, 2);
-    let forbidden: Vec<_> = seen.findings.iter().filter(|f| f.queue.as_deref() == Some("secret-queue")).collect();
-    assert_eq!(forbidden.iter().map(|f| f.reason).collect::<Vec<_>>(), vec![Reason::QueueForbidden]);
-    assert!(forbidden[0].message.to_ascii_uppercase().contains("NOPERM"), "{}", forbidden[0].message);
+    // The waiting script fails as a whole on a forbidden key: the first poll tells which queue it
+    // was, and from the second on the script walks the others (`waiting` is its count).
+    let broker = Broker::new(BrokerConfig::new(limited)).unwrap();
+    for poll in 0..2 {
+        let seen = broker.probe(&["emails", "secret-queue"]).await.unwrap();
+        assert_eq!(seen.queues["emails"].ready, 2);
+        let forbidden: Vec<_> = seen.findings.iter().filter(|f| f.queue.as_deref() == Some("secret-queue")).collect();
+        assert_eq!(forbidden.iter().map(|f| f.reason).collect::<Vec<_>>(), vec![Reason::QueueForbidden]);
+        assert!(forbidden[0].message.to_ascii_uppercase().contains("NOPERM"), "{}", forbidden[0].message);
+        assert!(!seen.findings.iter().any(|f| f.reason == Reason::ListScanUnavailable), "{:?}", seen.findings);
+        assert_eq!(seen.queues["emails"].waiting, (poll > 0).then_some(2), "poll {poll}");
+    }
 
-    let seen = Broker::new(BrokerConfig::new(redis.url())).unwrap().probe(&["clash", "emails"]).await.unwrap();
-    assert_eq!(seen.queues["emails"].ready, 2);
-    let clash: Vec<_> =
-        seen.findings.iter().filter(|f| f.queue.as_deref() == Some("clash")).map(|f| f.reason).collect();
-    assert_eq!(clash, vec![Reason::QueueUnreadable]);
+    // A key of another type aborts the script the same way.
+    let broker = Broker::new(BrokerConfig::new(redis.url())).unwrap();
+    for poll in 0..2 {
+        let seen = broker.probe(&["clash", "emails"]).await.unwrap();
+        assert_eq!(seen.queues["emails"].ready, 2);
+        let clash: Vec<_> =
+            seen.findings.iter().filter(|f| f.queue.as_deref() == Some("clash")).map(|f| f.reason).collect();
+        assert_eq!(clash, vec![Reason::QueueUnreadable]);
+        assert_eq!(seen.queues["emails"].waiting, (poll > 0).then_some(2), "poll {poll}");
+    }
+    // Once the key is a list again, the script reads it too.
+    redis.cli(&["DEL", "clash"]).unwrap();
+    redis.cli(&["LPUSH", "clash", "m"]).unwrap();
+    for poll in 0..2 {
+        let seen = broker.probe(&["clash", "emails"]).await.unwrap();
+        assert!(seen.findings.iter().all(|f| f.queue.is_none()), "{:?}", seen.findings);
+        assert_eq!(seen.queues["clash"].ready, 1);
+        assert_eq!(seen.queues["clash"].waiting, (poll > 0).then_some(1), "poll {poll}");
+    }
 }

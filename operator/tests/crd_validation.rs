@@ -59,6 +59,28 @@ fn invalid_documents() -> Vec<(&'static str, Value, &'static str, &'static str)>
             "fallbackReplicas must lie between",
         ),
         (
+            "latency target shorter than a poll",
+            pool(with(
+                base_pool(),
+                "autoscaling",
+                json!({"maxReplicas": 5, "pollIntervalSeconds": 10, "targetLatencySeconds": 5}),
+            )),
+            "spec.autoscaling",
+            "targetLatencySeconds must be at least pollIntervalSeconds",
+        ),
+        (
+            "zero latency target",
+            pool(with(base_pool(), "autoscaling", json!({"maxReplicas": 5, "targetLatencySeconds": 0}))),
+            "spec.autoscaling.targetLatencySeconds",
+            "should be greater than or equal to 1",
+        ),
+        (
+            "negative lead time",
+            pool(with(base_pool(), "autoscaling", json!({"maxReplicas": 5, "leadTimeSeconds": -1}))),
+            "spec.autoscaling.leadTimeSeconds",
+            "should be greater than or equal to 0",
+        ),
+        (
             "soft limit not below hard limit",
             pool(with(base_pool(), "worker", json!({"softTimeLimitSeconds": 60, "timeLimitSeconds": 60}))),
             "spec.worker",

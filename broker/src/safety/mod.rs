@@ -141,6 +141,18 @@ reasons! {
     /// The RabbitMQ management API is not configured or could not be read: no unacked counts, no
     /// policy checks.
     ManagementUnavailable => ("RabbitMQ", "Warning"),
+    /// Tasks are scheduled (ETA/countdown) further ahead than the Redis `visibility_timeout`: kombu
+    /// restores them to the queue while a worker holds them, so each runs more than once.
+    EtaBeyondVisibilityTimeout => ("Redis", "Warning"),
+    /// The Redis lists hold more waiting messages (or more non-empty lists) than the probe walks per
+    /// poll: scheduled tasks past the walk count as waiting.
+    ListScanSampled => ("Redis", "Info"),
+    /// The ETAs of waiting Redis messages could not be read (e.g. scripting not permitted):
+    /// scheduled tasks on the lists count as waiting and queue latency is unknown.
+    ListScanUnavailable => ("Redis", "Info"),
+    /// A RabbitMQ quorum queue: Celery gives its workers a static prefetch count (no global QoS), so
+    /// held ETA tasks occupy prefetch slots.
+    QuorumQueueStaticPrefetch => ("RabbitMQ", "Info"),
 }
 
 /// The table of every finding that `docs/broker-safety.md` carries between its

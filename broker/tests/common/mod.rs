@@ -114,6 +114,43 @@ pub fn send_blocking(app_dir: &Path, env: &[(&str, &str)], queue: &str, count: u
     python::run_script(code, &env).unwrap();
 }
 
+/// Sends `count` `tasks.noop` to `queue` with `countdown` seconds (0: none) through real Celery,
+/// with the app of module `module` in `app_dir` (`env` names its broker); returns the Unix times
+/// just before and just after the sends.
+pub fn send_noop(
+    app_dir: &Path,
+    module: &str,
+    env: &[(&str, &str)],
+    queue: &str,
+    count: u32,
+    countdown: u32,
+) -> (f64, f64) {
+    let code = "import importlib, os, sys, time\nsys.path.insert(0, os.environ['APP_DIR'])\n\
+                app = importlib.import_module(os.environ['MODULE']).app\n\
+                c = int(os.environ['COUNTDOWN']) or None\nbefore = time.time()\n\
+                [app.send_task('tasks.noop', queue=os.environ['Q'], countdown=c) for _ in range(int(os.environ['N']))]\n\
+                print(before, time.time())\n";
+    let (dir, n, c) = (app_dir.to_string_lossy(), count.to_string(), countdown.to_string());
+    let mut env = env.to_vec();
+    env.extend([
+        ("APP_DIR", dir.as_ref()),
+        ("MODULE", module),
+        ("Q", queue),
+        ("N", n.as_str()),
+        ("COUNTDOWN", c.as_str()),
+    ]);
+    let out = python::run_script(code, &env).unwrap();
+    let times: Vec<f64> = out.split_whitespace().map(|t| t.parse().unwrap()).collect();
+    (times[0], times[1])
+}
+
+/// Takes the message at the head of `queue` off the broker at `url`, as a kombu consumer does.
+pub fn pop_one(url: &str, queue: &str) {
+    let code = "import os\nfrom kombu import Connection\n\
+                with Connection(os.environ['URL']) as c:\n    m = c.default_channel.basic_get(os.environ['Q'], no_ack=True)\n    assert m is not None\n";
+    python::run_script(code, &[("URL", url), ("Q", queue)]).unwrap();
+}
+
 /// A real Celery worker consuming `queue` with one process and `--prefetch-multiplier prefetch`
 /// (`env` names BROKER, CONTROL and TRANSPORT), returned once it consumes.
 pub fn start_worker(app_dir: &Path, env: &[(&str, &str)], queue: &str, prefetch: u32) -> CeleryWorker {

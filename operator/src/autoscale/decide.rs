@@ -5,9 +5,21 @@
 //! (probing the broker, reading and patching the Deployment, writing status).
 //!
 //! The rules, in the order they apply:
-//! - demand = ceil((backlog + in flight) / targetPerReplica);
-//! - a pool at zero wakes only when the backlog exceeds `activationThreshold` (with no workers
-//!   nothing is in flight, and stale unacked entries must not wake it);
+//! - demand is the work Celery will do soon, not every message the broker holds (DESIGN §6b).
+//!   *Due work* is the waiting tasks that are due, plus the in-flight tasks that are due (reserved
+//!   or running), plus the scheduled tasks (ETA/countdown) that come due within the lead time, so
+//!   workers are up when they come due. Scheduled tasks further ahead are not demand: a worker holds them (Celery
+//!   raises its prefetch limit for each), and a warm shutdown only puts them back on the list;
+//! - the depth rule: ceil(due work / targetPerReplica);
+//! - the latency rule, with `targetLatencySeconds`: once the oldest waiting task has waited longer
+//!   than the target, enough replicas to work off the due tasks within the target at the
+//!   per-replica rate measured from heartbeats. The larger of the two rules wins, and the decision
+//!   says which ([`Rule`]);
+//! - a pool that holds only scheduled tasks keeps one replica (and never more, whatever their
+//!   number): someone must hold them, and scaling in would only move them back to the list;
+//! - a pool at zero wakes only when the due waiting work (including scheduled tasks coming due)
+//!   exceeds `activationThreshold` (with no workers nothing is in flight, and stale unacked entries
+//!   must not wake it);
 //! - up: at once, in one step, to the demand;
 //! - down: only to the highest demand seen within the stabilization window (as the HPA's
 //!   scale-down stabilization), so a pool shrinks only after demand stayed lower for the whole
@@ -34,17 +46,57 @@ use crate::crd::WorkerPoolSpec;
 /// 1 s poll interval).
 pub const FAILURES_BEFORE_FALLBACK: u32 = 3;
 
-/// What one successful broker probe saw for a pool's queues.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// What one successful broker probe saw for a pool's queues. The first two fields are all the
+/// broker can always tell; the others refine them where it can, and default to "nothing known"
+/// (which gives the plain depth rule of `ceil((backlog + in flight) / targetPerReplica)`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Observation {
     /// Messages waiting to be delivered (ready), summed over the pool's queues.
     pub backlog: u64,
     /// Messages delivered but not yet acknowledged: tasks reserved or running on workers.
     pub in_flight: u64,
+    /// Of `backlog`, messages whose ETA is still in the future (on Redis, e.g. put back on the
+    /// list by a worker's warm shutdown). Not due, so not demand.
+    pub backlog_scheduled: u64,
+    /// Of `in_flight`, tasks workers hold until a future ETA. Not due, so not demand.
+    pub in_flight_scheduled: u64,
+    /// The most of the rest of `in_flight` that can be due work, where the broker cannot tell held
+    /// ETA tasks from prefetched ones (RabbitMQ): the tasks the pool's workers run plus the full
+    /// prefetch windows of the saturated ones (Celery's prefetch limit counts only due tasks; a
+    /// worker with an idle process would start a reserved task at once). In-flight tasks beyond it
+    /// are taken as scheduled. `None`: no such bound.
+    pub in_flight_due_limit: Option<u64>,
+    /// Scheduled tasks (wherever they are) that come due within the pool's lead time.
+    pub due_soon: u64,
+    /// All scheduled tasks known, `due_soon` included.
+    pub scheduled: u64,
+    /// How long the oldest waiting due task has waited (the largest over the pool's queues).
+    pub oldest_wait: Option<Duration>,
+    /// Tasks one replica works off per second, measured from heartbeats while the pool was busy.
+    pub per_replica_rate: Option<f64>,
+}
+
+impl Observation {
+    /// Waiting tasks that are due.
+    pub fn waiting_due(&self) -> u64 {
+        self.backlog.saturating_sub(self.backlog_scheduled)
+    }
+
+    /// In-flight tasks that are due (reserved or running), within [`Self::in_flight_due_limit`].
+    pub fn in_flight_due(&self) -> u64 {
+        let due = self.in_flight.saturating_sub(self.in_flight_scheduled);
+        self.in_flight_due_limit.map_or(due, |limit| due.min(limit))
+    }
+
+    /// Scheduled tasks known: `scheduled`, or the in-flight tasks beyond the due limit if more.
+    pub fn scheduled_known(&self) -> u64 {
+        let beyond_limit = self.in_flight.saturating_sub(self.in_flight_scheduled).saturating_sub(self.in_flight_due());
+        self.scheduled.max(beyond_limit)
+    }
 }
 
 /// The outcome of one poll of the broker.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Probe {
     /// The broker answered.
     Ok(Observation),
@@ -71,6 +123,13 @@ pub struct Policy {
     pub failures_before_fallback: u32,
     /// Time between probes (`pollIntervalSeconds`), for the loop that calls [`decide`].
     pub poll_interval: Duration,
+    /// `targetLatencySeconds`: the longest the oldest task should wait; `None` turns the latency
+    /// rule off.
+    pub target_latency: Option<Duration>,
+    /// `leadTimeSeconds`: how far ahead scheduled tasks count as demand; `None` means the pool's
+    /// observed pod start-up (see [`super::demand::lead_time`]). Used by the loop that builds the
+    /// [`Observation`], not by [`decide`] itself.
+    pub lead_time: Option<Duration>,
 }
 
 impl Policy {
@@ -92,6 +151,8 @@ impl Policy {
             fallback: a.fallback_replicas.map(|f| non_negative(f.into())),
             failures_before_fallback: FAILURES_BEFORE_FALLBACK,
             poll_interval: Duration::from_secs(non_negative(a.poll_interval_seconds.into()).max(1).into()),
+            target_latency: a.target_latency_seconds.map(|s| Duration::from_secs(non_negative(s.into()).max(1).into())),
+            lead_time: a.lead_time_seconds.map(|s| Duration::from_secs(non_negative(s.into()).into())),
         })
     }
 
@@ -111,13 +172,113 @@ impl Policy {
         }
     }
 
-    /// Replicas the observation asks for on its own, before stabilization and bounds.
-    fn demand(&self, current: u32, seen: Observation) -> u32 {
-        if current == 0 && seen.backlog <= self.activation_threshold {
-            return 0;
+    /// Replicas the observation asks for on its own, before stabilization and bounds, and the
+    /// rule that asked.
+    fn demand(&self, current: u32, seen: &Observation) -> Demand {
+        let waiting = seen.waiting_due();
+        let in_flight = seen.in_flight_due();
+        let due_soon = seen.due_soon;
+        let of = |desired: u32, rule: Rule| Demand { waiting, in_flight, due_soon, desired, rule };
+        if current == 0 && waiting.saturating_add(due_soon) <= self.activation_threshold {
+            return of(0, Rule::Depth { due_soon });
         }
-        let tasks = seen.backlog.saturating_add(seen.in_flight);
-        u32::try_from(tasks.div_ceil(self.target_per_replica.max(1))).unwrap_or(u32::MAX)
+        let tasks = waiting.saturating_add(in_flight).saturating_add(due_soon);
+        let depth = replicas(tasks.div_ceil(self.target_per_replica.max(1)));
+        match self.latency_demand(waiting.saturating_add(in_flight), seen) {
+            Some((desired, rule)) if desired > depth => of(desired, rule),
+            _ if depth == 0 && current > 0 && seen.scheduled_known() > 0 => {
+                of(1, Rule::Scheduled { scheduled: seen.scheduled_known() })
+            }
+            _ => of(depth, Rule::Depth { due_soon }),
+        }
+    }
+
+    /// The latency rule: when the oldest task has waited longer than `targetLatencySeconds`,
+    /// replicas enough to work off `tasks` within the target at the measured per-replica rate.
+    fn latency_demand(&self, tasks: u64, seen: &Observation) -> Option<(u32, Rule)> {
+        let target = self.target_latency?;
+        let oldest_wait = seen.oldest_wait.filter(|&w| w > target)?;
+        let rate = seen.per_replica_rate.filter(|r| r.is_finite() && *r > 0.0)?;
+        let needed = (tasks as f64 / (rate * target.as_secs_f64().max(f64::MIN_POSITIVE))).ceil();
+        let desired = if needed >= f64::from(u32::MAX) { u32::MAX } else { needed as u32 };
+        let per_replica_milli = (rate * 1000.0).round().min(u64::MAX as f64) as u64;
+        Some((desired, Rule::Latency { oldest_wait, target, per_replica_milli }))
+    }
+}
+
+fn replicas(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// What one observation asks for.
+#[derive(Clone, Copy, Debug)]
+struct Demand {
+    /// Waiting tasks that are due.
+    waiting: u64,
+    /// In-flight tasks that are due.
+    in_flight: u64,
+    /// Scheduled tasks coming due within the lead time.
+    due_soon: u64,
+    desired: u32,
+    rule: Rule,
+}
+
+/// Which rule set a demand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rule {
+    /// Due work over `targetPerReplica` (waiting, in flight, and `due_soon` scheduled tasks coming
+    /// due within the lead time).
+    Depth {
+        /// Scheduled tasks counted because they come due within the lead time.
+        due_soon: u64,
+    },
+    /// The oldest task waited longer than `targetLatencySeconds`: replicas enough to work off the
+    /// due tasks within it.
+    Latency {
+        /// How long the oldest task has waited.
+        oldest_wait: Duration,
+        /// `targetLatencySeconds`.
+        target: Duration,
+        /// Measured tasks per second per replica, in thousandths.
+        per_replica_milli: u64,
+    },
+    /// Nothing is due, but the pool holds scheduled tasks: one replica keeps holding them.
+    Scheduled {
+        /// Scheduled tasks known.
+        scheduled: u64,
+    },
+}
+
+impl Rule {
+    /// The rule's name in CamelCase, for status and metrics: `Depth`, `Latency` or `Scheduled`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Depth { .. } => "Depth",
+            Self::Latency { .. } => "Latency",
+            Self::Scheduled { .. } => "Scheduled",
+        }
+    }
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Self::Depth { due_soon: 0 } => f.write_str("sized for the due tasks"),
+            Self::Depth { due_soon } => {
+                write!(f, "sized for the due tasks, {due_soon} of them scheduled and coming due within the lead time")
+            }
+            Self::Latency { oldest_wait, target, per_replica_milli } => write!(
+                f,
+                "the oldest task has waited {} s, over the {} s target: sized to work off the backlog within \
+                 the target at {:.2} tasks/s per replica",
+                oldest_wait.as_secs(),
+                target.as_secs(),
+                per_replica_milli as f64 / 1000.0
+            ),
+            Self::Scheduled { scheduled } => {
+                write!(f, "nothing is due; one replica holds the {scheduled} scheduled task(s) until they are")
+            }
+        }
     }
 }
 
@@ -329,6 +490,8 @@ pub struct Decision {
     /// What this poll alone asks for, before stabilization and bounds: the demand of the
     /// observation, `fallbackReplicas` in fallback, or the current count while holding on a failure.
     pub raw_desired: u32,
+    /// The rule that set `raw_desired` (`None` when the probe failed).
+    pub rule: Option<Rule>,
 }
 
 /// Decides the replicas of one pool from one probe taken at `now`.
@@ -344,12 +507,13 @@ where
         state.primed = true;
         state.remember(policy.stabilization, now, current);
     }
-    let (proposal, reason, raw_desired) = match probe {
+    let (proposal, reason, raw_desired, rule) = match probe {
         Probe::Ok(seen) => {
             state.consecutive_failures = 0;
-            let desired = policy.demand(current, seen);
-            let highest = state.remember(policy.stabilization, now, desired);
-            propose(policy, current, seen, desired, highest)
+            let demand = policy.demand(current, &seen);
+            let highest = state.remember(policy.stabilization, now, demand.desired);
+            let (proposal, reason) = propose(policy, current, &demand, highest);
+            (proposal, reason, demand.desired, Some(demand.rule))
         }
         Probe::Failed => {
             state.consecutive_failures = state.consecutive_failures.saturating_add(1);
@@ -359,9 +523,9 @@ where
                     // Remembered like a demand, so leaving fallback for a lower observed demand
                     // waits out the window: a flapping broker does not flap the pool with it.
                     state.remember(policy.stabilization, now, fallback);
-                    (fallback, Reason::Fallback { consecutive_failures: failures }, fallback)
+                    (fallback, Reason::Fallback { consecutive_failures: failures }, fallback, None)
                 }
-                _ => (current, Reason::ProbeFailed { consecutive_failures: failures }, current),
+                _ => (current, Reason::ProbeFailed { consecutive_failures: failures }, current, None),
             }
         }
     };
@@ -377,25 +541,26 @@ where
     if replicas != current {
         state.last_scale = Some((now, reason));
     }
-    Decision { replicas, reason, limited, raw_desired }
+    Decision { replicas, reason, limited, raw_desired, rule }
 }
 
 /// Where the demand alone would take the pool (HPA-style: up to the fresh demand at once, down
-/// only to the highest demand in the window, otherwise stay), with the reason and raw demand.
-fn propose(policy: &Policy, current: u32, seen: Observation, desired: u32, highest: u32) -> (u32, Reason, u32) {
-    let Observation { backlog, in_flight } = seen;
-    let (proposal, reason) = if desired > current {
+/// only to the highest demand in the window, otherwise stay), with the reason. The reason's
+/// backlog and in-flight counts are the due ones.
+fn propose(policy: &Policy, current: u32, demand: &Demand, highest: u32) -> (u32, Reason) {
+    let &Demand { waiting: backlog, in_flight, due_soon, desired, .. } = demand;
+    if desired > current {
         (desired, Reason::ScaleUp { backlog, in_flight, desired })
     } else if highest < current {
         (highest, Reason::ScaleDown { backlog, in_flight, desired: highest })
     } else if desired < current {
         (current, Reason::Stabilizing { desired, highest })
-    } else if current == 0 && backlog.saturating_add(in_flight) > 0 {
+    } else if current == 0 && backlog.saturating_add(in_flight).saturating_add(due_soon) > 0 {
+        let backlog = backlog.saturating_add(due_soon);
         (0, Reason::BelowActivation { backlog, threshold: policy.activation_threshold })
     } else {
         (current, Reason::Steady { backlog, in_flight })
-    };
-    (proposal, reason, desired)
+    }
 }
 
 /// Whether bounding `proposal` to `replicas` changed the count where the proposal did not, or
@@ -422,11 +587,13 @@ mod tests {
             fallback: None,
             failures_before_fallback: 3,
             poll_interval: secs(1),
+            target_latency: None,
+            lead_time: None,
         }
     }
 
     fn seen(backlog: u64, in_flight: u64) -> Probe {
-        Probe::Ok(Observation { backlog, in_flight })
+        Probe::Ok(Observation { backlog, in_flight, ..Observation::default() })
     }
 
     /// A pool whose state has run for a while at `current` with a matching demand, so the seed
@@ -585,7 +752,8 @@ mod tests {
                 replicas: 0,
                 reason: Reason::Steady { backlog: 0, in_flight: 0 },
                 limited: None,
-                raw_desired: 0
+                raw_desired: 0,
+                rule: Some(Rule::Depth { due_soon: 0 }),
             }
         );
         assert_eq!(state.last_scale(), None);
@@ -616,7 +784,8 @@ mod tests {
                 replicas: 4,
                 reason: Reason::Fallback { consecutive_failures: 3 },
                 limited: None,
-                raw_desired: 4
+                raw_desired: 4,
+                rule: None,
             }
         );
         assert_eq!(decide(&p, &mut state, 4, Probe::Failed, secs(1004)).replicas, 4);
@@ -706,6 +875,129 @@ mod tests {
             decide(&p, &mut state, 10, seen(t % 40, 0), secs(2000 + t));
         }
         assert!(state.window.len() <= 11, "window grew to {}", state.window.len());
+    }
+
+    fn scheduled(seen: Observation) -> Probe {
+        Probe::Ok(seen)
+    }
+
+    #[test]
+    fn held_eta_tasks_keep_one_replica_not_fifty() {
+        // 200 tasks with countdown=3600 held by a worker (Redis: every unacked entry has a future
+        // ETA). Counted as in flight they asked for 50 replicas of 4 for an hour.
+        let p = policy();
+        let mut state = settled(&p, 1);
+        let held = Observation { in_flight: 200, in_flight_scheduled: 200, scheduled: 200, ..Observation::default() };
+        for t in 1001..1200 {
+            let d = decide(&p, &mut state, 1, scheduled(held), secs(t));
+            assert_eq!((d.replicas, d.raw_desired), (1, 1), "t={t}");
+            assert_eq!(d.rule, Some(Rule::Scheduled { scheduled: 200 }));
+        }
+    }
+
+    #[test]
+    fn eta_tasks_put_back_by_a_shutdown_neither_wake_nor_grow_the_pool() {
+        let p = Policy { min: 0, ..policy() };
+        // Back on the list after a warm shutdown, nothing due: a pool at zero stays there...
+        let listed = Observation { backlog: 200, backlog_scheduled: 200, scheduled: 200, ..Observation::default() };
+        let mut state = settled(&p, 0);
+        let d = decide(&p, &mut state, 0, scheduled(listed), secs(1001));
+        assert_eq!((d.replicas, d.reason), (0, Reason::Steady { backlog: 0, in_flight: 0 }));
+        // ...and a pool at one keeps one, then picks them up again.
+        let mut state = settled(&p, 1);
+        assert_eq!(decide(&p, &mut state, 1, scheduled(listed), secs(1001)).replicas, 1);
+    }
+
+    #[test]
+    fn tasks_coming_due_within_the_lead_time_size_the_pool_before_they_are_due() {
+        let p = policy();
+        let mut state = settled(&p, 1);
+        // 40 tasks with countdown=20 with a lead time of 30 s: they count now.
+        let soon = Observation {
+            in_flight: 40,
+            in_flight_scheduled: 40,
+            due_soon: 40,
+            scheduled: 40,
+            ..Observation::default()
+        };
+        let d = decide(&p, &mut state, 1, scheduled(soon), secs(1001));
+        assert_eq!((d.replicas, d.rule), (10, Some(Rule::Depth { due_soon: 40 })));
+        assert_eq!(d.reason, Reason::ScaleUp { backlog: 0, in_flight: 0, desired: 10 });
+        // From zero too: coming due counts as waiting for activation.
+        let mut state = settled(&p, 0);
+        assert_eq!(decide(&p, &mut state, 0, scheduled(soon), secs(1001)).replicas, 10);
+    }
+
+    #[test]
+    fn rabbitmq_in_flight_beyond_the_prefetch_windows_is_taken_as_scheduled() {
+        // RabbitMQ cannot tell held ETA tasks from prefetched ones; workers that run 1 task and are
+        // not saturated can hold at most that 1 due task.
+        let p = Policy { target_per_replica: 2, ..policy() };
+        let mut state = settled(&p, 2);
+        let seen = Observation { in_flight: 200, in_flight_due_limit: Some(1), ..Observation::default() };
+        let d = decide(&p, &mut state, 2, scheduled(seen), secs(1001));
+        assert_eq!((d.raw_desired, d.reason.kind()), (1, "Stabilizing"));
+        assert_eq!(seen.scheduled_known(), 199);
+        // Nothing due at all: one replica keeps holding them.
+        let idle = Observation { in_flight: 200, in_flight_due_limit: Some(0), ..Observation::default() };
+        let d = decide(&p, &mut state, 2, scheduled(idle), secs(1100));
+        assert_eq!((d.replicas, d.rule), (1, Some(Rule::Scheduled { scheduled: 200 })));
+    }
+
+    #[test]
+    fn a_task_retrying_with_backoff_keeps_the_pool_small() {
+        // autoretry_for + retry_backoff: one task alternates between running and being held with a
+        // growing countdown.
+        let p = policy();
+        let mut state = settled(&p, 1);
+        let mut current = 1;
+        for (i, t) in (1001..1300).enumerate() {
+            let seen = if i % 3 == 0 {
+                Observation { in_flight: 1, ..Observation::default() }
+            } else {
+                Observation { in_flight: 1, in_flight_scheduled: 1, scheduled: 1, ..Observation::default() }
+            };
+            current = decide(&p, &mut state, current, scheduled(seen), secs(t)).replicas;
+            assert_eq!(current, 1, "t={t}");
+        }
+    }
+
+    #[test]
+    fn the_latency_rule_decides_when_the_oldest_task_waits_too_long() {
+        let p = Policy { target_per_replica: 100, target_latency: Some(secs(30)), ..policy() };
+        let mut state = settled(&p, 1);
+        let late = Observation {
+            backlog: 120,
+            oldest_wait: Some(secs(45)),
+            per_replica_rate: Some(0.5),
+            ..Observation::default()
+        };
+        // 120 tasks at 0.5 tasks/s per replica within 30 s: 8 replicas; depth alone asks for 2.
+        let d = decide(&p, &mut state, 1, scheduled(late), secs(1001));
+        assert_eq!(d.replicas, 8);
+        let rule = d.rule.unwrap();
+        assert_eq!(rule, Rule::Latency { oldest_wait: secs(45), target: secs(30), per_replica_milli: 500 });
+        assert_eq!(
+            rule.to_string(),
+            "the oldest task has waited 45 s, over the 30 s target: sized to work off the backlog within the \
+             target at 0.50 tasks/s per replica"
+        );
+        assert_eq!(rule.kind(), "Latency");
+        // Within the target, or with no measured rate, depth decides.
+        let fresh = Observation { oldest_wait: Some(secs(20)), ..late };
+        assert_eq!(decide(&p, &mut state, 8, scheduled(fresh), secs(1002)).rule, Some(Rule::Depth { due_soon: 0 }));
+        let unmeasured = Observation { per_replica_rate: None, ..late };
+        assert_eq!(decide(&p, &mut state, 8, scheduled(unmeasured), secs(1003)).raw_desired, 2);
+    }
+
+    #[test]
+    fn observations_without_refinements_decide_as_before() {
+        // What a broker that tells only depth gives: the plain rule, named Depth.
+        let p = policy();
+        let mut state = settled(&p, 1);
+        let d = decide(&p, &mut state, 1, seen(30, 4), secs(1001));
+        assert_eq!((d.replicas, d.rule), (9, Some(Rule::Depth { due_soon: 0 })));
+        assert_eq!(decide(&p, &mut state, 9, Probe::Failed, secs(1002)).rule, None);
     }
 
     #[test]

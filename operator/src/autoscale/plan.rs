@@ -306,9 +306,18 @@ mod tests {
         }))
         .unwrap();
         let queues = ["a".to_string(), "b".to_string()];
-        assert_eq!(observe(&queues, &observation, Some(4), false), Observation { backlog: 15, in_flight: 6 });
-        assert_eq!(observe(&queues, &observation, Some(4), true), Observation { backlog: 15, in_flight: 2 });
-        assert_eq!(observe(&queues, &observation, None, false), Observation { backlog: 15, in_flight: 2 });
+        assert_eq!(
+            observe(&queues, &observation, Some(4), false),
+            Observation { backlog: 15, in_flight: 6, ..Observation::default() }
+        );
+        assert_eq!(
+            observe(&queues, &observation, Some(4), true),
+            Observation { backlog: 15, in_flight: 2, ..Observation::default() }
+        );
+        assert_eq!(
+            observe(&queues, &observation, None, false),
+            Observation { backlog: 15, in_flight: 2, ..Observation::default() }
+        );
     }
 
     #[test]
@@ -318,6 +327,7 @@ mod tests {
             reason: Reason::ScaleUp { backlog: 900, in_flight: 0, desired: 225 },
             limited: Some(Limit::AtMax),
             raw_desired: 225,
+            rule: None,
         };
         let c = decision_conditions(&held, &["emails".into()], "redis://redis:6379/0");
         assert_eq!((c[0].reason.as_str(), c[1].reason.as_str()), ("ScalingFromQueueDepth", "TooManyReplicas"));
@@ -327,6 +337,7 @@ mod tests {
             reason: Reason::ProbeFailed { consecutive_failures: 2 },
             limited: None,
             raw_desired: 3,
+            rule: None,
         };
         let c = decision_conditions(&failed, &["emails".into()], "redis://redis:6379/0");
         assert_eq!((c[0].status, c[0].reason.as_str()), (crate::conditions::Status::False, "BrokerUnreachable"));

@@ -209,7 +209,8 @@ fn default_max_tasks_per_child() -> i32 {
 #[serde(rename_all = "camelCase")]
 #[x_kube(
     validation = Rule::new("self.minReplicas <= self.maxReplicas").message("minReplicas must be less than or equal to maxReplicas").reason(Reason::FieldValueInvalid),
-    validation = Rule::new("!has(self.fallbackReplicas) || (self.fallbackReplicas >= self.minReplicas && self.fallbackReplicas <= self.maxReplicas)").message("fallbackReplicas must lie between minReplicas and maxReplicas").reason(Reason::FieldValueInvalid)
+    validation = Rule::new("!has(self.fallbackReplicas) || (self.fallbackReplicas >= self.minReplicas && self.fallbackReplicas <= self.maxReplicas)").message("fallbackReplicas must lie between minReplicas and maxReplicas").reason(Reason::FieldValueInvalid),
+    validation = Rule::new("!has(self.targetLatencySeconds) || !has(self.pollIntervalSeconds) || self.targetLatencySeconds >= self.pollIntervalSeconds").message("targetLatencySeconds must be at least pollIntervalSeconds: the age of the oldest task is known to within one poll").reason(Reason::FieldValueInvalid)
 )]
 pub struct AutoscalingSpec {
     /// Fewest worker replicas. 0 lets an idle pool scale to zero. Default 0.
@@ -221,12 +222,31 @@ pub struct AutoscalingSpec {
     #[schemars(range(min = 1, max = 10_000))]
     pub max_replicas: i32,
 
-    /// Tasks (waiting + in flight) one replica is sized for. Default: spec.concurrency.
+    /// Due tasks one replica is sized for: tasks waiting, reserved or running, plus scheduled tasks
+    /// (ETA, countdown, retries with a countdown) coming due within leadTimeSeconds. Scheduled tasks
+    /// further ahead do not count: a worker holds them until due. Default: spec.concurrency.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100_000))]
     pub target_per_replica: Option<i32>,
 
-    /// Scale up from zero only when the backlog exceeds this. Default 0.
+    /// The longest the oldest waiting task should wait, in seconds. When it has waited longer, the
+    /// pool is sized to work off the due tasks within this time at the rate one replica was
+    /// measured to complete them (from worker heartbeats), if that asks for more replicas than
+    /// targetPerReplica does. The age is measured by the operator (no app change needed) to within
+    /// one poll. Unset: size by queue depth alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86_400))]
+    pub target_latency_seconds: Option<i32>,
+
+    /// How many seconds ahead scheduled tasks count as demand, so replicas are running when they come
+    /// due. Default: the time this pool's pods were seen to take from creation to Ready (30 s until
+    /// one was seen). 0 counts scheduled tasks only once they are due.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 86_400))]
+    pub lead_time_seconds: Option<i32>,
+
+    /// Scale up from zero only when the due waiting tasks (including scheduled tasks coming due within
+    /// leadTimeSeconds) exceed this. Default 0.
     #[serde(default)]
     #[schemars(range(min = 0))]
     pub activation_threshold: i64,
