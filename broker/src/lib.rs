@@ -141,8 +141,8 @@ impl Broker {
         }
     }
 
-    /// The Celery task queues this broker holds, sorted, without Celery's own event and
-    /// remote-control queues: kombu's binding sets on Redis (a `SCAN` of the keyspace), the
+    /// The Celery task queues this broker holds, sorted, without Celery's own event,
+    /// remote-control and native delayed-delivery queues: kombu's binding sets on Redis (a `SCAN` of the keyspace), the
     /// management API on RabbitMQ (which is required: AMQP cannot list queues). For one-off audits.
     pub async fn discover(&self) -> Result<Vec<String>, ProbeError> {
         match &self.inner {

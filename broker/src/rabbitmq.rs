@@ -31,6 +31,7 @@ use crate::safety::{
     Finding, QueueFailure, Reason, SafetyMode, Severity, is_celery_internal_queue, queue_failure_finding,
     rabbitmq_queue_findings,
 };
+use crate::schedule::delayed_level_of;
 use crate::secret::SecretUrl;
 use crate::{BrokerConfig, ProbeError};
 
@@ -254,8 +255,9 @@ impl RabbitBroker {
         }
     }
 
-    /// The vhost's queues by name, from the management API, without Celery's own; an error when
-    /// no management API is configured (AMQP cannot list queues).
+    /// The vhost's queues by name, from the management API, without Celery's own (events,
+    /// mailboxes, and the native delayed-delivery levels, which only dead-letter to the task
+    /// queues); an error when no management API is configured (AMQP cannot list queues).
     pub(crate) async fn discover(&self) -> Result<Vec<String>, ProbeError> {
         let Some(management) = &self.management else {
             return Err(ProbeError::Management {
@@ -264,7 +266,8 @@ impl RabbitBroker {
             });
         };
         let (_, queues) = management.read(&self.vhost, self.timeout).await?;
-        let mut names: Vec<String> = queues.into_keys().filter(|q| !is_celery_internal_queue(q)).collect();
+        let own = |q: &str| is_celery_internal_queue(q) || delayed_level_of(q).is_some();
+        let mut names: Vec<String> = queues.into_keys().filter(|q| !own(q)).collect();
         names.sort();
         Ok(names)
     }
