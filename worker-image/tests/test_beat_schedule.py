@@ -56,7 +56,15 @@ def test_a_recreate_rollout_sends_the_ticks_due_during_it_once(spawn: Spawner, r
     assert old.proc.wait(timeout=60) == 0, old.output()
     stopped = time.time()
     # The rollout's gap spans the start of a minute: the crontab entry falls due while no beat runs.
-    wait_until(lambda: time.time() // 60 > stopped // 60, 90, "the next minute", interval=0.2)
+    # It also lasts a full period of the interval entry after its last tick, or that entry is not
+    # due yet when the new beat starts (the old beat stopped less than a period before the minute).
+    last_tick, period = redis_sends(client, every)[-1].at, float(env["BEAT_EVERY"])
+    wait_until(
+        lambda: time.time() // 60 > stopped // 60 and time.time() > last_tick + period,
+        90,
+        "the next minute, a period after the last tick",
+        interval=0.2,
+    )
 
     new = start_beat(
         spawn, redis_server.url, lock, "new", app="beat_app", schedule_dir=schedule_dir, loglevel="DEBUG", **env
