@@ -27,6 +27,7 @@ pub struct Metrics {
     decision_latency: prometheus::Histogram,
     scale_events: IntCounterVec,
     leader: prometheus::IntGauge,
+    events_dropped: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -105,7 +106,16 @@ impl Metrics {
             "1 while this replica reconciles (holds the Lease, or runs without leader election), else 0",
         )
         .expect("valid metric");
-        let collectors: [Box<dyn prometheus::core::Collector>; 15] = [
+        let events_dropped = IntCounterVec::new(
+            Opts::new(
+                "celery_operator_events_dropped_total",
+                "Kubernetes Events that could not be published after their retries, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let collectors: [Box<dyn prometheus::core::Collector>; 16] = [
+            Box::new(events_dropped.clone()),
             Box::new(leader.clone()),
             Box::new(pool_desired.clone()),
             Box::new(pool_current.clone()),
@@ -142,7 +152,13 @@ impl Metrics {
             decision_latency,
             scale_events,
             leader,
+            events_dropped,
         }
+    }
+
+    /// Counts an Event given up on after its retries.
+    pub fn event_dropped(&self, reason: &str) {
+        self.events_dropped.with_label_values(&[reason]).inc();
     }
 
     /// Records whether this replica reconciles. One that stops drops its per-queue and per-pool
