@@ -2,6 +2,7 @@
 
 pub mod autoscale;
 pub mod broker_config;
+pub mod brokers;
 pub mod check_broker;
 pub mod conditions;
 pub mod controller;
