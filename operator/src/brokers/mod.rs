@@ -2,19 +2,17 @@
 //! reported once.
 //!
 //! ```text
-//!                       register(consumer, interest)            ┌──────────────────────────────┐
-//!  TaskQueue reconcile ─────────────────────────────┐           │ poller (one task / endpoint) │
-//!  autoscaler (pools)  ───────────────────────────┐ │           │  owns Broker + WorkerEvents  │
-//!                                                 ▼ ▼           │  probe_with(all queues)      │
-//!                                            ┌──────────┐ wake  │  = 1 round trip on Redis     │
-//!                                            │ Brokers  │──────▶│  latch incidents, count      │
-//!                                            │ registry │       │  probe errors & incidents    │
-//!                                            └──────────┘       └──────────────┬───────────────┘
-//!                                                                              │ Snapshot (watch)
-//!                     ┌────────────────────────────────────────────────────────┼─────────────────┐
-//!                     ▼                                                        ▼                 ▼
-//!     TaskQueue reconcile (triggered): status,             autoscaler: decides every pool   metrics
-//!     conditions, one Event per new incident               on the endpoint from it
+//!  TaskQueue reconcile ──┐ register queues            one poller task per broker endpoint
+//!  (URL resolved)        │ + interval       ┌─────────────────────────────────────────────┐
+//!  autoscaler (pools) ───┴─────────────────▶│ Broker (one connection) + worker events     │
+//!                                           │ ONE probe of all queues, shortest interval  │
+//!                                           │ latches incidents, counts errors/incidents  │
+//!                                           └──────────────────────┬──────────────────────┘
+//!                                                                  │ Snapshot (watch channel)
+//!                        ┌─────────────────────────────────────────┼────────────────────┐
+//!                        ▼                                         ▼                    ▼
+//!       TaskQueue status, conditions, Events         autoscaler decisions →       /metrics
+//!       (reconcile triggered by the poller)          Deployment spec.replicas
 //! ```
 //!
 //! - **Endpoints.** Consumers are TaskQueues (after their broker is resolved, Secrets included)
