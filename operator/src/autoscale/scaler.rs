@@ -221,8 +221,8 @@ struct Candidate {
 
 /// Decision rounds of one broker endpoint.
 struct EndpointRounds {
-    /// The sequence number of the last snapshot decided on.
-    decided: u64,
+    /// The poller and sequence number of the last snapshot decided on.
+    decided: (u64, u64),
     busy: bool,
 }
 
@@ -274,14 +274,16 @@ impl Scaler {
         self.forget_pools_not_in(&seen).await;
         self.endpoints.retain(|key, rounds| rounds.busy || groups.contains_key(key));
         for (endpoint, members) in groups {
-            let rounds = self.endpoints.entry(endpoint.clone()).or_insert(EndpointRounds { decided: 0, busy: false });
+            let rounds =
+                self.endpoints.entry(endpoint.clone()).or_insert(EndpointRounds { decided: (0, 0), busy: false });
             if rounds.busy {
                 continue;
             }
             let Some(snapshot) = self.ctx.brokers.snapshots(&endpoint).and_then(|s| s.borrow().clone()) else {
                 continue;
             };
-            if snapshot.seq <= rounds.decided {
+            // A new poller for the endpoint (it closed and started again) counts from 1 again.
+            if rounds.decided.0 == snapshot.poller && snapshot.seq <= rounds.decided.1 {
                 continue;
             }
             // Take each pool's state out for the round; a pool already out (its broker changed while
@@ -305,7 +307,7 @@ impl Scaler {
             let consumers: Vec<Consumer> = taken.iter().map(|m| Consumer::Pool(m.key.clone())).collect();
             self.ctx.brokers.renew(&endpoint, &consumers);
             rounds.busy = true;
-            rounds.decided = snapshot.seq;
+            rounds.decided = (snapshot.poller, snapshot.seq);
             let poll = Poll { ctx: self.ctx.clone(), caches: self.caches.clone(), snapshot };
             polls.spawn(async move { (endpoint, poll.run(taken).await) });
         }
@@ -325,8 +327,8 @@ impl Scaler {
         let interest = Interest { queues, interval: policy.poll_interval, worker_events: true };
         let current = self.registered.get(key);
         let unchanged = current.is_some_and(|(k, i)| *k == target.key && *i == interest);
-        // A poller that closed meanwhile (the pool's lease ran out) is started again.
-        if unchanged && self.ctx.brokers.is_polling(&target.key) {
+        // A registration whose lease ran out (no round for a long time) is made again.
+        if unchanged && self.ctx.brokers.is_registered(&consumer, &target.key) {
             return Some(target.key.clone());
         }
         match self.ctx.brokers.register(consumer, &target.spec, &target.resolved, interest.clone()) {

@@ -412,6 +412,11 @@ impl Brokers {
         self.shared.published.subscribe()
     }
 
+    /// Whether `consumer` is registered on `key` (false once its lease ran out).
+    pub fn is_registered(&self, consumer: &Consumer, key: &EndpointKey) -> bool {
+        self.shared.state().consumers.get(consumer) == Some(key)
+    }
+
     /// Endpoints with a poller.
     pub fn endpoint_count(&self) -> usize {
         self.shared.state().endpoints.len()
@@ -462,5 +467,76 @@ fn close(state: &mut State, key: &EndpointKey) {
     if let Some(endpoint) = state.endpoints.remove(key) {
         endpoint.task.abort();
         state.consumers.retain(|_, k| k != key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use celery_broker::{Finding, Reason, Severity};
+    use k8s_openapi::jiff::Timestamp;
+
+    fn task_queue(name: &str) -> TaskQueue {
+        let yaml = format!(
+            "apiVersion: celery-operator.dev/v1alpha1\nkind: TaskQueue\nmetadata: {{name: {name}, namespace: prod}}\n\
+             spec: {{broker: {{url: 'redis://127.0.0.1:1/0'}}}}\n"
+        );
+        serde_saphyr::from_str(&yaml).expect("fixture parses")
+    }
+
+    /// A snapshot of `key`'s endpoint holding the incidents latched from `findings`.
+    fn snapshot(incidents: &mut snapshot::Incidents, findings: Vec<Finding>) -> Snapshot {
+        let mut findings = findings;
+        let now = Instant::now();
+        incidents.latch(&mut findings, Timestamp::now(), now);
+        Snapshot {
+            poller: 1,
+            seq: 1,
+            endpoint: "redis://127.0.0.1:1/0".into(),
+            started: now,
+            at: Timestamp::now(),
+            took: Duration::ZERO,
+            queues: BTreeSet::new(),
+            probe: Err(ProbeError::Timeout { endpoint: "redis://127.0.0.1:1/0".into(), after: Duration::ZERO }),
+            incidents: incidents.held(),
+            last_incident: incidents.last_id(),
+            workers: None,
+            latency: BTreeMap::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn each_task_queue_reports_an_incident_once_and_only_those_after_it_joined() {
+        let brokers = Brokers::new(Arc::new(Metrics::new()));
+        let (a, b) = (task_queue("a"), task_queue("b"));
+        let resolved = ResolvedBroker::url("redis://127.0.0.1:1/0");
+        let (key, _) = brokers
+            .register(Consumer::TaskQueue(QueueRef::of(&a)), &a.spec.broker, &resolved, Interest::task_queue(&a))
+            .unwrap();
+        let mut incidents = snapshot::Incidents::default();
+        let evicted = Finding::new(Reason::KeysEvicted, Severity::Critical, "Redis evicted 3 keys");
+        let seen = snapshot(&mut incidents, vec![evicted.clone()]);
+        // As the poller does when it publishes.
+        brokers.shared.state().endpoints.get_mut(&key).unwrap().last_incident = seen.last_incident;
+
+        let first = brokers.unreported(&key, &QueueRef::of(&a), "a", &seen);
+        assert_eq!(first.len(), 1);
+        assert_eq!((first[0].0.finding.reason, first[0].1), (Reason::KeysEvicted, 1));
+        assert!(brokers.unreported(&key, &QueueRef::of(&a), "a", &seen).is_empty(), "reported once");
+
+        // A TaskQueue joining afterwards sees the incident held in status, but no Event of it.
+        brokers
+            .register(Consumer::TaskQueue(QueueRef::of(&b)), &b.spec.broker, &resolved, Interest::task_queue(&b))
+            .unwrap();
+        assert!(brokers.unreported(&key, &QueueRef::of(&b), "b", &seen).is_empty());
+        assert_eq!(seen.view_for("b").unwrap_err().metric_label(), "timeout");
+
+        // Two more evictions before the next reconcile: one Event saying how many.
+        incidents.latch(&mut vec![evicted.clone()], Timestamp::now(), Instant::now());
+        let again = snapshot(&mut incidents, vec![evicted]);
+        brokers.shared.state().endpoints.get_mut(&key).unwrap().last_incident = again.last_incident;
+        let both = brokers.unreported(&key, &QueueRef::of(&b), "b", &again);
+        assert_eq!(both.iter().map(|(_, n)| *n).collect::<Vec<_>>(), vec![2]);
+        assert_eq!(brokers.unreported(&key, &QueueRef::of(&a), "a", &again)[0].1, 2);
     }
 }

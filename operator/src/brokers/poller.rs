@@ -105,6 +105,7 @@ pub(super) async fn run(p: Poller) {
             }
         };
         let snapshot = Arc::new(Snapshot {
+            poller: p.id,
             seq,
             endpoint: p.broker.endpoint(),
             started,

@@ -27,7 +27,10 @@ pub fn is_incident(reason: Reason) -> bool {
 /// One poll of one endpoint, published to every consumer of the endpoint.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
-    /// Increases by one with every poll of the endpoint.
+    /// Tells this endpoint's poller from an earlier or later one for the same endpoint (a poller
+    /// closed and started again counts its polls from 1 again).
+    pub poller: u64,
+    /// Increases by one with every poll of the endpoint by this poller.
     pub seq: u64,
     /// The broker URL with its password redacted.
     pub endpoint: String,
