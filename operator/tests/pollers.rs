@@ -65,6 +65,15 @@ impl Env {
         self.create("TaskQueue", json!({"metadata": {"name": name}, "spec": {"broker": {"url": self.redis.url()}}}));
     }
 
+    /// A TaskQueue whose URL (with its password) is in a Secret, as the CRD requires.
+    fn queue_from_secret(&self, name: &str) {
+        let secret = json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "redis", "namespace": "prod"}, "stringData": {"url": self.redis.url()}});
+        self.api.create(secret).unwrap();
+        let from = json!({"secretKeyRef": {"name": "redis", "key": "url"}});
+        self.create("TaskQueue", json!({"metadata": {"name": name}, "spec": {"broker": {"urlFrom": from}}}));
+    }
+
     fn pool(&self, name: &str, queues: &[&str]) {
         let autoscaling = json!({"minReplicas": 0, "maxReplicas": 10, "targetPerReplica": 2,
                                  "pollIntervalSeconds": 1, "scaleDownStabilizationSeconds": 0});
@@ -277,8 +286,8 @@ async fn twenty_queues_and_ten_pools_on_one_endpoint_cost_one_round_trip_per_pol
 
 #[tokio::test]
 async fn a_failed_poll_counts_in_the_probe_error_metric_and_sets_the_pool_conditions() {
-    let mut env = Env::start(RedisServer::start().unwrap()).await;
-    env.queue("jobs");
+    let mut env = Env::start(RedisServer::builder().password("poll-s3cret").start().unwrap()).await;
+    env.queue_from_secret("jobs");
     env.pool("auto", &["jobs"]);
     poll("the pool is decided for", || async {
         env.condition_is("WorkerPool", "auto", "ScalingActive", "True", "ScalingFromQueueDepth")
@@ -309,6 +318,15 @@ async fn a_failed_poll_counts_in_the_probe_error_metric_and_sets_the_pool_condit
     .await;
     let (_, _, message) = env.condition("TaskQueue", "jobs", "BrokerReachable").unwrap();
     assert!(message.contains(&format!("127.0.0.1:{}", env.redis.port())), "{message}");
+    let events = env.api.list("events.k8s.io/v1", "Event", Some("prod")).unwrap();
+    let everything = format!(
+        "{}{}{:?}{}",
+        env.object("TaskQueue", "jobs"),
+        env.object("WorkerPool", "auto"),
+        events,
+        env.metrics.encode()
+    );
+    assert!(!everything.contains("poll-s3cret"), "the password leaked into status, events or metrics");
     env.stop().await;
 }
 
@@ -353,7 +371,10 @@ async fn an_endpoint_nobody_references_is_closed_with_its_connection_and_subscri
         brokers.register(me.clone(), &tq.spec.broker, &old, Interest::task_queue(&tq)).unwrap();
     brokers.register(pool.clone(), &tq.spec.broker, &old, pool_interest(&tq)).unwrap();
     assert_eq!((brokers.endpoint_count(), brokers.consumer_count()), (1, 2), "one endpoint for both");
-    snapshots.wait_for(|s| s.as_ref().is_some_and(|s| s.observation().is_some())).await.unwrap();
+    let first = snapshots.wait_for(|s| s.as_ref().is_some_and(|s| s.observation().is_some())).await.unwrap().clone();
+    let shown = format!("{first:?} {brokers:?}");
+    assert!(!shown.contains("old-pw"), "a snapshot or the registry shows the password: {shown}");
+    assert!(shown.contains(&format!("127.0.0.1:{}", redis.port())), "{shown}");
     poll("the probe connection and the worker-event subscription are up", || async {
         clients_of(&redis, "old") == (2, 1)
     })
