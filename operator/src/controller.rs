@@ -125,7 +125,10 @@ async fn run_queues(
     // without holding every Secret's data in memory.
     let secrets =
         watcher::watcher(scoped::<PartialObjectMeta<Secret>>(client, ns), watcher::Config::default()).touched_objects();
+    // The broker pollers ask for a reconcile when a snapshot changes what the status shows.
+    let polled = ctx.brokers.task_queue_triggers(ns);
     controller
+        .reconcile_on(polled)
         .watches_stream(secrets, move |secret| {
             let name = secret.name_any();
             store

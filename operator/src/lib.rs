@@ -3,6 +3,7 @@
 pub mod api;
 pub mod autoscale;
 pub mod broker_config;
+pub mod brokers;
 pub mod check_broker;
 pub mod conditions;
 pub mod controller;

@@ -20,6 +20,7 @@ pub struct Metrics {
     broker_safe: IntGaugeVec,
     probe_duration: HistogramVec,
     probe_errors: IntCounterVec,
+    broker_incidents: IntCounterVec,
     pool_desired: IntGaugeVec,
     pool_current: IntGaugeVec,
     pool_backlog: IntGaugeVec,
@@ -83,6 +84,14 @@ impl Metrics {
             &["namespace", "taskqueue", "error"],
         )
         .expect("valid metric");
+        let broker_incidents = IntCounterVec::new(
+            Opts::new(
+                "celery_operator_broker_incidents_total",
+                "Broker incidents (keys evicted, eviction policy fixed) seen by a poll of the queue's broker, by reason",
+            ),
+            &["namespace", "taskqueue", "reason"],
+        )
+        .expect("valid metric");
         let pool_gauge =
             |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &POOL_LABELS).expect("valid metric");
         let pool_desired = pool_gauge("celery_operator_pool_desired_replicas", "Worker replicas the autoscaler wants");
@@ -126,7 +135,7 @@ impl Metrics {
             &["namespace", "workerpool", "type", "status", "reason"],
         )
         .expect("valid metric");
-        let collectors: [Box<dyn prometheus::core::Collector>; 17] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 18] = [
             Box::new(pool_condition.clone()),
             Box::new(events_dropped.clone()),
             Box::new(leader.clone()),
@@ -144,6 +153,7 @@ impl Metrics {
             Box::new(broker_safe.clone()),
             Box::new(probe_duration.clone()),
             Box::new(probe_errors.clone()),
+            Box::new(broker_incidents.clone()),
         ];
         for m in collectors {
             registry.register(m).expect("metric registered once");
@@ -158,6 +168,7 @@ impl Metrics {
             broker_safe,
             probe_duration,
             probe_errors,
+            broker_incidents,
             pool_desired,
             pool_current,
             pool_backlog,
@@ -277,6 +288,11 @@ impl Metrics {
         if let Some(error) = error {
             self.probe_errors.with_label_values(&[labels[0], labels[1], error]).inc();
         }
+    }
+
+    /// Counts an incident (e.g. `KeysEvicted`) on the broker of a queue (`[namespace, taskqueue]`).
+    pub fn broker_incident(&self, queue: &[String; 2], reason: &str) {
+        self.broker_incidents.with_label_values(&[queue[0].as_str(), queue[1].as_str(), reason]).inc();
     }
 
     /// Records what a probe saw of a queue.

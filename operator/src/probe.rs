@@ -1,88 +1,11 @@
-//! Broker probing for TaskQueues: one shared [`Broker`] (one connection) per endpoint, and the pure
-//! mapping from what a probe saw to TaskQueue status and conditions.
+//! The pure mapping from what a poll of the broker saw (a [`Snapshot`](crate::brokers::Snapshot)'s
+//! view of one queue) to TaskQueue status and conditions. Polling itself is in
+//! [`brokers`](crate::brokers).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use celery_broker::{BrokerObservation, ProbeError, Severity};
 
-use std::time::{Duration, Instant};
-
-use celery_broker::events::WorkerEvents;
-use celery_broker::{Broker, BrokerConfig, BrokerObservation, ProbeError, Severity};
-
-use crate::autoscale::plan::Activity;
-use crate::broker_config::{EndpointKey, ResolvedBroker, broker_config};
 use crate::conditions::{Wanted, kind};
-use crate::crd::{BrokerSpec, BrokerSummary, SafetyCheck};
-
-/// Brokers by endpoint, shared by every TaskQueue on the same endpoint so they share a connection.
-#[derive(Default)]
-pub struct Brokers {
-    by_endpoint: Mutex<HashMap<EndpointKey, Arc<Broker>>>,
-    /// Worker-event subscriptions, by the address of the endpoint's [`Broker`]; started by the
-    /// autoscaler on first use, one per endpoint.
-    events: Mutex<HashMap<usize, Subscription>>,
-}
-
-/// One endpoint's worker-event subscription.
-struct Subscription {
-    /// Keeps the Broker alive so its address is never reused by another endpoint.
-    _broker: Arc<Broker>,
-    /// The endpoint's configuration, to start the subscription with.
-    config: BrokerConfig,
-    events: Option<WorkerEvents>,
-    /// Since when the subscription has been up without a break.
-    up_since: Option<Instant>,
-}
-
-/// How long a fresh subscription listens before its view of the fleet is trusted: workers send a
-/// heartbeat every 2 s, so after this every live worker has been heard.
-const EVENTS_WARM_UP: Duration = Duration::from_secs(5);
-
-impl Brokers {
-    /// The broker for this endpoint, created on first use (no network I/O here).
-    pub fn get(&self, spec: &BrokerSpec, resolved: &ResolvedBroker) -> Result<Arc<Broker>, ProbeError> {
-        let key = EndpointKey::new(spec, resolved);
-        let mut brokers = self.by_endpoint.lock().expect("broker map lock");
-        if let Some(broker) = brokers.get(&key) {
-            return Ok(broker.clone());
-        }
-        let config = broker_config(spec, resolved);
-        let broker = Arc::new(Broker::new(config.clone())?);
-        // The subscription starts with the broker, lazily: only pools that autoscale ask for it.
-        let subscription = Subscription { _broker: broker.clone(), config, events: None, up_since: None };
-        self.events.lock().expect("events map lock").insert(Arc::as_ptr(&broker) as usize, subscription);
-        brokers.insert(key, broker.clone());
-        Ok(broker)
-    }
-
-    /// Tasks running per worker hostname on this broker, from worker heartbeats (the subscription
-    /// starts on the first call). `None` until the subscription has been up for a few heartbeats,
-    /// and while it is down: nothing is then known about running tasks.
-    pub fn activity(&self, broker: &Arc<Broker>) -> Option<Activity> {
-        let id = Arc::as_ptr(broker) as usize;
-        let mut subscriptions = self.events.lock().expect("events map lock");
-        let sub = subscriptions.get_mut(&id)?;
-        if sub.events.is_none() {
-            match WorkerEvents::start(&sub.config) {
-                Ok(events) => sub.events = Some(events),
-                Err(e) => {
-                    tracing::warn!(broker = %broker.endpoint(), error = %e, "cannot subscribe to worker events");
-                    return None;
-                }
-            }
-        }
-        let events = sub.events.as_ref()?;
-        if !events.is_subscribed() {
-            sub.up_since = None;
-            return None;
-        }
-        let up_since = *sub.up_since.get_or_insert_with(Instant::now);
-        if up_since.elapsed() < EVENTS_WARM_UP {
-            return None;
-        }
-        Some(events.alive().into_iter().map(|w| (w.hostname, w.active)).collect())
-    }
-}
+use crate::crd::{BrokerSummary, SafetyCheck};
 
 /// Depth fields and conditions for one queue from a successful probe.
 #[derive(Clone, Debug, PartialEq)]
@@ -111,7 +34,22 @@ pub fn report(observation: &BrokerObservation, queue: &str, endpoint: String, sa
         vec![Wanted::yes(kind::BROKER_REACHABLE, "Probed", format!("{} answered", observation.info.kind))];
     if safety != SafetyCheck::Off {
         conditions.push(match relevant.iter().max_by_key(|f| f.severity) {
-            None => Wanted::yes(kind::BROKER_SAFE, "NoFindings", "the broker cannot silently drop this queue's tasks"),
+            None => {
+                // Incidents below Warning (a policy the operator fixed) still show until they age out.
+                let recent: Vec<&str> = observation
+                    .findings
+                    .iter()
+                    .filter(|f| crate::brokers::is_incident(f.reason) && f.queue.as_deref().is_none_or(|q| q == queue))
+                    .map(|f| f.message.as_str())
+                    .collect();
+                let safe = "the broker cannot silently drop this queue's tasks";
+                match recent.is_empty() {
+                    true => Wanted::yes(kind::BROKER_SAFE, "NoFindings", safe),
+                    false => {
+                        Wanted::yes(kind::BROKER_SAFE, "NoFindings", format!("{safe}; recently: {}", recent.join("; ")))
+                    }
+                }
+            }
             Some(worst) => {
                 let message = relevant.iter().map(|f| f.message.as_str()).collect::<Vec<_>>().join("; ");
                 Wanted::no(kind::BROKER_SAFE, &worst.reason.to_string(), message)

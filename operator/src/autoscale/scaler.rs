@@ -1,18 +1,21 @@
-//! The autoscaler loop: per broker endpoint, poll at the smallest `pollIntervalSeconds` of the
-//! pools on it (one probe = one round trip for all their queues), decide for every pool, and apply
-//! the worker Deployment's `spec.replicas` by server-side apply under [`FIELD_MANAGER`] only when
-//! it changes.
+//! The autoscaler loop: every autoscaled pool registers its queues and `pollIntervalSeconds` with
+//! its broker endpoint's poller ([`crate::brokers`]), which polls at the smallest interval of
+//! everything on the endpoint (one probe = one round trip for all queues of all pools and
+//! TaskQueues on it). On each new snapshot of an endpoint the loop decides for every pool on it,
+//! and applies the worker Deployment's `spec.replicas` by server-side apply under
+//! [`FIELD_MANAGER`] only when it changes. The loop never probes: a TaskQueue and the pools reading
+//! it see the same snapshot, so no finding is consumed by one and missed by the other, and a
+//! failed poll counts in the probe-error metric whoever it was for.
 //!
 //! Everything it reads comes from watch caches (pools, TaskQueues, worker Deployments, HPAs, KEDA
 //! ScaledObjects when KEDA is installed), so a poll costs the broker round trip and nothing else on
-//! the API server unless something changes. Brokers are polled concurrently: a slow or unreachable
-//! broker (probes are bounded by their timeout) never delays the pools on another one.
+//! the API server unless something changes. Endpoints are decided for concurrently: a slow or
+//! unreachable broker (probes are bounded by their timeout) never delays the pools on another one.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use celery_broker::Broker;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
@@ -31,15 +34,17 @@ use tracing::{debug, info, warn};
 
 use super::decide::{self, Decision, Policy, Probe, ScalerState};
 use super::plan::{self, Activity, Conflict, ScalerStatus};
+use crate::broker_config::{EndpointKey, ResolvedBroker};
+use crate::brokers::{Consumer, Interest, QueueRef, Snapshot};
 use crate::conditions::{self, Wanted, kind};
 use crate::controller::scoped;
-use crate::crd::{TaskQueue, WorkerPool};
+use crate::crd::{BrokerSpec, TaskQueue, WorkerPool};
 use crate::labels;
 use crate::reconcile::{Context, display_name};
 
 /// Field manager of the worker Deployment's `spec.replicas` and the autoscaler's status fields.
 pub const FIELD_MANAGER: &str = "celery-operator-autoscaler";
-/// How often the loop looks for brokers due for a poll.
+/// How often the loop looks at the pools (new snapshots wake it at once).
 const TICK: Duration = Duration::from_millis(100);
 /// Backlog/in-flight-only status changes are written at most this often (metrics carry every poll).
 pub const STATUS_NUMBERS_INTERVAL: Duration = Duration::from_secs(5);
@@ -119,7 +124,8 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl st
         ctx,
         caches,
         pools: HashMap::new(),
-        brokers: HashMap::new(),
+        endpoints: HashMap::new(),
+        registered: HashMap::new(),
         resolved: HashMap::new(),
         valid: HashMap::new(),
     };
@@ -141,13 +147,15 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl st
         _ = ready => {}
     }
     info!(namespace = ns.unwrap_or("<all>"), "autoscaler started");
-    let mut polls: JoinSet<(usize, Vec<Member>)> = JoinSet::new();
+    let mut polls: JoinSet<(EndpointKey, Vec<Member>)> = JoinSet::new();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut published = scaler.ctx.brokers.published();
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             _ = tick.tick() => scaler.start_due_polls(&mut polls).await,
+            Ok(()) = published.changed() => scaler.start_due_polls(&mut polls).await,
             Some(done) = polls.join_next() => match done {
                 Ok((broker, members)) => scaler.finished(broker, members),
                 Err(e) => warn!(error = %e, "autoscaler poll task failed"),
@@ -194,7 +202,7 @@ impl PoolState {
     }
 }
 
-/// A pool taking part in one poll of its broker.
+/// A pool taking part in one decision round of its broker endpoint.
 struct Member {
     key: String,
     pool: Arc<WorkerPool>,
@@ -203,7 +211,7 @@ struct Member {
     state: PoolState,
 }
 
-/// An autoscaled pool found on a broker, before its state is taken for a poll.
+/// An autoscaled pool found on an endpoint, before its state is taken for a decision round.
 struct Candidate {
     key: String,
     pool: Arc<WorkerPool>,
@@ -211,17 +219,25 @@ struct Candidate {
     queues: Vec<String>,
 }
 
-/// Poll schedule of one broker endpoint.
-struct BrokerSchedule {
-    last_poll: Option<Instant>,
+/// Decision rounds of one broker endpoint.
+struct EndpointRounds {
+    /// The poller and sequence number of the last snapshot decided on.
+    decided: (u64, u64),
     busy: bool,
+}
+
+/// Where a TaskQueue's broker is, as last resolved.
+struct Target {
+    key: EndpointKey,
+    spec: BrokerSpec,
+    resolved: ResolvedBroker,
 }
 
 /// A TaskQueue's broker as last resolved.
 struct Resolved {
     resource_version: Option<String>,
     at: Instant,
-    broker: Option<Arc<Broker>>,
+    target: Option<Arc<Target>>,
 }
 
 struct Scaler {
@@ -229,7 +245,9 @@ struct Scaler {
     caches: Caches,
     /// Pools under autoscaling, by `namespace/name`; taken out while their broker is being polled.
     pools: HashMap<String, Option<PoolState>>,
-    brokers: HashMap<usize, BrokerSchedule>,
+    endpoints: HashMap<EndpointKey, EndpointRounds>,
+    /// What each pool registered with its endpoint's poller.
+    registered: HashMap<String, (EndpointKey, Interest)>,
     resolved: HashMap<String, Resolved>,
     /// Whether each pool's spec passed validation, by resourceVersion (CEL is not free; the
     /// reconciler reports what is wrong).
@@ -237,10 +255,10 @@ struct Scaler {
 }
 
 impl Scaler {
-    /// Starts a poll for every broker whose interval has elapsed and which is not being polled.
-    async fn start_due_polls(&mut self, polls: &mut JoinSet<(usize, Vec<Member>)>) {
-        let now = Instant::now();
-        let mut groups: HashMap<usize, (Arc<Broker>, Vec<Candidate>)> = HashMap::new();
+    /// Starts a decision round for every endpoint with a snapshot not decided on yet (and no
+    /// round running), for the pools whose queues that snapshot polled.
+    async fn start_due_polls(&mut self, polls: &mut JoinSet<(EndpointKey, Vec<Member>)>) {
+        let mut groups: HashMap<EndpointKey, Vec<Candidate>> = HashMap::new();
         let mut seen = HashSet::new();
         for pool in self.caches.pools.state() {
             let Some(policy) = Policy::from_spec(&pool.spec) else { continue };
@@ -249,21 +267,33 @@ impl Scaler {
                 continue;
             }
             seen.insert(key.clone());
-            let Some((broker, queues)) = self.target(&pool).await else { continue };
-            let id = Arc::as_ptr(&broker) as usize;
-            groups.entry(id).or_insert_with(|| (broker, Vec::new())).1.push(Candidate { key, pool, policy, queues });
+            let Some(endpoint) = self.register(&key, &pool, &policy).await else { continue };
+            let queues = pool_queue_names(&self.registered[&key].1);
+            groups.entry(endpoint).or_default().push(Candidate { key, pool, policy, queues });
         }
         self.forget_pools_not_in(&seen).await;
-        for (id, (broker, members)) in groups {
-            let interval = members.iter().map(|m| m.policy.poll_interval).min().unwrap_or(Duration::from_secs(1));
-            let schedule = self.brokers.entry(id).or_insert(BrokerSchedule { last_poll: None, busy: false });
-            if schedule.busy || schedule.last_poll.is_some_and(|t| t + interval > now) {
+        self.endpoints.retain(|key, rounds| rounds.busy || groups.contains_key(key));
+        for (endpoint, members) in groups {
+            let rounds =
+                self.endpoints.entry(endpoint.clone()).or_insert(EndpointRounds { decided: (0, 0), busy: false });
+            if rounds.busy {
                 continue;
             }
-            // Take each pool's state out for the poll; a pool already out (its broker changed while a
-            // poll of the old one runs) waits for the next round.
+            let Some(snapshot) = self.ctx.brokers.snapshots(&endpoint).and_then(|s| s.borrow().clone()) else {
+                continue;
+            };
+            // A new poller for the endpoint (it closed and started again) counts from 1 again.
+            if rounds.decided.0 == snapshot.poller && snapshot.seq <= rounds.decided.1 {
+                continue;
+            }
+            // Take each pool's state out for the round; a pool already out (its broker changed while
+            // a round on the old one runs), or whose queues this poll did not read yet (it was just
+            // registered: the poller polls again at once), waits for the next round.
             let mut taken = Vec::new();
             for Candidate { key, pool, policy, queues } in members {
+                if !snapshot.covers_all(&queues) {
+                    continue;
+                }
                 let slot = self.pools.entry(key.clone()).or_insert_with(|| Some(PoolState::new(&pool)));
                 let Some(mut state) = slot.take() else { continue };
                 if state.uid != pool.uid().unwrap_or_default() {
@@ -274,10 +304,42 @@ impl Scaler {
             if taken.is_empty() {
                 continue;
             }
-            schedule.busy = true;
-            schedule.last_poll = Some(now);
-            let poll = Poll { ctx: self.ctx.clone(), caches: self.caches.clone(), broker };
-            polls.spawn(async move { (id, poll.run(taken).await) });
+            let consumers: Vec<Consumer> = taken.iter().map(|m| Consumer::Pool(m.key.clone())).collect();
+            self.ctx.brokers.renew(&endpoint, &consumers);
+            rounds.busy = true;
+            rounds.decided = (snapshot.poller, snapshot.seq);
+            let poll = Poll { ctx: self.ctx.clone(), caches: self.caches.clone(), snapshot };
+            polls.spawn(async move { (endpoint, poll.run(taken).await) });
+        }
+    }
+
+    /// Registers the pool's interest with its endpoint's poller (again only when it changed) and
+    /// returns the endpoint; `None` (and the pool leaves any endpoint) while its TaskQueues are
+    /// missing, blocked or on different brokers.
+    async fn register(&mut self, key: &str, pool: &WorkerPool, policy: &Policy) -> Option<EndpointKey> {
+        let consumer = Consumer::Pool(key.to_owned());
+        let Some((target, queues)) = self.target(pool).await else {
+            if self.registered.remove(key).is_some() {
+                self.ctx.brokers.deregister(&consumer);
+            }
+            return None;
+        };
+        let interest = Interest { queues, interval: policy.poll_interval, worker_events: true };
+        let current = self.registered.get(key);
+        let unchanged = current.is_some_and(|(k, i)| *k == target.key && *i == interest);
+        // A registration whose lease ran out (no round for a long time) is made again.
+        if unchanged && self.ctx.brokers.is_registered(&consumer, &target.key) {
+            return Some(target.key.clone());
+        }
+        match self.ctx.brokers.register(consumer, &target.spec, &target.resolved, interest.clone()) {
+            Ok(_) => {
+                self.registered.insert(key.to_owned(), (target.key.clone(), interest));
+                Some(target.key.clone())
+            }
+            Err(e) => {
+                debug!(pool = %key, error = %e, "the pool's broker cannot be polled");
+                None
+            }
         }
     }
 
@@ -295,8 +357,8 @@ impl Scaler {
     }
 
     /// Puts the polled pools' state back.
-    fn finished(&mut self, broker: usize, members: Vec<Member>) {
-        if let Some(s) = self.brokers.get_mut(&broker) {
+    fn finished(&mut self, endpoint: EndpointKey, members: Vec<Member>) {
+        if let Some(s) = self.endpoints.get_mut(&endpoint) {
             s.busy = false;
         }
         for m in members {
@@ -317,6 +379,9 @@ impl Scaler {
             }
             let state = self.pools.remove(&key).flatten();
             self.valid.remove(&key);
+            if self.registered.remove(&key).is_some() {
+                self.ctx.brokers.deregister(&Consumer::Pool(key.clone()));
+            }
             let (ns, name) = key.split_once('/').unwrap_or_default();
             self.ctx.metrics.forget_pool(&[ns, name]);
             let still_there = self.caches.pools.get(&ObjectRef::new(name).within(ns));
@@ -332,37 +397,42 @@ impl Scaler {
         }
     }
 
-    /// The pool's broker and Celery queue names, when its TaskQueues exist and share one broker.
-    async fn target(&mut self, pool: &WorkerPool) -> Option<(Arc<Broker>, Vec<String>)> {
+    /// The pool's broker endpoint and TaskQueues (with their Celery queue names), when its
+    /// TaskQueues exist and share one endpoint.
+    async fn target(&mut self, pool: &WorkerPool) -> Option<(Arc<Target>, Vec<(QueueRef, String)>)> {
         let ns = pool.namespace().unwrap_or_default();
-        let mut broker: Option<Arc<Broker>> = None;
+        let mut target: Option<Arc<Target>> = None;
         let mut queues = Vec::with_capacity(pool.spec.queues.len());
         for name in &pool.spec.queues {
             let tq = self.caches.queues.get(&ObjectRef::new(name).within(&ns))?;
-            let b = self.resolve(&tq).await?;
-            if broker.as_ref().is_some_and(|first| !Arc::ptr_eq(first, &b)) {
+            let t = self.resolve(&tq).await?;
+            if target.as_ref().is_some_and(|first| first.key != t.key) {
                 // Queues on different brokers: the reconciler reports it; nothing to scale.
                 return None;
             }
-            broker = Some(b);
-            queues.push(tq.queue_name().to_string());
+            target = Some(t);
+            queues.push((QueueRef::of(&tq), tq.queue_name().to_string()));
         }
-        Some((broker?, queues))
+        Some((target?, queues))
     }
 
-    /// The TaskQueue's broker client, re-resolved when the TaskQueue changed or its URL (which may
-    /// come from a Secret) was last read more than RESOLVE_INTERVAL ago.
-    async fn resolve(&mut self, tq: &TaskQueue) -> Option<Arc<Broker>> {
+    /// The TaskQueue's broker endpoint, re-resolved when the TaskQueue changed or its URL (which
+    /// may come from a Secret) was last read more than RESOLVE_INTERVAL ago.
+    async fn resolve(&mut self, tq: &TaskQueue) -> Option<Arc<Target>> {
         let key = display_name(tq);
         let rv = tq.resource_version();
         if let Some(r) = self.resolved.get(&key)
             && r.resource_version == rv
             && r.at.elapsed() < RESOLVE_INTERVAL
         {
-            return r.broker.clone();
+            return r.target.clone();
         }
-        let broker = match crate::reconcile::taskqueue::resolve(tq, &self.ctx).await {
-            Ok(Ok(resolved)) => self.ctx.brokers.get(&tq.spec.broker, &resolved).ok(),
+        let target = match crate::reconcile::taskqueue::resolve(tq, &self.ctx).await {
+            Ok(Ok(resolved)) => Some(Arc::new(Target {
+                key: EndpointKey::new(&tq.spec.broker, &resolved),
+                spec: tq.spec.broker.clone(),
+                resolved,
+            })),
             // Blocked (reported on the TaskQueue by its reconciler) or an API error: retry later.
             Ok(Err(_)) => None,
             Err(e) => {
@@ -370,9 +440,14 @@ impl Scaler {
                 None
             }
         };
-        self.resolved.insert(key, Resolved { resource_version: rv, at: Instant::now(), broker: broker.clone() });
-        broker
+        self.resolved.insert(key, Resolved { resource_version: rv, at: Instant::now(), target: target.clone() });
+        target
     }
+}
+
+/// The Celery queue names of a pool's interest.
+fn pool_queue_names(interest: &Interest) -> Vec<String> {
+    interest.queues.iter().map(|(_, q)| q.clone()).collect()
 }
 
 /// HPAs and KEDA ScaledObjects as seen at the start of a poll.
@@ -381,11 +456,11 @@ struct OtherScalers {
     scaled_objects: Vec<Arc<DynamicObject>>,
 }
 
-/// One poll of one broker for the pools on it.
+/// One decision round for the pools on one endpoint, from one snapshot.
 struct Poll {
     ctx: Arc<Context>,
     caches: Caches,
-    broker: Arc<Broker>,
+    snapshot: Arc<Snapshot>,
 }
 
 fn apply_params() -> PatchParams {
@@ -420,24 +495,21 @@ fn status_body(pool: &WorkerPool, status: serde_json::Value) -> serde_json::Valu
 
 impl Poll {
     async fn run(self, mut members: Vec<Member>) -> Vec<Member> {
-        let started = std::time::Instant::now();
-        let queues: Vec<&str> = members.iter().flat_map(|m| m.queues.iter().map(String::as_str)).collect();
-        let observation = self.broker.probe(&queues).await;
-        if let Err(e) = &observation {
-            debug!(broker = %self.broker.endpoint(), error = %e, "autoscaler probe failed");
-        }
-        let activity = self.ctx.brokers.activity(&self.broker);
+        // The poller probed (and counted a failure in the probe-error metric); a failed probe is
+        // Probe::Failed for every pool on the endpoint.
+        let observation = self.snapshot.observation();
+        let activity: Option<Activity> = self.snapshot.activity();
         // One snapshot of the other autoscalers for the whole poll.
         let others = OtherScalers {
             hpas: self.caches.hpas.state(),
             scaled_objects: self.caches.scaled_objects.as_ref().map(Store::state).unwrap_or_default(),
         };
         for member in &mut members {
-            if let Err(e) = self.decide_for(member, observation.as_ref().ok(), activity.as_ref(), &others).await {
+            if let Err(e) = self.decide_for(member, observation, activity.as_ref(), &others).await {
                 warn!(pool = %member.key, error = %e, "autoscaling step failed");
             }
         }
-        self.ctx.metrics.decision_latency(started.elapsed());
+        self.ctx.metrics.decision_latency(self.snapshot.started.elapsed());
         members
     }
 
@@ -487,7 +559,7 @@ impl Poll {
             backlog: seen.map(|s| s.backlog),
             in_flight: seen.map(|s| s.in_flight),
             last_scale: m.state.last_scale.clone(),
-            conditions: plan::decision_conditions(&decision, &m.queues, &self.broker.endpoint()),
+            conditions: plan::decision_conditions(&decision, &m.queues, &self.snapshot.endpoint),
         };
         self.write_status(m, status).await
     }

@@ -27,8 +27,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
-    /// One broker client per endpoint, shared by the TaskQueues on it.
-    pub brokers: crate::probe::Brokers,
+    /// One poller per broker endpoint, shared by the TaskQueues and the autoscaler.
+    pub brokers: crate::brokers::Brokers,
     /// Consecutive transient failures per object, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -40,8 +40,8 @@ impl Context {
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
+            brokers: crate::brokers::Brokers::new(metrics.clone()),
             metrics,
-            brokers: Default::default(),
             failures: Mutex::default(),
         }
     }
