@@ -87,6 +87,8 @@ ROWS = [
     [
         stat("Unsafe brokers", "TaskQueues whose broker can silently lose tasks (celery_operator_broker_safe == 0): an allkeys-* Redis eviction policy, or a RabbitMQ queue that drops or expires messages without a dead-letter exchange. See the TaskQueue's BrokerSafe condition for the reason.",
              f"count(celery_operator_broker_safe{NS} == 0) or vector(0)", alarm_from=1),
+        stat("Keys evicted (1h)", "Keys the broker's Redis evicted in the last hour (celery_operator_broker_incidents_total, reason KeysEvicted), counted once per TaskQueue on that Redis: each may have been a queue of tasks. The TaskQueue's BrokerSafe condition and a Warning Event say when.",
+             'sum(increase(celery_operator_broker_incidents_total{namespace=~"$namespace", reason="KeysEvicted"}[1h])) or vector(0)', alarm_from=1),
         stat("Total backlog", "Ready messages waiting in all watched queues, all priorities.",
              f"sum(celery_operator_queue_ready{NS})"),
         stat("Total in flight", "Tasks reserved or running on workers, all pools.",
