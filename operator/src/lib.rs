@@ -2,6 +2,7 @@
 
 pub mod autoscale;
 pub mod broker_config;
+pub mod cache;
 pub mod check_broker;
 pub mod conditions;
 pub mod controller;
@@ -15,4 +16,6 @@ pub mod metrics;
 pub mod probe;
 pub mod reconcile;
 pub mod render;
+pub mod replicas;
+pub mod status;
 pub mod validate;

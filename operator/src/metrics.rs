@@ -27,6 +27,7 @@ pub struct Metrics {
     decision_latency: prometheus::Histogram,
     scale_events: IntCounterVec,
     leader: prometheus::IntGauge,
+    api_unavailable: IntGaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -125,6 +126,16 @@ impl Metrics {
         for m in collectors {
             registry.register(m).expect("metric registered once");
         }
+        let api_unavailable = IntGaugeVec::new(
+            Opts::new(
+                "celery_operator_optional_api_unavailable",
+                "1 while an optional API (HPAs, KEDA ScaledObjects) cannot be watched (not served or forbidden): \
+                 the autoscaler then runs without conflict detection for it",
+            ),
+            &["resource"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(api_unavailable.clone())).expect("metric registered once");
         Self {
             registry,
             reconciles,
@@ -142,7 +153,13 @@ impl Metrics {
             decision_latency,
             scale_events,
             leader,
+            api_unavailable,
         }
+    }
+
+    /// Records whether an optional API can be watched.
+    pub fn optional_api_unavailable(&self, resource: &str, unavailable: bool) {
+        self.api_unavailable.with_label_values(&[resource]).set(i64::from(unavailable));
     }
 
     /// Records whether this replica reconciles. One that stops drops its per-queue and per-pool

@@ -85,6 +85,27 @@ impl Context {
     }
 }
 
+impl AsRef<Context> for Context {
+    fn as_ref(&self) -> &Context {
+        self
+    }
+}
+
+/// What the WorkerPool reconciler runs with: the shared context and the watch caches of the
+/// scope (namespace, or all) the pool is in.
+pub struct Scoped {
+    /// Shared by every reconcile.
+    pub ctx: Arc<Context>,
+    /// The scope's watch caches: the reconciler reads them instead of the API.
+    pub stores: crate::cache::Stores,
+}
+
+impl AsRef<Context> for Scoped {
+    fn as_ref(&self) -> &Context {
+        &self.ctx
+    }
+}
+
 /// Transient failures: the reconcile is retried with backoff. Mistakes in the user's spec are not
 /// errors: they become conditions and the reconcile waits for a change.
 #[derive(Debug, thiserror::Error)]
@@ -138,10 +159,12 @@ impl Blocked {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Requeue with exponential backoff per object, and count the error.
-pub fn error_policy<K>(obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action
+pub fn error_policy<K, C>(obj: Arc<K>, error: &Error, ctx: Arc<C>) -> Action
 where
     K: Resource<DynamicType = ()>,
+    C: AsRef<Context>,
 {
+    let ctx: &Context = (*ctx).as_ref();
     let key = ObjectRef::from_obj(&*obj).to_string();
     ctx.metrics.reconcile_failure(K::kind(&()).as_ref(), error.metric_label());
     let delay = ctx.backoff(key.clone());
