@@ -47,7 +47,7 @@ where
 {
     let desired_value = serde_json::to_value(desired)?;
     if let Some(live) = live
-        && is_subset(&desired_value, &serde_json::to_value(&live)?)
+        && is_subset(&desired_value, &serde_json::to_value(live)?)
     {
         return Ok(live.clone());
     }
