@@ -438,6 +438,58 @@ async fn a_steady_fleet_of_200_pools_makes_no_api_request_per_poll() {
     env.stop().await;
 }
 
+/// 50 pools get work at the same moment: the poll that sees it writes every pool's replicas before
+/// any pool's Event or status, so the last pool is not kept waiting behind the others' bookkeeping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_on_50_pools_writes_every_replica_count_before_any_event_or_status() {
+    let env = Env::start().await;
+    env.queue("burst");
+    for p in 0..50 {
+        env.pool(&format!("pool-{p}"), "burst", policy(0, 10, 0));
+    }
+    poll("every pool decided at zero", || async {
+        let pools = env.api.list(CRD, "WorkerPool", Some("prod")).unwrap();
+        pools.len() == 50 && pools.iter().all(|p| p["status"]["desiredReplicas"] == 0)
+    })
+    .await;
+    let mark = env.api.request_count();
+    env.push("burst", 7).await;
+    poll("every pool scaled to ceil(7 / 2) = 4 and reporting it", || async {
+        (0..50).all(|p| {
+            env.replicas(&format!("pool-{p}-worker")) == Some(4)
+                && env.status(&format!("pool-{p}"))["desiredReplicas"] == 4
+        })
+    })
+    .await;
+    let requests: Vec<_> = env.api.requests().into_iter().skip(mark).collect();
+    let scaled: Vec<usize> = requests
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.resource == "deployments" && r.field_manager.as_deref() == Some(FIELD_MANAGER))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(scaled.len(), 50, "one replica write per pool");
+    // Polls of one broker never overlap, so every autoscaler status write after the burst poll's
+    // first replica write is that poll's. (The reconciler writes its own status and Events when
+    // the Deployments change, at any moment; the autoscaler's status follows its Events.)
+    let after = requests
+        .iter()
+        .enumerate()
+        .skip(scaled[0])
+        .find(|(_, r)| {
+            r.resource == "workerpools"
+                && r.subresource.as_deref() == Some("status")
+                && r.field_manager.as_deref() == Some(FIELD_MANAGER)
+        })
+        .map(|(i, _)| i)
+        .expect("the autoscaler wrote status");
+    assert!(
+        scaled.iter().all(|&i| i < after),
+        "a status write (request {after}) went out before replica writes {scaled:?}"
+    );
+    env.stop().await;
+}
+
 /// A Redis client that tolerates a loaded machine (the default response timeout is 0.5 s).
 fn patient() -> redis::AsyncConnectionConfig {
     redis::AsyncConnectionConfig::new().set_response_timeout(Some(std::time::Duration::from_secs(30)))
