@@ -503,3 +503,43 @@ where
     });
     watched
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(name: &str, app: &str, beat: bool, queues: &[&str]) -> WorkerPool {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "celery-operator.dev/v1alpha1", "kind": "WorkerPool",
+            "metadata": {"name": name, "namespace": "prod"},
+            "spec": {"app": app, "image": "i", "queues": queues, "beat": {"enabled": beat}}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_pool_index_follows_changes_deletes_and_relists() {
+        let index = PoolIndex::default();
+        index.apply(Change::Applied(&pool("a", "x.app", true, &["emails"])));
+        index.apply(Change::Applied(&pool("b", "x.app", true, &["emails", "reports"])));
+        index.apply(Change::Applied(&pool("c", "y.app", false, &["reports"])));
+        assert_eq!(index.beat_pools("prod", "x.app"), ["a", "b"]);
+        assert_eq!(index.pools_with_queue("prod", "reports"), ["b", "c"]);
+        assert!(index.beat_pools("other", "x.app").is_empty());
+
+        // b turns beat off and leaves reports; a moves to another app; c is deleted.
+        index.apply(Change::Applied(&pool("b", "x.app", false, &["emails"])));
+        index.apply(Change::Applied(&pool("a", "z.app", true, &["emails"])));
+        index.apply(Change::Deleted(&pool("c", "y.app", false, &["reports"])));
+        assert!(index.beat_pools("prod", "x.app").is_empty());
+        assert_eq!(index.beat_pools("prod", "z.app"), ["a"]);
+        assert!(index.pools_with_queue("prod", "reports").is_empty());
+        assert_eq!(index.pools_with_queue("prod", "emails"), ["a", "b"]);
+
+        // A re-list replaces everything.
+        index.apply(Change::Relisted(&[Arc::new(pool("d", "x.app", true, &["jobs"]))]));
+        assert_eq!(index.beat_pools("prod", "x.app"), ["d"]);
+        assert!(index.pools_with_queue("prod", "emails").is_empty());
+        assert_eq!(index.pools_with_queue("prod", "jobs"), ["d"]);
+    }
+}

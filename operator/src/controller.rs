@@ -74,13 +74,14 @@ pub async fn run(
     );
 }
 
-/// A mapper filter: passes an object whose generation changed since it last passed, or which is
-/// gone from `store` (deleted), and holds back status-only changes.
+/// A mapper filter: passes an object that is new, whose generation changed since it last passed,
+/// or which is gone from `store` (deleted), and holds back status-only changes.
 fn spec_changes<K>(store: Store<K>) -> impl Fn(&K) -> bool + Send + Sync + 'static
 where
     K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
 {
-    let seen: Mutex<HashMap<ObjectRef<K>, Option<i64>>> = Mutex::default();
+    type Seen = (Option<String>, Option<i64>);
+    let seen: Mutex<HashMap<ObjectRef<K>, Seen>> = Mutex::default();
     move |obj| {
         let key = ObjectRef::from_obj(obj);
         let mut seen = seen.lock().expect("generation map lock");
@@ -88,8 +89,8 @@ where
             seen.remove(&key);
             return true;
         }
-        let generation = obj.meta().generation;
-        seen.insert(key, generation) != Some(generation)
+        let now = (obj.meta().uid.clone(), obj.meta().generation);
+        seen.insert(key, now.clone()) != Some(now)
     }
 }
 
