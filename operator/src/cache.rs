@@ -168,6 +168,55 @@ impl ApiHealth {
     }
 }
 
+/// How every watch of the process is doing, for `/readyz`: a required watch failing for a while
+/// makes the operator not ready; an optional API that cannot be watched is explained.
+#[derive(Clone, Debug, Default)]
+pub struct WatchHealth(Arc<Mutex<std::collections::BTreeMap<String, WatchState>>>);
+
+#[derive(Clone, Debug, Default)]
+struct WatchState {
+    optional: bool,
+    /// When the errors in a row began, and the last one.
+    failing: Option<(tokio::time::Instant, String)>,
+}
+
+impl WatchHealth {
+    pub(crate) fn ok(&self, watch: &str) {
+        if let Some(state) = self.0.lock().expect("watch health lock").get_mut(watch) {
+            state.failing = None;
+        }
+    }
+
+    pub(crate) fn failed(&self, watch: &str, optional: bool, error: &watcher::Error) {
+        let mut all = self.0.lock().expect("watch health lock");
+        let state = all.entry(watch.to_string()).or_default();
+        state.optional = optional;
+        let since = state.failing.as_ref().map_or_else(tokio::time::Instant::now, |(since, _)| *since);
+        state.failing = Some((since, error.to_string()));
+    }
+
+    /// Required watches that have failed without a success for longer than `grace`, each as
+    /// `watch of <scope>/<resource> failing for <n> s: <last error>`.
+    pub fn failing_longer_than(&self, grace: std::time::Duration) -> Vec<String> {
+        let all = self.0.lock().expect("watch health lock");
+        all.iter()
+            .filter(|(_, s)| !s.optional)
+            .filter_map(|(watch, s)| s.failing.as_ref().map(|(since, error)| (watch, since.elapsed(), error)))
+            .filter(|(_, for_, _)| *for_ >= grace)
+            .map(|(watch, for_, error)| format!("watch of {watch} failing for {} s: {error}", for_.as_secs()))
+            .collect()
+    }
+
+    /// Optional APIs that cannot be watched, each with the reason.
+    pub fn optional_unavailable(&self) -> Vec<String> {
+        let all = self.0.lock().expect("watch health lock");
+        all.iter()
+            .filter(|(_, s)| s.optional)
+            .filter_map(|(watch, s)| s.failing.as_ref().map(|(_, error)| format!("{watch}: {error}")))
+            .collect()
+    }
+}
+
 /// Index of WorkerPools by (namespace, app) for those enabling beat, and by (namespace, queue),
 /// kept in step with the pool store, so finding the beat holder or the pools of a TaskQueue costs
 /// the size of the answer, not of the fleet.
@@ -279,7 +328,10 @@ pub struct Stores {
 impl Stores {
     /// Opens the watches of one scope (`None`: all namespaces). They fill in the background; see
     /// [`Stores::wait_until_ready`].
-    pub async fn start(client: Client, ns: Option<&str>, metrics: Arc<Metrics>) -> Self {
+    pub async fn start(ctx: &crate::reconcile::Context, ns: Option<&str>) -> Self {
+        let (client, metrics) = (ctx.client.clone(), ctx.metrics.clone());
+        let scope = ns.unwrap_or("<all>");
+        let watch = |resource: &str| Report { name: format!("{scope}/{resource}"), health: ctx.watches.clone() };
         let mut tasks = JoinSet::new();
         let index = PoolIndex::default();
         let pool_index = index.clone();
@@ -288,7 +340,7 @@ impl Stores {
             &mut tasks,
             watcher(scoped::<WorkerPool>(client.clone(), ns), all.clone()),
             (),
-            "workerpools",
+            watch("workerpools"),
             None,
             |p: &mut WorkerPool| p.managed_fields_mut().clear(),
             move |change| pool_index.apply(change),
@@ -297,7 +349,7 @@ impl Stores {
             &mut tasks,
             watcher(scoped::<TaskQueue>(client.clone(), ns), all.clone()),
             (),
-            "taskqueues",
+            watch("taskqueues"),
             None,
             |q: &mut TaskQueue| q.managed_fields_mut().clear(),
             |_| {},
@@ -307,7 +359,7 @@ impl Stores {
             &mut tasks,
             watcher(scoped::<Deployment>(client.clone(), ns), managed),
             (),
-            "deployments",
+            watch("deployments"),
             None,
             crate::replicas::slim,
             |_| {},
@@ -316,7 +368,7 @@ impl Stores {
             &mut tasks,
             watcher(scoped::<PartialObjectMeta<Secret>>(client.clone(), ns), all.clone()),
             (),
-            "secrets",
+            watch("secrets"),
             None,
             |s: &mut PartialObjectMeta<Secret>| {
                 s.managed_fields_mut().clear();
@@ -329,7 +381,7 @@ impl Stores {
             &mut tasks,
             watcher(scoped::<HorizontalPodAutoscaler>(client.clone(), ns), all.clone()),
             (),
-            "horizontalpodautoscalers",
+            watch("horizontalpodautoscalers"),
             Some(hpa_health.clone()),
             |h: &mut HorizontalPodAutoscaler| {
                 h.managed_fields_mut().clear();
@@ -349,7 +401,7 @@ impl Stores {
                     &mut tasks,
                     watcher(api, all),
                     resource,
-                    "scaledobjects",
+                    watch("scaledobjects"),
                     Some(health.clone()),
                     |o: &mut DynamicObject| o.managed_fields_mut().clear(),
                     |_| {},
@@ -424,13 +476,27 @@ async fn keda_scaled_objects(client: &Client) -> Option<ApiResource> {
     })
 }
 
+/// Where a watch reports how it is doing.
+struct Report {
+    /// `<scope>/<resource>`.
+    name: String,
+    health: WatchHealth,
+}
+
+impl Drop for Report {
+    /// A watch that stopped (leadership lost, shutdown) is no longer failing.
+    fn drop(&mut self) {
+        self.health.0.lock().expect("watch health lock").remove(&self.name);
+    }
+}
+
 /// Runs one watch in the background: slims each object, writes the store, updates the index,
 /// then tells the subscribers. Backs off (client-go's policy) on its own errors only.
 fn spawn<K, S>(
     tasks: &mut JoinSet<()>,
     stream: S,
     dyntype: <K as Resource>::DynamicType,
-    what: &'static str,
+    report: Report,
     health: Option<ApiHealth>,
     mut slim: impl FnMut(&mut K) + Send + 'static,
     mut index: impl FnMut(Change<'_, K>) + Send + 'static,
@@ -452,16 +518,18 @@ where
             let event = match event {
                 Ok(event) => event.modify(&mut slim),
                 Err(e) => {
+                    report.health.failed(&report.name, health.is_some(), &e);
                     match &health {
                         Some(h) => {
                             h.failed(&e);
-                            debug!(watch = what, error = %e, "watch failed; retrying with backoff");
+                            debug!(watch = %report.name, error = %e, "watch failed; retrying with backoff");
                         }
-                        None => warn!(watch = what, error = %e, "watch failed; retrying with backoff"),
+                        None => warn!(watch = %report.name, error = %e, "watch failed; retrying with backoff"),
                     }
                     continue;
                 }
             };
+            report.health.ok(&report.name);
             // Objects a re-list no longer finds were deleted while the watch was down.
             let mut vanished = Vec::new();
             match &event {

@@ -61,7 +61,7 @@ pub async fn run(
 ) {
     let scope = namespace.as_deref().unwrap_or("<all>");
     info!(namespace = scope, "starting controllers");
-    let stores = Stores::start(ctx.client.clone(), namespace.as_deref(), ctx.metrics.clone()).await;
+    let stores = Stores::start(&ctx, namespace.as_deref()).await;
     tokio::select! {
         _ = shutdown.clone() => return,
         _ = stores.wait_until_ready() => {}

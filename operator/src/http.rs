@@ -9,19 +9,35 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 
+use crate::cache::WatchHealth;
 use crate::metrics::Metrics;
+
+/// How long a required watch may fail without a success before `/readyz` fails (a 410 re-list or a
+/// dropped connection recovers within seconds; client-go's backoff caps at 30 s).
+pub const WATCH_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Shared with the HTTP handlers.
 #[derive(Clone)]
 pub struct Health {
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
+    watches: WatchHealth,
+    grace: std::time::Duration,
 }
 
 impl Health {
     /// Not ready until [`Health::set_ready`].
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics, ready: Arc::default() }
+        Self { metrics, ready: Arc::default(), watches: WatchHealth::default(), grace: WATCH_GRACE }
+    }
+
+    /// `/readyz` also fails while a watch keeps failing for longer than `grace` (normally
+    /// [`WATCH_GRACE`]), and explains an optional API it cannot watch.
+    #[must_use]
+    pub fn with_watches(mut self, watches: WatchHealth, grace: std::time::Duration) -> Self {
+        self.watches = watches;
+        self.grace = grace;
+        self
     }
 
     /// Ready once the API server answered and the controllers started.
@@ -37,11 +53,18 @@ pub fn router(health: Health) -> Router {
         .route(
             "/readyz",
             get(|State(h): State<Health>| async move {
-                if h.ready.load(Ordering::Relaxed) {
-                    (StatusCode::OK, "ready")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "starting")
+                if !h.ready.load(Ordering::Relaxed) {
+                    return (StatusCode::SERVICE_UNAVAILABLE, "starting".to_string());
                 }
+                let failing = h.watches.failing_longer_than(h.grace);
+                if !failing.is_empty() {
+                    return (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}", failing.join("; ")));
+                }
+                let mut body = "ready".to_string();
+                for why in h.watches.optional_unavailable() {
+                    body.push_str(&format!("\nwithout conflict detection for {why}"));
+                }
+                (StatusCode::OK, body)
             }),
         )
         .route("/metrics", get(|State(h): State<Health>| async move { h.metrics.encode() }))
@@ -83,5 +106,29 @@ mod tests {
         let (status, body) = get(&health, "/metrics").await;
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("celery_operator_reconcile_total{kind=\"TaskQueue\"} 1"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn readyz_fails_while_a_watch_keeps_failing_and_explains_an_optional_api() {
+        let error = kube::runtime::watcher::Error::NoResourceVersion;
+        let watches = WatchHealth::default();
+        let patient = Health::new(Arc::new(Metrics::new())).with_watches(watches.clone(), WATCH_GRACE);
+        let strict = Health::new(Arc::new(Metrics::new())).with_watches(watches.clone(), std::time::Duration::ZERO);
+        patient.set_ready(true);
+        strict.set_ready(true);
+        watches.failed("prod/deployments", false, &error);
+        assert_eq!(get(&patient, "/readyz").await, (StatusCode::OK, "ready".into()), "a short failure is no reason");
+        let (status, body) = get(&strict, "/readyz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            body.starts_with("not ready: watch of prod/deployments failing for 0 s: no metadata.resourceVersion"),
+            "{body}"
+        );
+        watches.ok("prod/deployments");
+        assert_eq!(get(&strict, "/readyz").await.0, StatusCode::OK, "recovered");
+        watches.failed("prod/horizontalpodautoscalers", true, &error);
+        let (status, body) = get(&strict, "/readyz").await;
+        assert_eq!(status, StatusCode::OK, "an optional API is no reason: {body}");
+        assert!(body.contains("without conflict detection for prod/horizontalpodautoscalers"), "{body}");
     }
 }

@@ -26,6 +26,8 @@ struct Env {
     api: ApiServer,
     redis: RedisServer,
     metrics: Arc<Metrics>,
+    /// What the operator's `/readyz` answers.
+    health: celery_operator::http::Health,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     operator: Option<tokio::task::JoinHandle<kube_lease_manager::Result<()>>>,
     _runner: PodRunner,
@@ -46,12 +48,15 @@ impl Env {
         let runner = PodRunner::start(&api, RunnerConfig::simulated()).unwrap();
         let metrics = Arc::new(Metrics::new());
         let ctx = Arc::new(Context::new(api.client(), metrics.clone(), Some("test".into())));
+        let health = celery_operator::http::Health::new(metrics.clone())
+            .with_watches(ctx.watches.clone(), celery_operator::http::WATCH_GRACE);
+        health.set_ready(true);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let shutdown = shutdown_when(async move {
             let _ = stopped.await;
         });
         let operator = tokio::spawn(run_all(ctx, vec![Some("prod".into())], None, shutdown));
-        Env { api, redis, metrics, stop: Some(stop), operator: Some(operator), _runner: runner }
+        Env { api, redis, metrics, health, stop: Some(stop), operator: Some(operator), _runner: runner }
     }
 
     fn create(&self, kind: &str, api_version: &str, mut doc: Value) {
@@ -127,6 +132,17 @@ impl Env {
             .find_map(|l| l.strip_prefix("celery_operator_autoscaler_decision_seconds_count "))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0)
+    }
+
+    /// `/readyz`: status code and body.
+    async fn readyz(&self) -> (u16, String) {
+        use http_body_util::BodyExt;
+        use tower::ServiceExt;
+        let request = axum::http::Request::get("/readyz").body(axum::body::Body::empty()).unwrap();
+        let response = celery_operator::http::router(self.health.clone()).oneshot(request).await.unwrap();
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
     }
 
     async fn stop(mut self) {
@@ -331,8 +347,8 @@ async fn a_keda_scaled_object_on_the_pool_is_a_conflict_too() {
 }
 
 /// The HPA API refused (`code` 403) or not served (404): the autoscaler still scales, and says on
-/// ScalingActive (reason ScalerConflictUnchecked, the API named) and in a metric that it cannot
-/// see another autoscaler on the pool.
+/// ScalingActive (reason ScalerConflictUnchecked, the API named), in a metric and on `/readyz`
+/// that it cannot see another autoscaler on the pool.
 async fn scales_without_the_hpa_api(code: u16) {
     let hpas = RequestMatch::any().resource("horizontalpodautoscalers");
     let env = Env::start_with(|api| api.inject(Fault::error(code).on(hpas))).await;
@@ -352,6 +368,9 @@ async fn scales_without_the_hpa_api(code: u16) {
     let metric = "celery_operator_optional_api_unavailable{resource=\"horizontalpodautoscalers\"} 1";
     assert!(env.metrics.encode().contains(metric), "{}", env.metrics.encode());
     assert!(env.api.requests().iter().any(|r| r.resource == "horizontalpodautoscalers" && r.injected));
+    let (status, body) = env.readyz().await;
+    assert_eq!(status, 200, "a missing optional API is no reason to be unready: {body}");
+    assert!(body.contains("without conflict detection for prod/horizontalpodautoscalers"), "{body}");
     env.stop().await;
 }
 

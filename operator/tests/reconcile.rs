@@ -37,7 +37,7 @@ async fn harness() -> Harness {
     api.load_crds_from_dir(crds).expect("CRDs load");
     let client = api.client();
     let ctx = Arc::new(Context::new(client.clone(), Arc::new(Metrics::new()), Some("test".into())));
-    let stores = Stores::start(client.clone(), Some("prod"), ctx.metrics.clone()).await;
+    let stores = Stores::start(&ctx, Some("prod")).await;
     stores.wait_until_ready().await;
     let scope = Arc::new(Scoped { ctx: ctx.clone(), stores });
     Harness { api, client, ctx, scope }

@@ -29,6 +29,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// One broker client per endpoint, shared by the TaskQueues on it.
     pub brokers: crate::probe::Brokers,
+    /// How the watches are doing (for `/readyz`).
+    pub watches: crate::cache::WatchHealth,
     /// Consecutive transient failures per object, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -42,6 +44,7 @@ impl Context {
             client,
             metrics,
             brokers: Default::default(),
+            watches: Default::default(),
             failures: Mutex::default(),
         }
     }
