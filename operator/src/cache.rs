@@ -115,6 +115,7 @@ pub struct ApiHealth {
 
 impl ApiHealth {
     fn new(resource: &'static str, metrics: Arc<Metrics>) -> Self {
+        metrics.optional_api_unavailable(resource, false);
         Self { resource, state: Arc::new(RwLock::new(Availability::Pending)), metrics }
     }
 
