@@ -97,6 +97,8 @@ ROWS = [
              "sum(increase(celery_operator_reconcile_errors_total[5m])) or vector(0)", alarm_from=1, alarm="orange"),
         stat("Leading replicas", "Operator replicas that reconcile right now (celery_operator_leader): 1 is healthy, 0 means nothing reconciles or autoscales (alert CeleryOperatorNoLeader).",
              "sum(celery_operator_leader)", alarm_from=1, below=True),
+        stat("Optional APIs not watched", "HPA or KEDA ScaledObject APIs the operator cannot watch (not served, or forbidden: celery_operator_optional_api_unavailable). Pools are still scaled, without detecting another autoscaler on them; their ScalingActive reason is ScalerConflictUnchecked.",
+             "sum(celery_operator_optional_api_unavailable) or vector(0)", alarm_from=1, alarm="orange"),
     ],
     [
         timeseries("Backlog (ready messages)", "short", "Messages waiting per TaskQueue, summed over Celery's priority lists (Redis) or read by passive declare (RabbitMQ).",

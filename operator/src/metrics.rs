@@ -32,6 +32,7 @@ pub struct Metrics {
     pool_condition: IntGaugeVec,
     /// The label sets of `pool_condition` each pool exports now, to remove them when they change.
     pool_condition_labels: std::sync::Mutex<std::collections::HashMap<[String; 2], Vec<[String; 5]>>>,
+    api_unavailable: IntGaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -158,6 +159,16 @@ impl Metrics {
         for m in collectors {
             registry.register(m).expect("metric registered once");
         }
+        let api_unavailable = IntGaugeVec::new(
+            Opts::new(
+                "celery_operator_optional_api_unavailable",
+                "1 while an optional API (HPAs, KEDA ScaledObjects) cannot be watched (not served or forbidden): \
+                 the autoscaler then runs without conflict detection for it",
+            ),
+            &["resource"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(api_unavailable.clone())).expect("metric registered once");
         Self {
             registry,
             reconciles,
@@ -179,6 +190,7 @@ impl Metrics {
             events_dropped,
             pool_condition,
             pool_condition_labels: Default::default(),
+            api_unavailable,
         }
     }
 
@@ -208,6 +220,11 @@ impl Metrics {
     /// Counts an Event given up on after its retries.
     pub fn event_dropped(&self, reason: &str) {
         self.events_dropped.with_label_values(&[reason]).inc();
+    }
+
+    /// Records whether an optional API can be watched.
+    pub fn optional_api_unavailable(&self, resource: &str, unavailable: bool) {
+        self.api_unavailable.with_label_values(&[resource]).set(i64::from(unavailable));
     }
 
     /// Records whether this replica reconciles. One that stops drops its per-queue and per-pool

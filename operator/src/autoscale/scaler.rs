@@ -7,10 +7,17 @@
 //! it see the same snapshot, so no finding is consumed by one and missed by the other, and a
 //! failed poll counts in the probe-error metric whoever it was for.
 //!
-//! Everything it reads comes from watch caches (pools, TaskQueues, worker Deployments, HPAs, KEDA
-//! ScaledObjects when KEDA is installed), so a poll costs the broker round trip and nothing else on
-//! the API server unless something changes. Endpoints are decided for concurrently: a slow or
-//! unreachable broker (probes are bounded by their timeout) never delays the pools on another one.
+//! Everything it reads comes from the scope's shared watch caches ([`crate::cache::Stores`]: pools,
+//! TaskQueues, worker Deployments, HPAs, KEDA ScaledObjects when KEDA is installed), so a poll costs
+//! the broker round trip and nothing else on the API server unless something changes. Brokers are
+//! polled concurrently: a slow or unreachable broker (probes are bounded by their timeout) never
+//! delays the pools on another one. The pools of one poll are decided concurrently (at most
+//! [`IN_FLIGHT`] at once), every replica write before any Event or status write, so a burst that
+//! wakes many pools reacts as fast as one.
+//!
+//! When HPAs or ScaledObjects cannot be watched (not served, or 403), pools are still scaled; their
+//! ScalingActive condition says conflict detection is off, and the cache logs it once and sets
+//! `celery_operator_optional_api_unavailable`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -22,11 +29,10 @@ use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -36,14 +42,19 @@ use super::decide::{self, Decision, Policy, Probe, ScalerState};
 use super::plan::{self, Activity, Conflict, ScalerStatus};
 use crate::broker_config::{EndpointKey, ResolvedBroker};
 use crate::brokers::{Consumer, Interest, QueueRef, Snapshot};
-use crate::conditions::{self, Wanted, kind};
-use crate::controller::scoped;
+use crate::cache::{ApiHealth, Availability, Stores};
+use crate::conditions::{self, Status, Wanted, kind};
 use crate::crd::{BrokerSpec, TaskQueue, WorkerPool};
-use crate::labels;
 use crate::reconcile::{Context, display_name};
+use crate::status;
 
 /// Field manager of the worker Deployment's `spec.replicas` and the autoscaler's status fields.
-pub const FIELD_MANAGER: &str = "celery-operator-autoscaler";
+pub use crate::labels::AUTOSCALER_FIELD_MANAGER as FIELD_MANAGER;
+/// Decisions (and their writes) of one poll in flight at once.
+pub const IN_FLIGHT: usize = 32;
+/// How long the autoscaler waits at start for the optional APIs to answer before it scales
+/// without conflict detection for those that have not.
+const OPTIONAL_API_WAIT: Duration = Duration::from_secs(5);
 /// How often the loop looks at the pools (new snapshots wake it at once).
 const TICK: Duration = Duration::from_millis(100);
 /// Backlog/in-flight-only status changes are written at most this often (metrics carry every poll).
@@ -53,7 +64,7 @@ pub const EVENT_INTERVAL: Duration = Duration::from_secs(30);
 /// Broker URLs (from Secrets) are re-read at least this often, to follow rotations.
 const RESOLVE_INTERVAL: Duration = Duration::from_secs(60);
 
-/// Watch caches the loop reads.
+/// Watch caches the loop reads (views of the scope's shared [`Stores`]).
 #[derive(Clone)]
 struct Caches {
     pools: Store<WorkerPool>,
@@ -61,65 +72,44 @@ struct Caches {
     deployments: Store<Deployment>,
     hpas: Store<HorizontalPodAutoscaler>,
     scaled_objects: Option<Store<DynamicObject>>,
+    /// Whether HPAs and ScaledObjects can be watched.
+    optional: Vec<ApiHealth>,
 }
 
-/// Keeps a watch stream running in the background until dropped.
-struct Watches(JoinSet<()>);
-
-impl Watches {
-    fn watch<K>(&mut self, api: Api<K>, config: watcher::Config) -> Store<K>
-    where
-        K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
-    {
-        self.watch_with(api, config, reflector::store::Writer::default())
+impl Caches {
+    fn new(stores: &Stores) -> Self {
+        Self {
+            pools: stores.pools.store().clone(),
+            queues: stores.queues.store().clone(),
+            deployments: stores.deployments.store().clone(),
+            hpas: stores.hpas.store().clone(),
+            scaled_objects: stores.scaled_objects.as_ref().map(|(w, _)| w.store().clone()),
+            optional: std::iter::once(stores.hpa_health.clone())
+                .chain(stores.scaled_objects.iter().map(|(_, h)| h.clone()))
+                .collect(),
+        }
     }
 
-    fn watch_with<K>(&mut self, api: Api<K>, config: watcher::Config, writer: reflector::store::Writer<K>) -> Store<K>
-    where
-        K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
-        K::DynamicType: Clone + Eq + std::hash::Hash + Send + Sync,
-    {
-        let reader = writer.as_reader();
-        let stream = watcher(api, config).default_backoff().reflect(writer).applied_objects();
-        self.0.spawn(stream.for_each(|_| async {}));
-        reader
+    /// Why conflict detection is (partly) off, when an optional API cannot be watched.
+    fn unchecked(&self) -> Option<String> {
+        let why: Vec<String> = self
+            .optional
+            .iter()
+            .filter_map(|h| match h.get() {
+                Availability::Ready => None,
+                Availability::Pending => Some(format!("{} not listed yet", h.resource())),
+                Availability::Unavailable(why) => Some(why),
+            })
+            .collect();
+        (!why.is_empty()).then(|| {
+            format!("conflicts with other autoscalers on this pool's workers are not checked: {}", why.join("; "))
+        })
     }
 }
 
-/// KEDA's ScaledObject, when the API server serves it.
-async fn keda_scaled_objects(client: &Client) -> Option<ApiResource> {
-    let resources = client.list_api_group_resources("keda.sh/v1alpha1").await.ok()?;
-    resources.resources.iter().find(|r| r.kind == "ScaledObject").map(|r| ApiResource {
-        group: "keda.sh".into(),
-        version: "v1alpha1".into(),
-        api_version: "keda.sh/v1alpha1".into(),
-        kind: r.kind.clone(),
-        plural: r.name.clone(),
-    })
-}
-
-/// Runs the autoscaler for one namespace (or all) until `shutdown`.
-pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl std::future::Future<Output = ()>) {
-    let client = ctx.client.clone();
-    let ns = namespace.as_deref();
-    let mut watches = Watches(JoinSet::new());
-    let managed = watcher::Config::default().labels(&labels::managed_selector());
-    let caches = Caches {
-        pools: watches.watch(scoped::<WorkerPool>(client.clone(), ns), watcher::Config::default()),
-        queues: watches.watch(scoped::<TaskQueue>(client.clone(), ns), watcher::Config::default()),
-        deployments: watches.watch(scoped::<Deployment>(client.clone(), ns), managed),
-        hpas: watches.watch(scoped::<HorizontalPodAutoscaler>(client.clone(), ns), watcher::Config::default()),
-        scaled_objects: match keda_scaled_objects(&client).await {
-            None => None,
-            Some(resource) => {
-                let api: Api<DynamicObject> = match ns {
-                    Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
-                    None => Api::all_with(client.clone(), &resource),
-                };
-                Some(watches.watch_with(api, watcher::Config::default(), reflector::store::Writer::new(resource)))
-            }
-        },
-    };
+/// Runs the autoscaler on one scope's shared watch caches until `shutdown`.
+pub async fn run(ctx: Arc<Context>, stores: Stores, shutdown: impl std::future::Future<Output = ()>) {
+    let caches = Caches::new(&stores);
     let mut scaler = Scaler {
         ctx,
         caches,
@@ -130,23 +120,20 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl st
         valid: HashMap::new(),
     };
     tokio::pin!(shutdown);
+    // The required caches are ready (the controllers wait for them); HPAs and ScaledObjects are
+    // optional: a refused or missing API must not keep pools from scaling.
     let ready = async {
-        let c = &scaler.caches;
-        let _ = tokio::join!(
-            c.pools.wait_until_ready(),
-            c.queues.wait_until_ready(),
-            c.deployments.wait_until_ready(),
-            c.hpas.wait_until_ready()
-        );
-        if let Some(so) = &c.scaled_objects {
-            let _ = so.wait_until_ready().await;
-        }
+        stores.wait_until_ready().await;
+        stores.wait_for_optional(OPTIONAL_API_WAIT).await;
     };
     tokio::select! {
         _ = &mut shutdown => return,
         _ = ready => {}
     }
-    info!(namespace = ns.unwrap_or("<all>"), "autoscaler started");
+    match scaler.caches.unchecked() {
+        None => info!("autoscaler started"),
+        Some(why) => warn!(reason = %why, "autoscaler started without conflict detection"),
+    }
     let mut polls: JoinSet<(EndpointKey, Vec<Member>)> = JoinSet::new();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -179,6 +166,15 @@ struct PoolState {
     /// The replicas last applied, and the Deployment's resourceVersion before that write: while
     /// the watch cache still shows that version, the applied count is the current one.
     applied: Option<(Option<String>, u32)>,
+    /// What this poll still has to send once every pool's replicas are out.
+    outbox: Outbox,
+}
+
+/// Writes a poll holds back until every member's replica write is out: Events, then status.
+#[derive(Default)]
+struct Outbox {
+    events: Vec<(EventType, &'static str, String)>,
+    status: Option<ScalerStatus>,
 }
 
 impl PoolState {
@@ -198,6 +194,7 @@ impl PoolState {
             suppressed_events: 0,
             last_scale,
             applied: None,
+            outbox: Outbox::default(),
         }
     }
 }
@@ -388,9 +385,8 @@ impl Scaler {
             if let (Some(pool), Some(_)) = (still_there, state) {
                 // Autoscaling was switched off: give up our status fields (the reconciler owns
                 // desiredReplicas from now on).
-                let api: Api<WorkerPool> = Api::namespaced(self.ctx.client.clone(), ns);
-                let body = status_body(&pool, json!({}));
-                if let Err(e) = api.patch_status(name, &apply_params(), &Patch::Apply(&body)).await {
+                let cleared = status::apply(&self.ctx.client, &*pool, status::Writer::Autoscaler, &json!({})).await;
+                if let Err(e) = cleared {
                     warn!(pool = %key, error = %e, "could not clear the autoscaler's status fields");
                 }
             }
@@ -454,6 +450,8 @@ fn pool_queue_names(interest: &Interest) -> Vec<String> {
 struct OtherScalers {
     hpas: Vec<Arc<HorizontalPodAutoscaler>>,
     scaled_objects: Vec<Arc<DynamicObject>>,
+    /// Why conflict detection is (partly) off this poll, if it is.
+    unchecked: Option<String>,
 }
 
 /// One decision round for the pools on one endpoint, from one snapshot.
@@ -461,36 +459,6 @@ struct Poll {
     ctx: Arc<Context>,
     caches: Caches,
     snapshot: Arc<Snapshot>,
-}
-
-fn apply_params() -> PatchParams {
-    PatchParams::apply(FIELD_MANAGER).force()
-}
-
-/// Applies a worker Deployment's `spec.replicas` (and nothing else) under the autoscaler's field
-/// manager. The Deployment must exist: a partial apply cannot create one.
-pub async fn apply_replicas(
-    deployments: &Api<Deployment>,
-    name: &str,
-    replicas: u32,
-) -> Result<Deployment, kube::Error> {
-    let body = json!({
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": { "name": name },
-        "spec": { "replicas": replicas },
-    });
-    deployments.patch(name, &apply_params(), &Patch::Apply(&body)).await
-}
-
-/// A server-side apply body for the pool's status subresource.
-fn status_body(pool: &WorkerPool, status: serde_json::Value) -> serde_json::Value {
-    json!({
-        "apiVersion": WorkerPool::api_version(&()),
-        "kind": WorkerPool::kind(&()),
-        "metadata": { "name": pool.name_any(), "namespace": pool.namespace() },
-        "status": status,
-    })
 }
 
 impl Poll {
@@ -503,13 +471,26 @@ impl Poll {
         let others = OtherScalers {
             hpas: self.caches.hpas.state(),
             scaled_objects: self.caches.scaled_objects.as_ref().map(Store::state).unwrap_or_default(),
+            unchecked: self.caches.unchecked(),
         };
-        for member in &mut members {
-            if let Err(e) = self.decide_for(member, observation, activity.as_ref(), &others).await {
-                warn!(pool = %member.key, error = %e, "autoscaling step failed");
-            }
-        }
+        // Decide and write replicas for every member (Events and status are held in the outbox)...
+        let (this, activity, others) = (&self, activity.as_ref(), &others);
+        futures::stream::iter(members.iter_mut())
+            .for_each_concurrent(IN_FLIGHT, |member| async move {
+                if let Err(e) = this.decide_for(member, observation, activity, others).await {
+                    warn!(pool = %member.key, error = %e, "autoscaling step failed");
+                }
+            })
+            .await;
         self.ctx.metrics.decision_latency(self.snapshot.started.elapsed());
+        // ...then send what they held back.
+        futures::stream::iter(members.iter_mut())
+            .for_each_concurrent(IN_FLIGHT, |member| async move {
+                if let Err(e) = this.deliver(member, others.unchecked.as_deref()).await {
+                    warn!(pool = %member.key, error = %e, "could not write the autoscaler's status");
+                }
+            })
+            .await;
         members
     }
 
@@ -585,13 +566,13 @@ impl Poll {
             warn!(pool = %m.key, error = %e, "could not set pod deletion costs");
         }
         let deployments: Api<Deployment> = Api::namespaced(self.ctx.client.clone(), &ns);
-        apply_replicas(&deployments, &deployment.name_any(), to).await?;
+        crate::replicas::apply(&deployments, &deployment.name_any(), to).await?;
         m.state.applied = Some((deployment.resource_version(), to));
         let message = plan::scale_message(current, to, &decision.reason);
         info!(pool = %m.key, from = current, to, reason = %decision.reason, "scaled");
         self.ctx.metrics.pool_scaled(&[ns.as_str(), &pool.name_any()], to > current);
         m.state.last_scale = Some((Timestamp::now().to_string(), message.clone()));
-        self.scale_event(m, to > current, message).await;
+        self.scale_event(m, to > current, message);
         Ok(())
     }
 
@@ -613,8 +594,9 @@ impl Poll {
         Ok(())
     }
 
-    /// A Normal Event for a scale action, at most one per pool per EVENT_INTERVAL.
-    async fn scale_event(&self, m: &mut Member, up: bool, message: String) {
+    /// A Normal Event for a scale action, at most one per pool per EVENT_INTERVAL (sent after the
+    /// poll's replica writes).
+    fn scale_event(&self, m: &mut Member, up: bool, message: String) {
         let now = Instant::now();
         if m.state.last_event.is_some_and(|t| t + EVENT_INTERVAL > now) {
             m.state.suppressed_events += 1;
@@ -625,7 +607,7 @@ impl Poll {
             n => format!("{message} ({n} earlier change(s) since the last event)"),
         };
         let reason = if up { "ScaledUp" } else { "ScaledDown" };
-        self.ctx.publish(&m.pool.object_ref(&()), EventType::Normal, reason, &note, "Scale").await;
+        m.state.outbox.events.push((EventType::Normal, reason, note));
         m.state.last_event = Some(now);
     }
 
@@ -640,7 +622,7 @@ impl Poll {
         let latest = m.state.last_scale.as_ref().map(|(_, r)| r.clone()).unwrap_or_default();
         let note =
             format!("{n} more scale change(s) since the last event; now at {replicas} replicas (latest: {latest})");
-        self.ctx.publish(&m.pool.object_ref(&()), EventType::Normal, "Scaled", &note, "Scale").await;
+        m.state.outbox.events.push((EventType::Normal, "Scaled", note));
         m.state.last_event = Some(Instant::now());
     }
 
@@ -659,9 +641,32 @@ impl Poll {
         self.write_status(m, status).await
     }
 
+    /// Holds the autoscaler's status fields for [`Poll::deliver`], after the poll's replica writes.
+    async fn write_status(&self, m: &mut Member, status: ScalerStatus) -> Result<(), kube::Error> {
+        m.state.outbox.status = Some(status);
+        Ok(())
+    }
+
+    /// Sends what the member's decision held back: its Events, then its status.
+    async fn deliver(&self, m: &mut Member, unchecked: Option<&str>) -> Result<(), kube::Error> {
+        let reference = m.pool.object_ref(&());
+        for (type_, reason, note) in std::mem::take(&mut m.state.outbox.events) {
+            self.ctx.publish(&reference, type_, reason, &note, "Scale").await;
+        }
+        match m.state.outbox.status.take() {
+            Some(mut status) => {
+                if let Some(why) = unchecked {
+                    note_unchecked(&mut status.conditions, why);
+                }
+                self.apply_status(m, status).await
+            }
+            None => Ok(()),
+        }
+    }
+
     /// Applies the autoscaler's status fields when they changed (numbers alone at most every
     /// STATUS_NUMBERS_INTERVAL), and publishes Events for condition transitions.
-    async fn write_status(&self, m: &mut Member, status: ScalerStatus) -> Result<(), kube::Error> {
+    async fn apply_status(&self, m: &mut Member, status: ScalerStatus) -> Result<(), kube::Error> {
         let now = Instant::now();
         if let Some((written, at)) = &m.state.written
             && (written == &status || (status.differs_only_in_numbers(written) && *at + STATUS_NUMBERS_INTERVAL > now))
@@ -686,14 +691,28 @@ impl Poll {
             body.insert("lastScaleReason".into(), json!(reason));
         }
         body.insert("conditions".into(), serde_json::to_value(&new_conditions).unwrap_or_default());
-        let api: Api<WorkerPool> = Api::namespaced(self.ctx.client.clone(), &pool.namespace().unwrap_or_default());
-        api.patch_status(&pool.name_any(), &apply_params(), &Patch::Apply(&status_body(pool, body.into()))).await?;
+        status::apply(&self.ctx.client, pool, status::Writer::Autoscaler, &body).await?;
         self.ctx.publish_transitions(&pool.object_ref(&()), &m.state.conditions, &new_conditions).await;
         let ns = pool.namespace().unwrap_or_default();
         self.ctx.metrics.pool_conditions(&[ns.as_str(), &pool.name_any()], &new_conditions);
         m.state.conditions = new_conditions;
         m.state.written = Some((status, now));
         Ok(())
+    }
+}
+
+/// Reason of ScalingActive=True while HPAs or ScaledObjects cannot be watched: the pool is scaled,
+/// but another autoscaler on its workers would go unnoticed.
+pub const CONFLICT_UNCHECKED: &str = "ScalerConflictUnchecked";
+
+/// Says on ScalingActive that conflict detection is off, and why: as its reason while it is True
+/// (scaling goes on), in its message either way.
+fn note_unchecked(wanted: &mut [Wanted], why: &str) {
+    for w in wanted.iter_mut().filter(|w| w.type_ == kind::SCALING_ACTIVE) {
+        if w.status == Status::True {
+            w.reason = CONFLICT_UNCHECKED.into();
+        }
+        w.message = format!("{}; {why}", w.message);
     }
 }
 
