@@ -14,18 +14,18 @@ pub struct ApiError {
     /// HTTP verb or kube operation: GET, LIST, PATCH, DELETE, APPLY, APPLY status…
     pub verb: &'static str,
     /// The object's kind.
-    pub kind: &'static str,
+    pub kind: String,
     /// `namespace/name`, or `namespace/*` for collections.
     pub object: String,
-    /// What kube returned.
+    /// What kube returned (boxed: kube's error is large, and this travels in every `Result`).
     #[source]
-    pub source: kube::Error,
+    pub source: Box<kube::Error>,
 }
 
 impl ApiError {
     /// The HTTP status code the API server answered with, if it answered.
     pub fn code(&self) -> Option<u16> {
-        match &self.source {
+        match &*self.source {
             kube::Error::Api(status) => Some(status.code),
             _ => None,
         }
@@ -57,15 +57,25 @@ pub fn describe(e: &kube::Error) -> String {
     }
 }
 
+/// `namespace/name` of an object reached through `api` (`*/name` for a cluster-wide Api).
+pub fn object<K: kube::Resource>(api: &kube::Api<K>, name: &str) -> String {
+    format!("{}/{name}", api.namespace().unwrap_or("*"))
+}
+
 /// Names the call that produced a `kube::Error`.
 pub trait Named<T> {
     /// Attaches verb, kind and object to the error, if any.
-    fn named(self, verb: &'static str, kind: &'static str, object: impl fmt::Display) -> Result<T, ApiError>;
+    fn named(self, verb: &'static str, kind: &str, object: impl fmt::Display) -> Result<T, ApiError>;
 }
 
 impl<T> Named<T> for Result<T, kube::Error> {
-    fn named(self, verb: &'static str, kind: &'static str, object: impl fmt::Display) -> Result<T, ApiError> {
-        self.map_err(|source| ApiError { verb, kind, object: object.to_string(), source })
+    fn named(self, verb: &'static str, kind: &str, object: impl fmt::Display) -> Result<T, ApiError> {
+        self.map_err(|source| ApiError {
+            verb,
+            kind: kind.to_string(),
+            object: object.to_string(),
+            source: Box::new(source),
+        })
     }
 }
 

@@ -38,6 +38,12 @@ use crate::crd::{TaskQueue, WorkerPool};
 use crate::labels;
 use crate::metrics::Metrics;
 
+/// The API server ends each watch after this many seconds and the watcher opens the next from the
+/// last resourceVersion. It must stay below the client's read timeout
+/// ([`crate::client::REQUEST_TIMEOUT`]): a quiet watch (no events, no bookmark) would otherwise be
+/// cut by the client as a hung request.
+pub const WATCH_TIMEOUT_SECONDS: u32 = 45;
+
 /// One watched kind: its store, and the changes for whoever subscribes.
 pub struct Watched<K: Lookup + Clone + 'static>
 where
@@ -336,7 +342,7 @@ impl Stores {
         let mut tasks = JoinSet::new();
         let index = PoolIndex::default();
         let pool_index = index.clone();
-        let all = watcher::Config::default();
+        let all = watcher::Config::default().timeout(WATCH_TIMEOUT_SECONDS);
         let pools = spawn(
             &mut tasks,
             watcher(scoped::<WorkerPool>(client.clone(), ns), all.clone()),
@@ -355,7 +361,7 @@ impl Stores {
             |q: &mut TaskQueue| q.managed_fields_mut().clear(),
             |_| {},
         );
-        let managed = watcher::Config::default().labels(&labels::managed_selector());
+        let managed = all.clone().labels(&labels::managed_selector());
         let deployments = spawn(
             &mut tasks,
             watcher(scoped::<Deployment>(client.clone(), ns), managed),
@@ -377,6 +383,7 @@ impl Stores {
             },
             |_| {},
         );
+        ctx.secrets.follow(secrets.store().clone());
         let hpa_health = ApiHealth::new("horizontalpodautoscalers", metrics.clone());
         let hpas = spawn(
             &mut tasks,

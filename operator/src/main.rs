@@ -150,7 +150,7 @@ fn print_crds(out_dir: Option<PathBuf>) -> ExitCode {
 }
 
 async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let client = kube::Client::try_default().await?;
+    let client = celery_operator::client::client().await?;
     let metrics = Arc::new(Metrics::new());
     let identity = std::env::var("POD_NAME").unwrap_or_else(|_| format!("{}-{}", hostname(), std::process::id()));
     let ctx = Arc::new(Context::new(client, metrics.clone(), Some(identity.clone())));

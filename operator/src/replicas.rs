@@ -15,6 +15,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
+
+use crate::api::{ApiError, Named, object};
 use tracing::info;
 
 use crate::crd::WorkerPool;
@@ -42,14 +44,18 @@ fn apply_params() -> PatchParams {
 
 /// Applies a worker Deployment's `spec.replicas` (and nothing else) under the autoscaler's field
 /// manager. The Deployment must exist: a partial apply cannot create one.
-pub async fn apply(deployments: &Api<Deployment>, name: &str, replicas: u32) -> Result<Deployment, kube::Error> {
+pub async fn apply(deployments: &Api<Deployment>, name: &str, replicas: u32) -> Result<Deployment, ApiError> {
     let body = json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": { "name": name },
         "spec": { "replicas": replicas },
     });
-    deployments.patch(name, &apply_params(), &Patch::Apply(&body)).await
+    deployments.patch(name, &apply_params(), &Patch::Apply(&body)).await.named(
+        "APPLY",
+        "Deployment",
+        object(deployments, name),
+    )
 }
 
 /// Whether this managedFields entry is the autoscaler's and covers spec.replicas.
@@ -77,11 +83,14 @@ pub fn slim(d: &mut Deployment) {
 /// The cache may lag a handoff just made, so a missing owner is confirmed with one GET; the
 /// handoff then applies the live count, conditional on that resourceVersion, so it can never
 /// undo a scale the autoscaler made in between (a conflict fails the reconcile, which retries).
-pub async fn ensure_handoff(deployments: &Api<Deployment>, live: Deployment) -> Result<Deployment, kube::Error> {
+pub async fn ensure_handoff(deployments: &Api<Deployment>, live: Deployment) -> Result<Deployment, ApiError> {
     if autoscaler_owns(&live) {
         return Ok(live);
     }
-    let Some(fresh) = deployments.get_opt(&live.name_any()).await? else { return Ok(live) };
+    let name = live.name_any();
+    let Some(fresh) = deployments.get_opt(&name).await.named("GET", "Deployment", object(deployments, &name))? else {
+        return Ok(live);
+    };
     if autoscaler_owns(&fresh) {
         return Ok(fresh);
     }
@@ -91,14 +100,14 @@ pub async fn ensure_handoff(deployments: &Api<Deployment>, live: Deployment) -> 
 /// Right after the reconciler created an autoscaled pool's worker Deployment (with
 /// [`initial`] replicas): the autoscaler takes spec.replicas over. If this write fails the
 /// reconcile fails and [`ensure_handoff`] redoes it before anything else is applied.
-pub async fn hand_over_new(deployments: &Api<Deployment>, created: Deployment) -> Result<Deployment, kube::Error> {
+pub async fn hand_over_new(deployments: &Api<Deployment>, created: Deployment) -> Result<Deployment, ApiError> {
     if autoscaler_owns(&created) {
         return Ok(created);
     }
     handoff(deployments, &created).await
 }
 
-async fn handoff(deployments: &Api<Deployment>, live: &Deployment) -> Result<Deployment, kube::Error> {
+async fn handoff(deployments: &Api<Deployment>, live: &Deployment) -> Result<Deployment, ApiError> {
     let name = live.name_any();
     let replicas = live.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1).max(0);
     let body = json!({
@@ -107,7 +116,11 @@ async fn handoff(deployments: &Api<Deployment>, live: &Deployment) -> Result<Dep
         "metadata": { "name": name, "resourceVersion": live.resource_version() },
         "spec": { "replicas": replicas },
     });
-    let handed = deployments.patch(&name, &apply_params(), &Patch::Apply(&body)).await?;
+    let handed = deployments.patch(&name, &apply_params(), &Patch::Apply(&body)).await.named(
+        "APPLY",
+        "Deployment",
+        object(deployments, &name),
+    )?;
     info!(deployment = %name, replicas, "the autoscaler now owns spec.replicas");
     Ok(handed)
 }

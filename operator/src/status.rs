@@ -13,6 +13,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
+use crate::api::{ApiError, Named, object};
 use crate::labels;
 
 /// Which half of a status is written.
@@ -35,7 +36,7 @@ impl Writer {
 }
 
 /// Applies `status` (this writer's fields, all of them) to `obj`'s status subresource.
-pub async fn apply<K>(client: &kube::Client, obj: &K, writer: Writer, status: &impl Serialize) -> Result<K, kube::Error>
+pub async fn apply<K>(client: &kube::Client, obj: &K, writer: Writer, status: &impl Serialize) -> Result<K, ApiError>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -50,5 +51,9 @@ where
         "metadata": { "name": name, "namespace": obj.namespace() },
         "status": status,
     });
-    api.patch_status(&name, &PatchParams::apply(writer.field_manager()).force(), &Patch::Apply(&body)).await
+    api.patch_status(&name, &PatchParams::apply(writer.field_manager()).force(), &Patch::Apply(&body)).await.named(
+        "APPLY status of",
+        &K::kind(&()),
+        object(&api, &name),
+    )
 }

@@ -457,6 +457,64 @@ async fn a_steady_fleet_of_200_pools_makes_no_api_request_per_poll() {
     env.stop().await;
 }
 
+/// TaskQueues whose broker URL comes from a Secret: the TaskQueue reconciler (every status
+/// interval) and the autoscaler resolve it again and again, but a Secret is read from the API only
+/// when the metadata watch shows a version not read before. Rotating it is read once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_are_read_once_per_version_not_once_per_reconcile() {
+    let env = Env::start().await;
+    env.create("Secret", "v1", json!({"metadata": {"name": "broker"}, "stringData": {"url": env.redis.url()}}));
+    for q in 0..3 {
+        env.create(
+            "TaskQueue",
+            CRD,
+            json!({"metadata": {"name": format!("jobs-{q}")},
+                   "spec": {"broker": {"urlFrom": {"secretKeyRef": {"name": "broker", "key": "url"}}}}}),
+        );
+        env.pool(&format!("pool-{q}"), &format!("jobs-{q}"), policy(1, 5, 0));
+    }
+    let reconciles = |env: &Env| {
+        env.metrics
+            .encode()
+            .lines()
+            .find_map(|l| l.strip_prefix("celery_operator_reconcile_total{kind=\"TaskQueue\"} "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let secret_gets = |env: &Env, from: usize| {
+        env.api.requests().into_iter().skip(from).filter(|r| r.resource == "secrets" && r.verb == Verb::Get).count()
+    };
+    poll("every TaskQueue reachable and every pool decided", || async {
+        (0..3).all(|q| {
+            let tq = env.get(CRD, "TaskQueue", &format!("jobs-{q}")).unwrap_or_default();
+            let reachable = tq["status"]["conditions"]
+                .as_array()
+                .is_some_and(|cs| cs.iter().any(|c| c["type"] == "BrokerReachable" && c["status"] == "True"));
+            reachable && env.status(&format!("pool-{q}"))["desiredReplicas"] == 1
+        })
+    })
+    .await;
+    let mark = env.api.request_count();
+    let before = reconciles(&env);
+    poll("every TaskQueue reconciled twice more", || async { reconciles(&env) >= before + 6 }).await;
+    assert_eq!(secret_gets(&env, mark), 0, "the Secret was read again though it did not change");
+
+    // Rotated (same URL, new version): read again, once per version however many read it.
+    let mark = env.api.request_count();
+    let mut secret = env.get("v1", "Secret", "broker").unwrap();
+    secret["stringData"] = json!({"url": env.redis.url()});
+    secret["metadata"]["labels"] = json!({"rotated": "1"});
+    env.api.put(secret).unwrap();
+    let before = reconciles(&env);
+    poll("the TaskQueues reconciled after the rotation", || async { reconciles(&env) >= before + 6 }).await;
+    let gets = secret_gets(&env, mark);
+    assert!(
+        (1..=6).contains(&gets),
+        "a rotated Secret is read again, at most once per TaskQueue and pool: {gets} GETs"
+    );
+    env.stop().await;
+}
+
 /// 50 pools get work at the same moment: the poll that sees it writes every pool's replicas before
 /// any pool's Event or status, so the last pool is not kept waiting behind the others' bookkeeping.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

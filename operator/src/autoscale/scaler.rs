@@ -40,6 +40,7 @@ use tracing::{debug, info, warn};
 
 use super::decide::{self, Decision, Policy, Probe, ScalerState};
 use super::plan::{self, Activity, Conflict, ScalerStatus};
+use crate::api::Named;
 use crate::broker_config::{EndpointKey, ResolvedBroker};
 use crate::brokers::{Consumer, Interest, QueueRef, Snapshot};
 use crate::cache::{ApiHealth, Availability, Stores};
@@ -500,7 +501,7 @@ impl Poll {
         observation: Option<&celery_broker::BrokerObservation>,
         activity: Option<&Activity>,
         others: &OtherScalers,
-    ) -> Result<(), kube::Error> {
+    ) -> Result<(), crate::api::ApiError> {
         let pool = &*m.pool;
         let ns = pool.namespace().unwrap_or_default();
         let name = pool.name_any();
@@ -553,7 +554,7 @@ impl Poll {
         current: u32,
         decision: &Decision,
         active: Option<&BTreeMap<String, u32>>,
-    ) -> Result<(), kube::Error> {
+    ) -> Result<(), crate::api::ApiError> {
         let pool = &*m.pool;
         let ns = pool.namespace().unwrap_or_default();
         let to = decision.replicas;
@@ -577,10 +578,18 @@ impl Poll {
     }
 
     /// Annotates the pool's pods with their running task counts so idle workers are removed first.
-    async fn set_deletion_costs(&self, pool: &WorkerPool, active: &BTreeMap<String, u32>) -> Result<(), kube::Error> {
+    async fn set_deletion_costs(
+        &self,
+        pool: &WorkerPool,
+        active: &BTreeMap<String, u32>,
+    ) -> Result<(), crate::api::ApiError> {
         let pods: Api<Pod> = Api::namespaced(self.ctx.client.clone(), &pool.namespace().unwrap_or_default());
         let selector = crate::deployment::worker_selector(pool);
-        let listed = pods.list_metadata(&ListParams::default().labels(&selector)).await?;
+        let listed = pods.list_metadata(&ListParams::default().labels(&selector)).await.named(
+            "LIST",
+            "Pod",
+            crate::api::object(&pods, "*"),
+        )?;
         let current: Vec<(String, Option<String>)> = listed
             .items
             .iter()
@@ -589,7 +598,11 @@ impl Poll {
             .collect();
         for (pod, cost) in plan::deletion_costs(&current, active) {
             let patch = json!({ "metadata": { "annotations": { plan::POD_DELETION_COST: cost.to_string() } } });
-            pods.patch(&pod, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+            pods.patch(&pod, &PatchParams::default(), &Patch::Merge(&patch)).await.named(
+                "PATCH",
+                "Pod",
+                crate::api::object(&pods, &pod),
+            )?;
         }
         Ok(())
     }
@@ -627,7 +640,7 @@ impl Poll {
     }
 
     /// ScalingActive=False/ScalerConflict; the pool is not scaled while the other autoscaler exists.
-    async fn hold_for_conflict(&self, m: &mut Member, conflict: &Conflict) -> Result<(), kube::Error> {
+    async fn hold_for_conflict(&self, m: &mut Member, conflict: &Conflict) -> Result<(), crate::api::ApiError> {
         let wanted = vec![Wanted::no(kind::SCALING_ACTIVE, "ScalerConflict", conflict.message(&m.pool))];
         // Forget the window: when the conflict ends, decisions start afresh from the current count.
         m.state.scaler = ScalerState::new();
@@ -642,13 +655,13 @@ impl Poll {
     }
 
     /// Holds the autoscaler's status fields for [`Poll::deliver`], after the poll's replica writes.
-    async fn write_status(&self, m: &mut Member, status: ScalerStatus) -> Result<(), kube::Error> {
+    async fn write_status(&self, m: &mut Member, status: ScalerStatus) -> Result<(), crate::api::ApiError> {
         m.state.outbox.status = Some(status);
         Ok(())
     }
 
     /// Sends what the member's decision held back: its Events, then its status.
-    async fn deliver(&self, m: &mut Member, unchecked: Option<&str>) -> Result<(), kube::Error> {
+    async fn deliver(&self, m: &mut Member, unchecked: Option<&str>) -> Result<(), crate::api::ApiError> {
         let reference = m.pool.object_ref(&());
         for (type_, reason, note) in std::mem::take(&mut m.state.outbox.events) {
             self.ctx.publish(&reference, type_, reason, &note, "Scale").await;
@@ -666,7 +679,7 @@ impl Poll {
 
     /// Applies the autoscaler's status fields when they changed (numbers alone at most every
     /// STATUS_NUMBERS_INTERVAL), and publishes Events for condition transitions.
-    async fn apply_status(&self, m: &mut Member, status: ScalerStatus) -> Result<(), kube::Error> {
+    async fn apply_status(&self, m: &mut Member, status: ScalerStatus) -> Result<(), crate::api::ApiError> {
         let now = Instant::now();
         if let Some((written, at)) = &m.state.written
             && (written == &status || (status.differs_only_in_numbers(written) && *at + STATUS_NUMBERS_INTERVAL > now))

@@ -15,6 +15,7 @@ use serde_json::Value;
 use tracing::info;
 
 use super::Result;
+use crate::api::Named;
 
 /// Whether every field set in `desired` has the same value in `actual`. Lists must match in length
 /// and element by element; maps may have extra keys in `actual`.
@@ -55,7 +56,12 @@ where
     let mut body = desired_value;
     body["apiVersion"] = K::api_version(&Default::default()).into();
     body["kind"] = K::kind(&Default::default()).into();
-    let applied = api.patch(&name, &PatchParams::apply(manager).force(), &Patch::Apply(&body)).await?;
+    let kind = K::kind(&Default::default()).into_owned();
+    let applied = api.patch(&name, &PatchParams::apply(manager).force(), &Patch::Apply(&body)).await.named(
+        "APPLY",
+        &kind,
+        crate::api::object(api, &name),
+    )?;
     info!(kind = %K::kind(&Default::default()), name, "applied");
     Ok(applied)
 }

@@ -29,6 +29,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// How the watches are doing (for `/readyz`).
     pub watches: crate::cache::WatchHealth,
+    /// Referenced Secrets, read once per resourceVersion.
+    pub secrets: crate::secrets::SecretCache,
     /// One poller per broker endpoint, shared by the TaskQueues and the autoscaler.
     pub brokers: crate::brokers::Brokers,
     /// Consecutive transient failures per object, for exponential backoff.
@@ -45,6 +47,7 @@ impl Context {
             brokers: crate::brokers::Brokers::new(metrics.clone()),
             metrics,
             watches: Default::default(),
+            secrets: Default::default(),
             failures: Mutex::default(),
         }
     }

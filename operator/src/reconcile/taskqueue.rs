@@ -20,6 +20,7 @@ use serde_json::json;
 use tracing::instrument;
 
 use super::{Blocked, Context, Result, display_name, reconciled};
+use crate::api::Named;
 use crate::broker_config::{self, ResolvedBroker};
 use crate::brokers::{Consumer, HeldIncident, Interest, QueueRef, Snapshot, Snapshots};
 use crate::conditions::{self, Wanted};
@@ -181,18 +182,18 @@ pub(crate) async fn resolve(tq: &TaskQueue, ctx: &Context) -> Result<Result<Reso
 async fn secret_value(tq: &TaskQueue, ctx: &Context, r: &SecretKeyRef, field: &str) -> Result<Result<String, Blocked>> {
     let ns = tq.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let Some(secret) = secrets.get_opt(&r.name).await? else {
+    let Some(secret) = ctx.secrets.get(&secrets, &ns, &r.name).await? else {
         let message = format!("Secret \"{}\" not found in namespace \"{ns}\"", r.name);
         return Ok(Err(Blocked::new(
             "SecretNotFound",
             &[FieldError::new(format!("{field}.secretKeyRef.name"), message)],
         )));
     };
-    let data = secret.data.unwrap_or_default();
+    let data = secret.data.clone().unwrap_or_default();
     let value = data
         .get(&r.key)
         .map(|v| String::from_utf8_lossy(&v.0).trim().to_string())
-        .or_else(|| secret.string_data.unwrap_or_default().get(&r.key).map(|v| v.trim().to_string()));
+        .or_else(|| secret.string_data.as_ref().and_then(|d| d.get(&r.key)).map(|v| v.trim().to_string()));
     Ok(value.ok_or_else(|| {
         let keys: Vec<&String> = data.keys().collect();
         let message = format!("Secret \"{}\" has no key \"{}\" (it has: {keys:?})", r.name, r.key);
@@ -226,7 +227,12 @@ async fn write_status(
         return Ok(());
     }
     let api: Api<TaskQueue> = Api::namespaced(ctx.client.clone(), &tq.namespace().unwrap_or_default());
-    api.patch_status(&tq.name_any(), &PatchParams::default(), &Patch::Merge(&json!({ "status": new }))).await?;
+    let name = tq.name_any();
+    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&json!({ "status": new }))).await.named(
+        "PATCH status of",
+        "TaskQueue",
+        crate::api::object(&api, &name),
+    )?;
     // A condition whose reason became an incident just announced is not announced a second time.
     let announced = |c: &&Condition| incidents.iter().any(|(i, _)| i.finding.reason.as_str() == c.reason);
     for c in conditions::transitions(&old.conditions, &new.conditions).iter().filter(|c| !announced(c)) {

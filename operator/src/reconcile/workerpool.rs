@@ -17,6 +17,7 @@ use tracing::{info, instrument};
 
 use super::apply::apply_if_changed;
 use super::{Blocked, Context, Result, Scoped, display_name, reconciled};
+use crate::api::{Named, object};
 use crate::cache::Stores;
 use crate::conditions::{self, Wanted, kind};
 use crate::crd::{TaskQueue, WorkerPool, WorkerPoolStatus};
@@ -114,7 +115,10 @@ pub async fn reconcile(pool: Arc<WorkerPool>, scope: Arc<Scoped>) -> Result<Acti
         Ok((mut inputs, holder)) => {
             let live = match worker.take() {
                 Some(live) => Some(live),
-                None => deployments.get_opt(&pool.worker_deployment_name()).await?,
+                None => {
+                    let name = pool.worker_deployment_name();
+                    deployments.get_opt(&name).await.named("GET", "Deployment", object(&deployments, &name))?
+                }
             };
             let autoscaled = pool.spec.autoscaling.is_some();
             let live = match live {
@@ -178,14 +182,22 @@ async fn reconcile_beat(
     if run_here {
         let live = match live {
             Some(live) => Some(live),
-            None => deployments.get_opt(&pool.beat_deployment_name()).await?,
+            None => {
+                let name = pool.beat_deployment_name();
+                deployments.get_opt(&name).await.named("GET", "Deployment", object(deployments, &name))?
+            }
         };
         let desired = deployment::beat_deployment(pool, inputs);
         apply_if_changed(deployments, &desired, live.as_ref(), labels::FIELD_MANAGER).await?;
     } else if let Some(live) = &live
         && live.owner_references().iter().any(|o| Some(&o.uid) == pool.uid().as_ref())
     {
-        deployments.delete(&live.name_any(), &DeleteParams::foreground()).await?;
+        let name = live.name_any();
+        deployments.delete(&name, &DeleteParams::foreground()).await.named(
+            "DELETE",
+            "Deployment",
+            object(deployments, &name),
+        )?;
         info!(deployment = %live.name_any(), "deleted beat Deployment");
     }
     Ok(match (pool.spec.beat.enabled, holder) {
