@@ -542,6 +542,17 @@ async fn a_third_of_writes_failing_delays_but_never_breaks_convergence() {
     let window = create_then_change(&mut s).await;
     let (during, _) = hold(s.server(), window).await;
     assert!(during.injected > 0, "no write failed");
+    // Each failure names the call: verb, kind, namespace/name and the status code.
+    let log = s.stack.operator_log();
+    let ns = s.stack.namespace().to_string();
+    let named = log.lines().find(|l| {
+        l.contains("reconcile failed")
+            && l.contains("HTTP 500")
+            && ["APPLY Deployment ", "APPLY status of WorkerPool ", "PATCH status of TaskQueue "]
+                .iter()
+                .any(|call| l.contains(&format!("{call}{ns}/")))
+    });
+    assert!(named.is_some(), "no failed reconcile names its call:\n{}", tail(&log, 30));
     recover(s, during).await;
 }
 
