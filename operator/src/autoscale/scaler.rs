@@ -30,6 +30,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::decide::{self, Decision, Policy, Probe, ScalerState};
+use super::demand;
 use super::plan::{self, Activity, Conflict, ScalerStatus};
 use crate::conditions::{self, Wanted, kind};
 use crate::controller::scoped;
@@ -171,6 +172,8 @@ struct PoolState {
     /// The replicas last applied, and the Deployment's resourceVersion before that write: while
     /// the watch cache still shows that version, the applied count is the current one.
     applied: Option<(Option<String>, u32)>,
+    /// Per-replica rate and pod start-ups, for the demand.
+    demand: demand::PoolMemory,
 }
 
 impl PoolState {
@@ -190,6 +193,7 @@ impl PoolState {
             suppressed_events: 0,
             last_scale,
             applied: None,
+            demand: demand::PoolMemory::new(),
         }
     }
 }
@@ -422,7 +426,7 @@ impl Poll {
     async fn run(self, mut members: Vec<Member>) -> Vec<Member> {
         let started = std::time::Instant::now();
         let queues: Vec<&str> = members.iter().flat_map(|m| m.queues.iter().map(String::as_str)).collect();
-        let observation = self.broker.probe(&queues).await;
+        let observation = self.ctx.brokers.probe(&self.broker, &queues).await;
         if let Err(e) = &observation {
             debug!(broker = %self.broker.endpoint(), error = %e, "autoscaler probe failed");
         }
@@ -465,8 +469,7 @@ impl Poll {
             _ => cached,
         };
         let active = activity.map(|a| plan::active_by_pod(&name, a));
-        let running = active.as_ref().map(|a| a.values().map(|&n| u64::from(n)).sum());
-        let seen = observation.map(|o| plan::observe(&m.queues, o, running, m.policy_acks_late()));
+        let (seen, lead_time) = self.observe_demand(m, &deployment, observation, activity);
         let probe = seen.map_or(Probe::Failed, Probe::Ok);
         let decision = decide::decide(&m.policy, &mut m.state.scaler, current, probe, Instant::now());
         let labels = [ns.as_str(), name.as_str()];
@@ -479,6 +482,7 @@ impl Poll {
         );
         if decision.replicas != current {
             self.scale(m, &deployment, current, &decision, active.as_ref()).await?;
+            m.state.demand.scaled(std::time::Instant::now(), current, decision.replicas);
         } else {
             self.flush_suppressed_events(m, current).await;
         }
@@ -488,8 +492,51 @@ impl Poll {
             in_flight: seen.map(|s| s.in_flight),
             last_scale: m.state.last_scale.clone(),
             conditions: plan::decision_conditions(&decision, &m.queues, &self.broker.endpoint()),
+            demand: seen.zip(decision.rule).map(|(seen, rule)| plan::DemandStatus::new(&seen, &rule, lead_time)),
         };
         self.write_status(m, status).await
+    }
+
+    /// The pool's demand from one probe (`None` when it failed) and the lead time it used: due
+    /// and scheduled tasks in its queues, what its workers run, how fast they work (measured here
+    /// from their heartbeats), and how long its oldest task has waited.
+    fn observe_demand(
+        &self,
+        m: &mut Member,
+        deployment: &Deployment,
+        observation: Option<&celery_broker::BrokerObservation>,
+        activity: Option<&Activity>,
+    ) -> (Option<decide::Observation>, Duration) {
+        let now = std::time::Instant::now();
+        let ready = deployment.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0).max(0).unsigned_abs();
+        m.state.demand.observe_ready(now, ready);
+        let lead_time = demand::lead_time(&m.policy, &m.state.demand.startups());
+        let Some(observation) = observation else { return (None, lead_time) };
+        let workers = activity.map(|a| demand::workers_of(&m.pool.name_any(), a));
+        let spec = &m.pool.spec;
+        let context = demand::Context {
+            running: workers.as_ref().map(|w| w.iter().map(|w| u64::from(w.active)).sum()),
+            acks_late: m.policy_acks_late(),
+            lead_time,
+            due_limit: workers.as_ref().and_then(|w| {
+                demand::due_limit(
+                    w,
+                    spec.concurrency.max(1).unsigned_abs(),
+                    spec.worker.prefetch_multiplier.max(1).unsigned_abs(),
+                )
+            }),
+            oldest_wait: m
+                .queues
+                .iter()
+                .filter_map(|q| Some((q.clone(), self.ctx.brokers.latency(&self.broker, q)?.oldest_wait)))
+                .collect(),
+            per_replica_rate: m.state.demand.throughput.per_replica(),
+        };
+        let seen = demand::observe_demand(&m.queues, observation, &context);
+        if let Some(workers) = &workers {
+            m.state.demand.throughput.observe(workers, seen.waiting_due() > 0);
+        }
+        (Some(seen), lead_time)
     }
 
     /// Sets deletion costs (on a scale-in) and applies the new replica count.
@@ -583,6 +630,7 @@ impl Poll {
             in_flight: None,
             last_scale: m.state.last_scale.clone(),
             conditions: wanted,
+            demand: None,
         };
         self.write_status(m, status).await
     }
@@ -613,6 +661,7 @@ impl Poll {
             body.insert("lastScaleTime".into(), json!(time));
             body.insert("lastScaleReason".into(), json!(reason));
         }
+        body.extend(status.demand_fields());
         body.insert("conditions".into(), serde_json::to_value(&new_conditions).unwrap_or_default());
         let api: Api<WorkerPool> = Api::namespaced(self.ctx.client.clone(), &pool.namespace().unwrap_or_default());
         api.patch_status(&pool.name_any(), &apply_params(), &Patch::Apply(&status_body(pool, body.into()))).await?;
