@@ -91,6 +91,22 @@ def hold(self: Any, name: str, timeout: float = 300.0) -> dict[str, Any]:
     return {**_identity(self), "name": name, "released": released, "held_seconds": time.monotonic() - started}
 
 
+@app.task(
+    bind=True,
+    name="celery_example.flaky",
+    autoretry_for=(RuntimeError,),
+    retry_backoff=120,
+    retry_backoff_max=600,
+    retry_jitter=False,
+    max_retries=3,
+)
+def flaky(self: Any) -> None:
+    """Always fails; Celery retries it with exponential backoff (after 120 s, 240 s, 480 s), as
+    ``autoretry_for`` with ``retry_backoff`` does for a task whose dependency is down. Each retry
+    is a new message with an ETA that a worker holds until due."""
+    raise RuntimeError("failing on purpose, to be retried with backoff")
+
+
 @app.task(bind=True, name="celery_example.tick")
 def tick(self: Any) -> dict[str, Any]:
     return {**_identity(self), "at": time.time()}
