@@ -407,3 +407,45 @@ async fn tasks_backing_off_between_retries_keep_the_pool_small() {
     let held = held_task_ids(&stack).await;
     assert!(sent.ids.iter().all(|id| held.contains(id)), "a retry is missing from Redis");
 }
+
+/// A task waiting in a queue nobody consumes: the TaskQueue's latency metric and status report
+/// its age, never more than the truth and behind it by at most one TaskQueue probe interval
+/// (when the metric was last set) plus one (when the tracker first saw the message) — with no
+/// publish stamp, only the probe's sightings.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_waiting_tasks_age_reaches_the_taskqueue_metric_and_status() {
+    let Some(stack) = start().await else { return };
+    let _log = LogOnPanic(stack.operator_log_path());
+    /// The TaskQueue reconciler's probe interval (`reconcile::taskqueue::PROBE_INTERVAL`).
+    const PROBE: f64 = 10.0;
+    const SEND: &str = r#"
+import json, time
+from celery_example.app import app
+before = time.time()
+app.send_task("celery_example.add", args=[1, 2], queue="celery")
+print(json.dumps({"ids": [], "before": before, "after": time.time()}))
+"#;
+    let out = stack.python(SEND, &[]).await.unwrap();
+    let sent: Sent = serde_json::from_str(out.trim()).unwrap();
+    let labels = [("namespace", stack.namespace()), ("taskqueue", "default")];
+    let (latency, at) = eventually("the latency metric to pass 15 s", || async {
+        let m = stack.metric("celery_operator_queue_latency_seconds", &labels).await?;
+        (m >= 15.0).then_some((m, unix_now()))
+    })
+    .await;
+    let truth = at - sent.before;
+    assert!(latency <= truth + 0.5, "reported {latency:.1} s, more than the {truth:.1} s the task waited");
+    assert!(
+        latency >= (at - sent.after) - 2.0 * PROBE - 1.0,
+        "reported {latency:.1} s, more than two probe intervals behind the {truth:.1} s the task waited"
+    );
+    eprintln!("latency metric {latency:.1} s, truth {truth:.1} s");
+    let tq = stack.resource_of(&json!({"apiVersion": "celery-operator.dev/v1alpha1", "kind": "TaskQueue"})).await;
+    let api: Api<DynamicObject> = Api::namespaced_with(stack.client(), stack.namespace(), &tq.unwrap().0);
+    eventually("the TaskQueue's status to report the wait", || async {
+        let q = serde_json::to_value(api.get("default").await.unwrap()).unwrap();
+        let status = &q["status"];
+        (status["latencySeconds"].as_i64().is_some_and(|l| l >= 1) && status["waiting"] == 1).then_some(())
+    })
+    .await;
+}

@@ -134,35 +134,26 @@ pub struct DemandStatus {
     pub due: u64,
     /// Scheduled tasks known (ETA in the future), wherever the broker holds them.
     pub scheduled: u64,
-    /// How long the oldest waiting task has waited, in whole seconds, when known.
-    pub oldest_wait_seconds: Option<u64>,
-    /// The lead time scheduled tasks were counted with, in whole seconds.
-    pub lead_time_seconds: u64,
 }
 
 impl DemandStatus {
-    /// From one observation, the rule that decided and the lead time used.
-    pub fn new(seen: &Observation, rule: &Rule, lead_time: std::time::Duration) -> Self {
+    /// From one observation and the rule that decided. Values that drift by themselves (the
+    /// oldest task's wait, the lead time as start-ups are measured) stay out: status is not
+    /// rewritten for them alone (the TaskQueue reports the wait).
+    pub fn new(seen: &Observation, rule: &Rule) -> Self {
         Self {
             rule: rule.kind(),
             due: seen.waiting_due().saturating_add(seen.in_flight_due()).saturating_add(seen.due_soon),
             scheduled: seen.scheduled_known(),
-            oldest_wait_seconds: seen.oldest_wait.map(|w| w.as_secs()),
-            lead_time_seconds: lead_time.as_secs(),
         }
     }
 
-    /// The status fields (`scalingRule`, `due`, `scheduled`, `oldestWaitSeconds`,
-    /// `leadTimeSeconds`), for the autoscaler's status apply.
+    /// The status fields (`scalingRule`, `due`, `scheduled`), for the autoscaler's status apply.
     pub fn fields(&self) -> serde_json::Map<String, serde_json::Value> {
         let mut fields = serde_json::Map::new();
         fields.insert("scalingRule".into(), self.rule.into());
         fields.insert("due".into(), self.due.into());
         fields.insert("scheduled".into(), self.scheduled.into());
-        if let Some(w) = self.oldest_wait_seconds {
-            fields.insert("oldestWaitSeconds".into(), w.into());
-        }
-        fields.insert("leadTimeSeconds".into(), self.lead_time_seconds.into());
         fields
     }
 }
@@ -367,15 +358,11 @@ mod tests {
             oldest_wait: Some(std::time::Duration::from_millis(7900)),
             ..Observation::default()
         };
-        let status = DemandStatus::new(&seen, &Rule::Depth { due_soon: 2 }, std::time::Duration::from_secs(30));
+        let status = DemandStatus::new(&seen, &Rule::Depth { due_soon: 2 });
         // 6 waiting + 5 in flight + 2 coming due.
-        assert_eq!((status.rule, status.due, status.scheduled, status.oldest_wait_seconds), ("Depth", 13, 31, Some(7)));
+        assert_eq!((status.rule, status.due, status.scheduled), ("Depth", 13, 31));
         let fields = serde_json::Value::Object(status.fields());
-        assert_eq!(
-            fields,
-            serde_json::json!({"scalingRule": "Depth", "due": 13, "scheduled": 31, "oldestWaitSeconds": 7,
-                               "leadTimeSeconds": 30})
-        );
+        assert_eq!(fields, serde_json::json!({"scalingRule": "Depth", "due": 13, "scheduled": 31}));
         let held = ScalerStatus {
             desired: Some(1),
             backlog: None,

@@ -469,7 +469,7 @@ impl Poll {
             _ => cached,
         };
         let active = activity.map(|a| plan::active_by_pod(&name, a));
-        let (seen, lead_time) = self.observe_demand(m, &deployment, observation, activity);
+        let seen = self.observe_demand(m, &deployment, observation, activity);
         let probe = seen.map_or(Probe::Failed, Probe::Ok);
         let decision = decide::decide(&m.policy, &mut m.state.scaler, current, probe, Instant::now());
         let labels = [ns.as_str(), name.as_str()];
@@ -492,12 +492,12 @@ impl Poll {
             in_flight: seen.map(|s| s.in_flight),
             last_scale: m.state.last_scale.clone(),
             conditions: plan::decision_conditions(&decision, &m.queues, &self.broker.endpoint()),
-            demand: seen.zip(decision.rule).map(|(seen, rule)| plan::DemandStatus::new(&seen, &rule, lead_time)),
+            demand: seen.zip(decision.rule).map(|(seen, rule)| plan::DemandStatus::new(&seen, &rule)),
         };
         self.write_status(m, status).await
     }
 
-    /// The pool's demand from one probe (`None` when it failed) and the lead time it used: due
+    /// The pool's demand from one probe (`None` when it failed): due
     /// and scheduled tasks in its queues, what its workers run, how fast they work (measured here
     /// from their heartbeats), and how long its oldest task has waited.
     fn observe_demand(
@@ -506,12 +506,12 @@ impl Poll {
         deployment: &Deployment,
         observation: Option<&celery_broker::BrokerObservation>,
         activity: Option<&Activity>,
-    ) -> (Option<decide::Observation>, Duration) {
+    ) -> Option<decide::Observation> {
         let now = std::time::Instant::now();
         let ready = deployment.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0).max(0).unsigned_abs();
         m.state.demand.observe_ready(now, ready);
         let lead_time = demand::lead_time(&m.policy, &m.state.demand.startups());
-        let Some(observation) = observation else { return (None, lead_time) };
+        let observation = observation?;
         let workers = activity.map(|a| demand::workers_of(&m.pool.name_any(), a));
         let spec = &m.pool.spec;
         let context = demand::Context {
@@ -536,7 +536,7 @@ impl Poll {
         if let Some(workers) = &workers {
             m.state.demand.throughput.observe(workers, seen.waiting_due() > 0);
         }
-        (Some(seen), lead_time)
+        Some(seen)
     }
 
     /// Sets deletion costs (on a scale-in) and applies the new replica count.

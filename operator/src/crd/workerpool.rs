@@ -411,13 +411,6 @@ pub struct WorkerPoolStatus {
     /// tell; not demand until they come due within the lead time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduled: Option<i64>,
-    /// How long the oldest waiting task in the pool's queues has waited, in seconds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub oldest_wait_seconds: Option<i64>,
-    /// How far ahead scheduled tasks count as demand: autoscaling.leadTimeSeconds, else the
-    /// slowest recent pod start-up seen, else 30.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lead_time_seconds: Option<i64>,
     /// When the autoscaler last changed the replica count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale_time: Option<Time>,

@@ -266,8 +266,6 @@ async fn write_status(
         scaling_rule: old.scaling_rule.clone(),
         due: old.due,
         scheduled: old.scheduled,
-        oldest_wait_seconds: old.oldest_wait_seconds,
-        lead_time_seconds: old.lead_time_seconds,
         ..mine.clone()
     };
     if same_status(&new, &old) {
