@@ -130,6 +130,13 @@ ROWS = [
                    (f"sum by (namespace, taskqueue, error) (rate(celery_operator_probe_errors_total{NS}[5m]))", QUEUE + " {{error}}")),
     ],
     [
+        timeseries("Pools held back", "short", "Autoscaled pools the autoscaler cannot size as it wants: held at maxReplicas or minReplicas (ScalingLimited=True, by reason; alert CeleryPoolAtMaxReplicas after 30 min at max), or not scaled at all because an HPA or ScaledObject targets them (ScalingActive=False, alert CeleryScalerConflict).",
+                   ('sum by (namespace, workerpool, reason) (celery_operator_pool_condition{namespace=~"$namespace", type="ScalingLimited", status="True"})', POOL + " {{reason}}"),
+                   ('sum by (namespace, workerpool, reason) (celery_operator_pool_condition{namespace=~"$namespace", type="ScalingActive", status="False"})', POOL + " {{reason}}")),
+        stat("Events dropped (1h)", "Kubernetes Events the operator could not publish even after three retries (celery_operator_events_dropped_total): the API server refused them for over 20 s. The conditions in status still say what the Events would have.",
+             "sum(increase(celery_operator_events_dropped_total[1h])) or vector(0)", alarm_from=1, alarm="orange"),
+    ],
+    [
         safety_timeline("Broker safety", "celery_operator_broker_safe per TaskQueue: 1 safe, 0 unsafe (tasks can be lost silently).",
                         (f"min by (namespace, taskqueue) (celery_operator_broker_safe{NS})", QUEUE)),
         timeseries("Reconciles and errors", "ops", "Reconciles per second by kind (TaskQueue, WorkerPool), and failed reconciles by kind and error.",

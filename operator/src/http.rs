@@ -1,8 +1,10 @@
 //! `/metrics`, `/healthz` and `/readyz`.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
@@ -11,22 +13,57 @@ use axum::routing::get;
 
 use crate::metrics::Metrics;
 
+/// A component failing for longer than this makes `/readyz` fail: a watch error that the next
+/// retry repairs is normal life on a busy API server, one that lasts is not.
+pub const STALL_AFTER: Duration = Duration::from_secs(30);
+
 /// Shared with the HTTP handlers.
 #[derive(Clone)]
 pub struct Health {
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
+    /// Components (e.g. `watch WorkerPool`) failing now: since when, and the latest reason.
+    failing: Arc<Mutex<BTreeMap<String, (Instant, String)>>>,
 }
 
 impl Health {
     /// Not ready until [`Health::set_ready`].
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics, ready: Arc::default() }
+        Self { metrics, ready: Arc::default(), failing: Arc::default() }
     }
 
     /// Ready once the API server answered and the controllers started.
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Records that `component` failed (again); the reason must carry no secret.
+    pub fn failing(&self, component: &str, reason: impl Into<String>) {
+        let mut failing = self.failing.lock().expect("health lock");
+        let reason = reason.into();
+        failing.entry(component.to_string()).and_modify(|e| e.1 = reason.clone()).or_insert((Instant::now(), reason));
+    }
+
+    /// Records that `component` works again.
+    pub fn recovered(&self, component: &str) {
+        let mut failing = self.failing.lock().expect("health lock");
+        if failing.remove(component).is_some() {
+            tracing::info!(component, "recovered");
+        }
+    }
+
+    /// `Ok` when ready, else why not (for `/readyz`).
+    pub fn readiness(&self, now: Instant) -> Result<(), String> {
+        if !self.ready.load(Ordering::Relaxed) {
+            return Err("starting".into());
+        }
+        let failing = self.failing.lock().expect("health lock");
+        let stalled: Vec<String> = failing
+            .iter()
+            .filter(|(_, (since, _))| now.saturating_duration_since(*since) >= STALL_AFTER)
+            .map(|(c, (since, reason))| format!("{c} failing for {}s: {reason}", now.duration_since(*since).as_secs()))
+            .collect();
+        if stalled.is_empty() { Ok(()) } else { Err(stalled.join("\n")) }
     }
 }
 
@@ -37,10 +74,9 @@ pub fn router(health: Health) -> Router {
         .route(
             "/readyz",
             get(|State(h): State<Health>| async move {
-                if h.ready.load(Ordering::Relaxed) {
-                    (StatusCode::OK, "ready")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "starting")
+                match h.readiness(Instant::now()) {
+                    Ok(()) => (StatusCode::OK, "ready".to_string()),
+                    Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
                 }
             }),
         )
@@ -83,5 +119,22 @@ mod tests {
         let (status, body) = get(&health, "/metrics").await;
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("celery_operator_reconcile_total{kind=\"TaskQueue\"} 1"), "{body}");
+    }
+
+    #[test]
+    fn a_component_failing_longer_than_the_stall_time_makes_readyz_say_which_and_why() {
+        let health = Health::new(Arc::new(Metrics::new()));
+        health.set_ready(true);
+        let t0 = Instant::now();
+        health.failing("watch WorkerPool", "LIST WorkerPool */*: HTTP 403 Forbidden");
+        assert_eq!(health.readiness(t0), Ok(()), "a fresh failure is retried before readiness fails");
+        let later = t0 + STALL_AFTER + Duration::from_secs(1);
+        let why = health.readiness(later).unwrap_err();
+        assert!(why.starts_with("watch WorkerPool failing for 3"), "{why}");
+        assert!(why.ends_with("HTTP 403 Forbidden"), "{why}");
+        health.failing("watch WorkerPool", "timed out");
+        assert!(health.readiness(later).unwrap_err().ends_with("timed out"), "the latest reason, the first time");
+        health.recovered("watch WorkerPool");
+        assert_eq!(health.readiness(later), Ok(()));
     }
 }

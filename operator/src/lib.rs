@@ -1,5 +1,6 @@
 //! celery-operator: a Kubernetes operator and autoscaler for Celery worker fleets.
 
+pub mod api;
 pub mod autoscale;
 pub mod broker_config;
 pub mod check_broker;

@@ -124,7 +124,19 @@ fn print_crds(out_dir: Option<PathBuf>) -> ExitCode {
     for crd in crd::all_crds() {
         let yaml = crd::crd_yaml(&crd);
         match &out_dir {
-            None => print!("{yaml}"),
+            // `celery-operator crd | head` closes the pipe early: that is the reader's choice, not an
+            // error (print! would panic on the broken pipe).
+            None => {
+                use std::io::Write;
+                match std::io::stdout().lock().write_all(yaml.as_bytes()) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("error: cannot write to stdout: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
             Some(dir) => {
                 let path = dir.join(crd::crd_file_name(&crd));
                 if let Err(e) = std::fs::write(&path, yaml) {

@@ -31,6 +31,10 @@ pub struct Metrics {
     decision_latency: prometheus::Histogram,
     scale_events: IntCounterVec,
     leader: prometheus::IntGauge,
+    events_dropped: IntCounterVec,
+    pool_condition: IntGaugeVec,
+    /// The label sets of `pool_condition` each pool exports now, to remove them when they change.
+    pool_condition_labels: std::sync::Mutex<std::collections::HashMap<[String; 2], Vec<[String; 5]>>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -121,9 +125,28 @@ impl Metrics {
             "1 while this replica reconciles (holds the Lease, or runs without leader election), else 0",
         )
         .expect("valid metric");
-        let collectors: [Box<dyn prometheus::core::Collector>; 17] = [
+        let events_dropped = IntCounterVec::new(
+            Opts::new(
+                "celery_operator_events_dropped_total",
+                "Kubernetes Events that could not be published after their retries, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let pool_condition = IntGaugeVec::new(
+            Opts::new(
+                "celery_operator_pool_condition",
+                "1 for each of the autoscaler's conditions a WorkerPool has now (ScalingActive, ScalingLimited), \
+                 with its status and reason",
+            ),
+            &["namespace", "workerpool", "type", "status", "reason"],
+        )
+        .expect("valid metric");
+        let collectors: [Box<dyn prometheus::core::Collector>; 19] = [
             Box::new(queue_latency.clone()),
             Box::new(queue_scheduled.clone()),
+            Box::new(pool_condition.clone()),
+            Box::new(events_dropped.clone()),
             Box::new(leader.clone()),
             Box::new(pool_desired.clone()),
             Box::new(pool_current.clone()),
@@ -162,7 +185,38 @@ impl Metrics {
             decision_latency,
             scale_events,
             leader,
+            events_dropped,
+            pool_condition,
+            pool_condition_labels: Default::default(),
         }
+    }
+
+    /// Exports the autoscaler's conditions of a pool (type, status, reason), replacing the ones it
+    /// exported before, so `celery_operator_pool_condition{reason="ScalerConflict"}` exists exactly
+    /// while the condition holds.
+    pub fn pool_conditions(
+        &self,
+        pool: &[&str; 2],
+        conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    ) {
+        let key = pool.map(str::to_string);
+        let now: Vec<[String; 5]> = conditions
+            .iter()
+            .map(|c| [key[0].clone(), key[1].clone(), c.type_.clone(), c.status.clone(), c.reason.clone()])
+            .collect();
+        let mut exported = self.pool_condition_labels.lock().expect("metrics lock");
+        for gone in exported.get(&key).into_iter().flatten().filter(|l| !now.contains(l)) {
+            let _ = self.pool_condition.remove_label_values(&gone.each_ref().map(String::as_str));
+        }
+        for labels in &now {
+            self.pool_condition.with_label_values(&labels.each_ref().map(String::as_str)).set(1);
+        }
+        exported.insert(key, now);
+    }
+
+    /// Counts an Event given up on after its retries.
+    pub fn event_dropped(&self, reason: &str) {
+        self.events_dropped.with_label_values(&[reason]).inc();
     }
 
     /// Records whether this replica reconciles. One that stops drops its per-queue and per-pool
@@ -181,9 +235,11 @@ impl Metrics {
                 &self.pool_current,
                 &self.pool_backlog,
                 &self.pool_in_flight,
+                &self.pool_condition,
             ] {
                 gauges.reset();
             }
+            self.pool_condition_labels.lock().expect("metrics lock").clear();
         }
     }
 
@@ -222,6 +278,7 @@ impl Metrics {
         for gauge in [&self.pool_desired, &self.pool_current, &self.pool_backlog, &self.pool_in_flight] {
             let _ = gauge.remove_label_values(pool);
         }
+        self.pool_conditions(pool, &[]);
     }
 
     /// Counts a reconcile of `kind` and times it until the returned guard drops.
@@ -348,5 +405,37 @@ mod tests {
         }
         // Counters count what happened, whoever leads now.
         assert!(text.contains("celery_operator_autoscaler_scale_events_total{"), "{text}");
+    }
+
+    #[test]
+    fn a_pool_exports_exactly_its_current_autoscaler_conditions() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+        let condition = |type_: &str, status: &str, reason: &str| Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: String::new(),
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ),
+            observed_generation: None,
+        };
+        let m = Metrics::new();
+        let pool = ["prod", "mail"];
+        m.pool_conditions(&pool, &[condition("ScalingActive", "False", "ScalerConflict")]);
+        let conflict = r#"celery_operator_pool_condition{namespace="prod",reason="ScalerConflict",status="False",type="ScalingActive",workerpool="mail"} 1"#;
+        assert!(m.encode().contains(conflict), "{}", m.encode());
+        m.pool_conditions(
+            &pool,
+            &[
+                condition("ScalingActive", "True", "ScalingFromQueueDepth"),
+                condition("ScalingLimited", "True", "TooManyReplicas"),
+            ],
+        );
+        let text = m.encode();
+        assert!(!text.contains("ScalerConflict"), "a condition that ended is no longer exported: {text}");
+        assert!(text.contains(r#"reason="TooManyReplicas",status="True",type="ScalingLimited""#), "{text}");
+        m.forget_pool(&pool);
+        assert!(!m.encode().contains("celery_operator_pool_condition{"), "a forgotten pool exports none");
     }
 }

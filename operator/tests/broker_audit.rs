@@ -111,6 +111,9 @@ from kombu import Exchange, Queue
 
 app = Celery("app", broker=os.environ["BROKER"])
 app.conf.broker_transport_options = json.loads(os.environ.get("TRANSPORT", "{}"))
+if os.environ["BROKER"].startswith("amqp"):
+    # The script exits without closing its connection: wait for RabbitMQ to confirm each publish.
+    app.conf.broker_transport_options.setdefault("confirm_publish", True)
 if os.environ.get("EXPIRES"):
     q = os.environ["Q"]
     app.conf.task_queues = [Queue(q, Exchange(q), routing_key=q, expires=float(os.environ["EXPIRES"]))]

@@ -282,3 +282,20 @@ async fn check_broker_reads_referenced_secrets_from_the_cluster() {
     assert!(stderr(&out).contains("Secret prod/app-redis has no key \"nokey\""), "{}", stderr(&out));
     assert!(!stderr(&out).contains("pw-cluster-5t"));
 }
+
+/// `celery-operator crd | head` closes the pipe before the CRDs are written: the command ends
+/// quietly with success instead of panicking on the broken pipe.
+#[test]
+fn crd_output_into_a_closed_pipe_ends_quietly() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_celery-operator"))
+        .arg("crd")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("binary runs");
+    drop(child.stdout.take()); // the reader goes away at once
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+}

@@ -7,7 +7,8 @@
 //! The scenario makes every alert's condition true: an operator (leader election off) with a
 //! standby replica beside it (leader election on, the Lease held by someone else), a private Redis
 //! with an `allkeys-lru` policy and a growing backlog, a TaskQueue on a closed port, a pool pinned
-//! at its maxReplicas, a pool that scales up, and a pool whose Deployment writes fail.
+//! at its maxReplicas, a pool that scales up, a pool whose Deployment writes fail, and a pool an HPA
+//! also targets.
 //! The no-leader alert is checked last, after the operator is stopped and only the standby runs.
 //!
 //! Prometheus is Debian's `prometheus` (skipped with a NOTICE when it is not on PATH; `.ci/run`
@@ -350,10 +351,16 @@ async fn every_dashboard_query_and_alert_expression_returns_series_from_a_live_o
         // Scales up from zero: scale events.
         pool("burst", json!({"autoscaling": {"minReplicas": 0, "maxReplicas": 2}})),
         pool("flaky", json!({"replicas": 1})),
+        // An HPA targets its Deployment too: ScalingActive=False/ScalerConflict.
+        pool("contested", json!({"autoscaling": {"minReplicas": 0, "maxReplicas": 2}})),
     ];
     for doc in pools {
         stack.apply_yaml(&doc.to_string()).await.expect("the pool applies");
     }
+    let hpa = json!({"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": {"name": "contested"},
+        "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "contested-worker"},
+            "minReplicas": 1, "maxReplicas": 3}});
+    stack.apply_yaml(&hpa.to_string()).await.expect("the HPA applies");
 
     // Nobody consumes (simulated pods): the backlog keeps growing, one task a second.
     let mut feeder = redis.clone();

@@ -66,6 +66,11 @@ impl Stack {
         }
     }
 
+    /// The operator's process id while it runs (benchmarks read its CPU time and memory).
+    pub fn operator_pid(&self) -> Option<u32> {
+        self.operator.as_ref().and_then(|o| o.child.id())
+    }
+
     /// SIGTERM to the operator, then waits (up to [`DEADLINE`], then SIGKILL) for it to exit.
     pub async fn stop_operator(&mut self) -> Result<ExitStatus> {
         let mut op = self.operator.take().ok_or_else(|| StackError::Operator("is not running".into()))?;

@@ -666,6 +666,8 @@ impl Poll {
         let api: Api<WorkerPool> = Api::namespaced(self.ctx.client.clone(), &pool.namespace().unwrap_or_default());
         api.patch_status(&pool.name_any(), &apply_params(), &Patch::Apply(&status_body(pool, body.into()))).await?;
         self.ctx.publish_transitions(&pool.object_ref(&()), &m.state.conditions, &new_conditions).await;
+        let ns = pool.namespace().unwrap_or_default();
+        self.ctx.metrics.pool_conditions(&[ns.as_str(), &pool.name_any()], &new_conditions);
         m.state.conditions = new_conditions;
         m.state.written = Some((status, now));
         Ok(())

@@ -80,17 +80,38 @@ impl Context {
         let event =
             Event { type_, reason: reason.into(), note: Some(note.into()), action: action.into(), secondary: None };
         if let Err(e) = self.recorder.publish(&event, reference).await {
-            warn!(error = %e, reason, "could not publish event");
+            // An Event that fails (the API server is briefly unavailable, a 429) is retried in the
+            // background with backoff, so the reconcile is not held up and the Event is not lost;
+            // one that still fails is logged and counted.
+            warn!(error = %crate::api::describe(&e), reason, "could not publish event; retrying");
+            let (recorder, reference, metrics) = (self.recorder.clone(), reference.clone(), self.metrics.clone());
+            let reason = event.reason.clone();
+            tokio::spawn(async move {
+                for delay in EVENT_RETRIES {
+                    tokio::time::sleep(delay).await;
+                    match recorder.publish(&event, &reference).await {
+                        Ok(()) => return,
+                        Err(e) => warn!(error = %crate::api::describe(&e), reason, "could not publish event"),
+                    }
+                }
+                metrics.event_dropped(&reason);
+            });
         }
     }
 }
+
+/// Delays before each retry of an Event that could not be published.
+const EVENT_RETRIES: [Duration; 3] = [Duration::from_secs(1), Duration::from_secs(4), Duration::from_secs(16)];
 
 /// Transient failures: the reconcile is retried with backoff. Mistakes in the user's spec are not
 /// errors: they become conditions and the reconcile waits for a change.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The API server refused or failed a request.
-    #[error("Kubernetes API request failed: {0}")]
+    /// The API server refused or failed a request; says which (verb, kind, object, status code).
+    #[error("{0}")]
+    Api(#[from] crate::api::ApiError),
+    /// The API server refused or failed a request the code did not name (prefer [`Error::Api`]).
+    #[error("Kubernetes API request failed: {}", crate::api::describe(.0))]
     Kube(#[from] kube::Error),
     /// An object could not be converted (a bug, not a user error).
     #[error("cannot serialize object: {0}")]
@@ -101,6 +122,8 @@ impl Error {
     /// Label of the `celery_operator_reconcile_errors_total` metric.
     pub fn metric_label(&self) -> &'static str {
         match self {
+            Self::Api(e) if e.code().is_some() => "api",
+            Self::Api(_) => "client",
             Self::Kube(kube::Error::Api(_)) => "api",
             Self::Kube(_) => "client",
             Self::Serialize(_) => "serialize",
