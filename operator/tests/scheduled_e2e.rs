@@ -449,3 +449,81 @@ print(json.dumps({"ids": [], "before": before, "after": time.time()}))
     })
     .await;
 }
+
+/// Messages in Celery's native delayed-delivery level queues of `vhost` (management API).
+async fn delayed_messages(management: &str, vhost: &str) -> Option<u64> {
+    let url = format!("{management}/api/queues/{}?columns=name,messages", vhost.replace('/', "%2F"));
+    let queues: Vec<Value> = reqwest::get(&url).await.ok()?.json().await.ok()?;
+    let levels = queues.iter().filter(|q| q["name"].as_str().is_some_and(|n| n.starts_with("celery_delayed_")));
+    Some(levels.map(|q| q["messages"].as_u64().unwrap_or(0)).sum())
+}
+
+/// RabbitMQ with a quorum queue (a private node): Celery ≥ 5.5 sends countdown tasks through
+/// native delayed delivery, where they wait in the level queues, invisible in the target queue.
+/// 200 tasks with `countdown=3600` on an autoscaled pool with minReplicas 1 (its worker declares
+/// the delayed-delivery exchanges and queues): the pool's status counts them as scheduled, its
+/// replicas never exceed max(minReplicas, 1) over three stabilization windows, and none is lost
+/// or run early.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_rabbitmq_delayed_tasks_of_a_quorum_queue_keep_the_pool_at_one_replica() {
+    let Some(stack) = start().await else { return };
+    let rabbit = match e2e_harness::RabbitServer::shared() {
+        Ok(rabbit) => rabbit,
+        Err(e) => {
+            eprintln!("NOTICE: skipping: no private RabbitMQ node: {e}");
+            return;
+        }
+    };
+    let _log = LogOnPanic(stack.operator_log_path());
+    let vhost = "scheduled-e2e";
+    rabbit.add_vhost(vhost).unwrap();
+    let (url, management) = (rabbit.amqp_url_for_vhost(vhost), rabbit.management_url());
+    let mut pool: Value = serde_json::from_str(&pool_yaml("rq", json!({"minReplicas": 1}))).unwrap();
+    pool["spec"]["queues"] = json!(["rq"]);
+    pool["spec"]["template"] = json!({"env": [{"name": "CELERY_EXAMPLE_QUORUM_QUEUES", "value": "rq"}]});
+    let docs = [
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "rabbit"},
+               "stringData": {"url": url, "management": management}}),
+        json!({"apiVersion": "celery-operator.dev/v1alpha1", "kind": "TaskQueue", "metadata": {"name": "rq"},
+               "spec": {"broker": {"urlFrom": {"secretKeyRef": {"name": "rabbit", "key": "url"}},
+                                   "managementUrlFrom": {"secretKeyRef": {"name": "rabbit", "key": "management"}}}}}),
+        pool,
+    ];
+    for doc in docs {
+        stack.apply_yaml(&doc.to_string()).await.unwrap();
+    }
+    let replicas = Replicas::record(&stack, "rq");
+    // The worker has declared the level queues (and consumes the quorum queue).
+    eventually("the worker to declare native delayed delivery", || async {
+        (delayed_messages(&management, vhost).await.is_some_and(|n| n == 0)
+            && pool_status(&stack, "rq").await["readyReplicas"] == 1)
+            .then_some(())
+    })
+    .await;
+
+    let quorum = [("CELERY_BROKER_URL", url.as_str()), ("CELERY_EXAMPLE_QUORUM_QUEUES", "rq")];
+    const SEND: &str = r#"
+import json, time
+from celery_example.app import app
+before = time.time()
+ids = [app.send_task("celery_example.tick", queue="rq", countdown=3600).id for _ in range(200)]
+print(json.dumps({"ids": ids, "before": before, "after": time.time()}))
+"#;
+    let out = stack.python(SEND, &quorum).await.unwrap();
+    let sent: Sent = serde_json::from_str(out.trim()).unwrap();
+    eventually("the 200 in the level queues, and the pool's status to count them as scheduled", || async {
+        let s = pool_status(&stack, "rq").await;
+        (delayed_messages(&management, vhost).await == Some(200) && s["scheduled"] == 200).then_some(())
+    })
+    .await;
+
+    three_stabilization_windows(&stack).await;
+    let values = replicas.values();
+    assert!(values.iter().all(|&r| r <= 1), "replicas went above max(minReplicas, 1): {values:?}");
+    assert_eq!(replicas.last(), Some(1), "{values:?}");
+    let status = pool_status(&stack, "rq").await;
+    assert_eq!((status["desiredReplicas"].clone(), status["due"].clone()), (json!(1), json!(0)), "{status}");
+    assert_eq!(delayed_messages(&management, vhost).await, Some(200), "scheduled tasks were lost or delivered");
+    let ran: Vec<Option<String>> = states(&stack, &sent.ids).await.into_iter().filter(Option::is_some).collect();
+    assert!(ran.is_empty(), "tasks scheduled an hour ahead ran: {ran:?}");
+}
