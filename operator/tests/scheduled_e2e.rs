@@ -1,4 +1,5 @@
-//! Scheduled tasks through the operator with real Celery on Redis (issue 11, "Must show"): tasks
+//! Scheduled tasks through the operator with real Celery on Redis and on a private RabbitMQ node
+//! (issue 11, "Must show"): tasks
 //! sent with `countdown`, and retries of `autoretry_for` + `retry_backoff`, are delivered to a
 //! worker at once and held by it until due (on Redis in kombu's `unacked` hash). The autoscaler
 //! must size a pool for the work that is due, not for every message the broker holds: a pool
@@ -450,6 +451,86 @@ print(json.dumps({"ids": [], "before": before, "after": time.time()}))
     .await;
 }
 
+/// A vhost of its own on the private RabbitMQ node, with a Secret, a TaskQueue and an autoscaled
+/// pool named `queue` on it (see [`pool_yaml`]; `quorum`: a quorum queue on a topic exchange, so
+/// countdown tasks go through native delayed delivery). Returns the AMQP and management URLs.
+async fn rabbit_pool(
+    stack: &Stack,
+    rabbit: &e2e_harness::RabbitServer,
+    vhost: &str,
+    queue: &str,
+    quorum: bool,
+    autoscaling: Value,
+) -> (String, String) {
+    rabbit.add_vhost(vhost).unwrap();
+    let (url, management) = (rabbit.amqp_url_for_vhost(vhost), rabbit.management_url());
+    let mut pool: Value = serde_json::from_str(&pool_yaml(queue, autoscaling)).unwrap();
+    pool["spec"]["queues"] = json!([queue]);
+    if quorum {
+        pool["spec"]["template"] = json!({"env": [{"name": "CELERY_EXAMPLE_QUORUM_QUEUES", "value": queue}]});
+    }
+    let docs = [
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": format!("rabbit-{queue}")},
+               "stringData": {"url": url, "management": management}}),
+        json!({"apiVersion": "celery-operator.dev/v1alpha1", "kind": "TaskQueue", "metadata": {"name": queue},
+               "spec": {"broker": {"urlFrom": {"secretKeyRef": {"name": format!("rabbit-{queue}"), "key": "url"}},
+                                   "managementUrlFrom": {"secretKeyRef": {"name": format!("rabbit-{queue}"), "key": "management"}}}}}),
+        pool,
+    ];
+    for doc in docs {
+        stack.apply_yaml(&doc.to_string()).await.unwrap();
+    }
+    (url, management)
+}
+
+/// The private RabbitMQ node, or `None` (with a NOTICE) where it cannot start.
+fn rabbit_node() -> Option<&'static e2e_harness::RabbitServer> {
+    match e2e_harness::RabbitServer::shared() {
+        Ok(rabbit) => Some(rabbit),
+        Err(e) => {
+            eprintln!("NOTICE: skipping: no private RabbitMQ node: {e}");
+            None
+        }
+    }
+}
+
+/// Bursts on RabbitMQ, classic and quorum queues: 30 tasks of 1 s wake a pool at zero
+/// (targetPerReplica 10 → 3 replicas), every task runs once and succeeds, and the pool returns to
+/// zero once they are done. The autoscaler reads RabbitMQ through the management API, whose
+/// counts lag by up to its statistics interval (5 s).
+#[tokio::test(flavor = "multi_thread")]
+async fn on_rabbitmq_a_burst_wakes_the_pool_from_zero_and_it_returns_to_zero() {
+    let Some(stack) = start().await else { return };
+    let Some(rabbit) = rabbit_node() else { return };
+    let _log = LogOnPanic(stack.operator_log_path());
+    for (queue, quorum) in [("burst-classic", false), ("burst-quorum", true)] {
+        let (url, _) = rabbit_pool(&stack, rabbit, queue, queue, quorum, json!({"targetPerReplica": 10})).await;
+        let replicas = Replicas::record(&stack, queue);
+        eventually("the pool to sit at zero", || async {
+            (pool_status(&stack, queue).await["desiredReplicas"] == 0).then_some(())
+        })
+        .await;
+        let quorum_env = if quorum { queue } else { "" };
+        let env =
+            [("CELERY_BROKER_URL", url.as_str()), ("CELERY_EXAMPLE_QUORUM_QUEUES", quorum_env), ("E2E_QUEUE", queue)];
+        const SEND: &str = r#"
+import json, os
+from celery_example.app import app
+app.conf.broker_transport_options = {"confirm_publish": True}
+ids = [app.send_task("celery_example.sleep", args=[1], queue=os.environ["E2E_QUEUE"]).id for _ in range(30)]
+print(json.dumps(ids))
+"#;
+        let out = stack.python(SEND, &env).await.unwrap();
+        let ids: Vec<String> = serde_json::from_str(out.trim()).unwrap();
+        let results = stack.wait_results(&ids, DEADLINE).await.expect("every task runs");
+        assert!(results.iter().all(|r| r.state == "SUCCESS"), "{queue}: {results:?}");
+        eventually("the pool to return to zero", || async { (replicas.last() == Some(0)).then_some(()) }).await;
+        let values = replicas.values();
+        assert!(values.iter().any(|&r| r >= 2), "{queue}: the burst did not scale the pool: {values:?}");
+        assert!(values.iter().all(|&r| r <= 3), "{queue}: more than ceil(30 / 10) replicas: {values:?}");
+    }
+}
+
 /// Messages in Celery's native delayed-delivery level queues of `vhost` (management API).
 async fn delayed_messages(management: &str, vhost: &str) -> Option<u64> {
     let url = format!("{management}/api/queues/{}?columns=name,messages", vhost.replace('/', "%2F"));
@@ -467,31 +548,10 @@ async fn delayed_messages(management: &str, vhost: &str) -> Option<u64> {
 #[tokio::test(flavor = "multi_thread")]
 async fn on_rabbitmq_delayed_tasks_of_a_quorum_queue_keep_the_pool_at_one_replica() {
     let Some(stack) = start().await else { return };
-    let rabbit = match e2e_harness::RabbitServer::shared() {
-        Ok(rabbit) => rabbit,
-        Err(e) => {
-            eprintln!("NOTICE: skipping: no private RabbitMQ node: {e}");
-            return;
-        }
-    };
+    let Some(rabbit) = rabbit_node() else { return };
     let _log = LogOnPanic(stack.operator_log_path());
     let vhost = "scheduled-e2e";
-    rabbit.add_vhost(vhost).unwrap();
-    let (url, management) = (rabbit.amqp_url_for_vhost(vhost), rabbit.management_url());
-    let mut pool: Value = serde_json::from_str(&pool_yaml("rq", json!({"minReplicas": 1}))).unwrap();
-    pool["spec"]["queues"] = json!(["rq"]);
-    pool["spec"]["template"] = json!({"env": [{"name": "CELERY_EXAMPLE_QUORUM_QUEUES", "value": "rq"}]});
-    let docs = [
-        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "rabbit"},
-               "stringData": {"url": url, "management": management}}),
-        json!({"apiVersion": "celery-operator.dev/v1alpha1", "kind": "TaskQueue", "metadata": {"name": "rq"},
-               "spec": {"broker": {"urlFrom": {"secretKeyRef": {"name": "rabbit", "key": "url"}},
-                                   "managementUrlFrom": {"secretKeyRef": {"name": "rabbit", "key": "management"}}}}}),
-        pool,
-    ];
-    for doc in docs {
-        stack.apply_yaml(&doc.to_string()).await.unwrap();
-    }
+    let (url, management) = rabbit_pool(&stack, rabbit, vhost, "rq", true, json!({"minReplicas": 1})).await;
     let replicas = Replicas::record(&stack, "rq");
     // The worker has declared the level queues (and consumes the quorum queue).
     eventually("the worker to declare native delayed delivery", || async {
