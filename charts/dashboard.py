@@ -87,6 +87,8 @@ ROWS = [
     [
         stat("Unsafe brokers", "TaskQueues whose broker can silently lose tasks (celery_operator_broker_safe == 0): an allkeys-* Redis eviction policy, or a RabbitMQ queue that drops or expires messages without a dead-letter exchange. See the TaskQueue's BrokerSafe condition for the reason.",
              f"count(celery_operator_broker_safe{NS} == 0) or vector(0)", alarm_from=1),
+        stat("Keys evicted (1h)", "Keys the broker's Redis evicted in the last hour (celery_operator_broker_incidents_total, reason KeysEvicted), counted once per TaskQueue on that Redis: each may have been a queue of tasks. The TaskQueue's BrokerSafe condition and a Warning Event say when.",
+             'sum(increase(celery_operator_broker_incidents_total{namespace=~"$namespace", reason="KeysEvicted"}[1h])) or vector(0)', alarm_from=1),
         stat("Total backlog", "Ready messages waiting in all watched queues, all priorities.",
              f"sum(celery_operator_queue_ready{NS})"),
         stat("Total in flight", "Tasks reserved or running on workers, all pools.",
@@ -95,6 +97,8 @@ ROWS = [
              "sum(increase(celery_operator_reconcile_errors_total[5m])) or vector(0)", alarm_from=1, alarm="orange"),
         stat("Leading replicas", "Operator replicas that reconcile right now (celery_operator_leader): 1 is healthy, 0 means nothing reconciles or autoscales (alert CeleryOperatorNoLeader).",
              "sum(celery_operator_leader)", alarm_from=1, below=True),
+        stat("Optional APIs not watched", "HPA or KEDA ScaledObject APIs the operator cannot watch (not served, or forbidden: celery_operator_optional_api_unavailable). Pools are still scaled, without detecting another autoscaler on them; their ScalingActive reason is ScalerConflictUnchecked.",
+             "sum(celery_operator_optional_api_unavailable) or vector(0)", alarm_from=1, alarm="orange"),
     ],
     [
         timeseries("Backlog (ready messages)", "short", "Messages waiting per TaskQueue, summed over Celery's priority lists (Redis) or read by passive declare (RabbitMQ).",

@@ -1,22 +1,22 @@
-//! Wires the reconcilers to watches: WorkerPools own their Deployments and follow their TaskQueues;
-//! TaskQueues follow the Secrets they reference; the autoscaler runs beside them.
+//! Wires the reconcilers to the shared watches ([`crate::cache`]): WorkerPools own their
+//! Deployments and follow their TaskQueues; TaskQueues follow the Secrets they reference; the
+//! autoscaler runs beside them on the same caches.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use kube::core::PartialObjectMeta;
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
-use kube::runtime::{Controller, WatchStreamExt};
-use kube::{Api, Client, ResourceExt};
+use kube::runtime::Controller;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{debug, info};
 
+use crate::cache::Stores;
 use crate::crd::{TaskQueue, WorkerPool};
-use crate::labels;
 use crate::leader::{self, LeaseOptions, Shutdown};
-use crate::reconcile::{self, Context};
+use crate::reconcile::{self, Context, Scoped};
 
 /// An Api for one namespace, or for all namespaces when `namespace` is None.
 pub(crate) fn scoped<K>(client: Client, namespace: Option<&str>) -> Api<K>
@@ -52,59 +52,80 @@ pub async fn run_all(
     }
 }
 
-/// Runs the WorkerPool and TaskQueue controllers for one namespace (or all) until `shutdown` fires.
+/// Runs the WorkerPool and TaskQueue controllers and the autoscaler for one namespace (or all)
+/// until `shutdown` fires, on one set of watches ([`Stores`]) they share.
 pub async fn run(
     ctx: Arc<Context>,
     namespace: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + Clone + 'static,
 ) {
-    info!(namespace = namespace.as_deref().unwrap_or("<all>"), "starting controllers");
+    let scope = namespace.as_deref().unwrap_or("<all>");
+    info!(namespace = scope, "starting controllers");
+    let stores = Stores::start(&ctx, namespace.as_deref()).await;
+    tokio::select! {
+        _ = shutdown.clone() => return,
+        _ = stores.wait_until_ready() => {}
+    }
+    info!(namespace = scope, "watch caches ready");
     tokio::join!(
-        run_pools(ctx.clone(), namespace.as_deref(), shutdown.clone()),
-        run_queues(ctx.clone(), namespace.as_deref(), shutdown.clone()),
-        crate::autoscale::scaler::run(ctx, namespace.clone(), shutdown)
+        run_pools(ctx.clone(), stores.clone(), shutdown.clone()),
+        run_queues(ctx.clone(), namespace.as_deref(), stores.clone(), shutdown.clone()),
+        crate::autoscale::scaler::run(ctx, stores, shutdown)
     );
+}
+
+/// A mapper filter: passes an object that is new, whose generation changed since it last passed,
+/// or which is gone from `store` (deleted), and holds back status-only changes.
+fn spec_changes<K>(store: Store<K>) -> impl Fn(&K) -> bool + Send + Sync + 'static
+where
+    K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+{
+    type Seen = (Option<String>, Option<i64>);
+    let seen: Mutex<HashMap<ObjectRef<K>, Seen>> = Mutex::default();
+    move |obj| {
+        let key = ObjectRef::from_obj(obj);
+        let mut seen = seen.lock().expect("generation map lock");
+        if store.get(&key).is_none() {
+            seen.remove(&key);
+            return true;
+        }
+        let now = (obj.meta().uid.clone(), obj.meta().generation);
+        seen.insert(key, now.clone()) != Some(now)
+    }
 }
 
 async fn run_pools(
     ctx: Arc<Context>,
-    ns: Option<&str>,
+    stores: Stores,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let client = ctx.client.clone();
-    let pools: Api<WorkerPool> = scoped(client.clone(), ns);
-    let controller = Controller::new(pools.clone(), watcher::Config::default());
-    let store = controller.store();
-    let by_queue = store.clone();
-    let by_beat = store;
-    controller
-        .owns(scoped::<Deployment>(client.clone(), ns), watcher::Config::default().labels(&labels::managed_selector()))
+    let by_queue = stores.index.clone();
+    let queue_changed = spec_changes(stores.queues.store().clone());
+    let by_beat = stores.clone();
+    let pool_changed = spec_changes(stores.pools.store().clone());
+    Controller::for_shared_stream(stores.pools.subscribe(), stores.pools.store().clone())
+        .owns_shared_stream(stores.deployments.subscribe())
         // A TaskQueue appearing, changing or disappearing affects every pool that lists it.
-        .watches(scoped::<TaskQueue>(client, ns), watcher::Config::default(), move |tq| {
-            let name = tq.name_any();
-            by_queue
-                .state()
-                .into_iter()
-                .filter(|p| p.namespace() == tq.namespace() && p.spec.queues.contains(&name))
-                .map(|p| ObjectRef::from_obj(&*p))
-                .collect::<Vec<_>>()
+        .watches_shared_stream(stores.queues.subscribe(), move |tq: Arc<TaskQueue>| {
+            let ns = tq.namespace().unwrap_or_default();
+            let pools = if queue_changed(&tq) { by_queue.pools_with_queue(&ns, &tq.name_any()) } else { Vec::new() };
+            pools.into_iter().map(move |name| ObjectRef::new(&name).within(&ns)).collect::<Vec<_>>()
         })
         // A pool enabling, disabling or dropping beat changes who may run beat for its app.
-        .watches(pools, watcher::Config::default(), move |changed| {
+        .watches_shared_stream(stores.pools.subscribe(), move |changed: Arc<WorkerPool>| {
+            if !pool_changed(&changed) {
+                return Vec::new();
+            }
+            let ns = changed.namespace().unwrap_or_default();
             by_beat
-                .state()
-                .into_iter()
-                .filter(|p| {
-                    p.namespace() == changed.namespace()
-                        && p.spec.beat.enabled
-                        && p.spec.app == changed.spec.app
-                        && p.uid() != changed.uid()
-                })
-                .map(|p| ObjectRef::from_obj(&*p))
+                .beat_pools(&ns, &changed.spec.app)
+                .iter()
+                .filter(|p| p.uid() != changed.uid())
+                .map(|p| ObjectRef::from_obj(&**p))
                 .collect::<Vec<_>>()
         })
         .graceful_shutdown_on(shutdown)
-        .run(reconcile::workerpool::reconcile, reconcile::error_policy, ctx)
+        .run(reconcile::workerpool::reconcile, reconcile::error_policy, Arc::new(Scoped { ctx, stores }))
         .for_each(|result| async move {
             if let Ok((obj, _)) = result {
                 debug!(pool = %obj, "reconciled");
@@ -116,19 +137,19 @@ async fn run_pools(
 async fn run_queues(
     ctx: Arc<Context>,
     ns: Option<&str>,
+    stores: Stores,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let client = ctx.client.clone();
-    let controller = Controller::new(scoped::<TaskQueue>(client.clone(), ns), watcher::Config::default());
-    let store = controller.store();
-    // Only Secret metadata is watched: enough to notice a referenced Secret appear or change,
-    // without holding every Secret's data in memory.
-    let secrets =
-        watcher::watcher(scoped::<PartialObjectMeta<Secret>>(client, ns), watcher::Config::default()).touched_objects();
-    controller
-        .watches_stream(secrets, move |secret| {
+    let queues = stores.queues.store().clone();
+    // The broker pollers ask for a reconcile when a snapshot changes what the status shows.
+    let polled = ctx.brokers.task_queue_triggers(ns);
+    Controller::for_shared_stream(stores.queues.subscribe(), queues.clone())
+        .reconcile_on(polled)
+        // Only Secret metadata is watched: enough to notice a referenced Secret appear or change,
+        // without holding every Secret's data in memory.
+        .watches_shared_stream(stores.secrets.subscribe(), move |secret: Arc<PartialObjectMeta<Secret>>| {
             let name = secret.name_any();
-            store
+            queues
                 .state()
                 .into_iter()
                 .filter(|tq| {

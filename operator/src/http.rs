@@ -1,69 +1,48 @@
 //! `/metrics`, `/healthz` and `/readyz`.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 
+use crate::cache::WatchHealth;
 use crate::metrics::Metrics;
 
-/// A component failing for longer than this makes `/readyz` fail: a watch error that the next
-/// retry repairs is normal life on a busy API server, one that lasts is not.
-pub const STALL_AFTER: Duration = Duration::from_secs(30);
+/// How long a required watch may fail without a success before `/readyz` fails (a 410 re-list or a
+/// dropped connection recovers within seconds; client-go's backoff caps at 30 s).
+pub const WATCH_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Shared with the HTTP handlers.
 #[derive(Clone)]
 pub struct Health {
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
-    /// Components (e.g. `watch WorkerPool`) failing now: since when, and the latest reason.
-    failing: Arc<Mutex<BTreeMap<String, (Instant, String)>>>,
+    watches: WatchHealth,
+    grace: std::time::Duration,
 }
 
 impl Health {
     /// Not ready until [`Health::set_ready`].
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics, ready: Arc::default(), failing: Arc::default() }
+        Self { metrics, ready: Arc::default(), watches: WatchHealth::default(), grace: WATCH_GRACE }
+    }
+
+    /// `/readyz` also fails while a watch keeps failing for longer than `grace` (normally
+    /// [`WATCH_GRACE`]), and explains an optional API it cannot watch.
+    #[must_use]
+    pub fn with_watches(mut self, watches: WatchHealth, grace: std::time::Duration) -> Self {
+        self.watches = watches;
+        self.grace = grace;
+        self
     }
 
     /// Ready once the API server answered and the controllers started.
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
-    }
-
-    /// Records that `component` failed (again); the reason must carry no secret.
-    pub fn failing(&self, component: &str, reason: impl Into<String>) {
-        let mut failing = self.failing.lock().expect("health lock");
-        let reason = reason.into();
-        failing.entry(component.to_string()).and_modify(|e| e.1 = reason.clone()).or_insert((Instant::now(), reason));
-    }
-
-    /// Records that `component` works again.
-    pub fn recovered(&self, component: &str) {
-        let mut failing = self.failing.lock().expect("health lock");
-        if failing.remove(component).is_some() {
-            tracing::info!(component, "recovered");
-        }
-    }
-
-    /// `Ok` when ready, else why not (for `/readyz`).
-    pub fn readiness(&self, now: Instant) -> Result<(), String> {
-        if !self.ready.load(Ordering::Relaxed) {
-            return Err("starting".into());
-        }
-        let failing = self.failing.lock().expect("health lock");
-        let stalled: Vec<String> = failing
-            .iter()
-            .filter(|(_, (since, _))| now.saturating_duration_since(*since) >= STALL_AFTER)
-            .map(|(c, (since, reason))| format!("{c} failing for {}s: {reason}", now.duration_since(*since).as_secs()))
-            .collect();
-        if stalled.is_empty() { Ok(()) } else { Err(stalled.join("\n")) }
     }
 }
 
@@ -74,10 +53,18 @@ pub fn router(health: Health) -> Router {
         .route(
             "/readyz",
             get(|State(h): State<Health>| async move {
-                match h.readiness(Instant::now()) {
-                    Ok(()) => (StatusCode::OK, "ready".to_string()),
-                    Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+                if !h.ready.load(Ordering::Relaxed) {
+                    return (StatusCode::SERVICE_UNAVAILABLE, "starting".to_string());
                 }
+                let failing = h.watches.failing_longer_than(h.grace);
+                if !failing.is_empty() {
+                    return (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}", failing.join("; ")));
+                }
+                let mut body = "ready".to_string();
+                for why in h.watches.optional_unavailable() {
+                    body.push_str(&format!("\nwithout conflict detection for {why}"));
+                }
+                (StatusCode::OK, body)
             }),
         )
         .route("/metrics", get(|State(h): State<Health>| async move { h.metrics.encode() }))
@@ -121,20 +108,27 @@ mod tests {
         assert!(body.contains("celery_operator_reconcile_total{kind=\"TaskQueue\"} 1"), "{body}");
     }
 
-    #[test]
-    fn a_component_failing_longer_than_the_stall_time_makes_readyz_say_which_and_why() {
-        let health = Health::new(Arc::new(Metrics::new()));
-        health.set_ready(true);
-        let t0 = Instant::now();
-        health.failing("watch WorkerPool", "LIST WorkerPool */*: HTTP 403 Forbidden");
-        assert_eq!(health.readiness(t0), Ok(()), "a fresh failure is retried before readiness fails");
-        let later = t0 + STALL_AFTER + Duration::from_secs(1);
-        let why = health.readiness(later).unwrap_err();
-        assert!(why.starts_with("watch WorkerPool failing for 3"), "{why}");
-        assert!(why.ends_with("HTTP 403 Forbidden"), "{why}");
-        health.failing("watch WorkerPool", "timed out");
-        assert!(health.readiness(later).unwrap_err().ends_with("timed out"), "the latest reason, the first time");
-        health.recovered("watch WorkerPool");
-        assert_eq!(health.readiness(later), Ok(()));
+    #[tokio::test]
+    async fn readyz_fails_while_a_watch_keeps_failing_and_explains_an_optional_api() {
+        let error = kube::runtime::watcher::Error::NoResourceVersion;
+        let watches = WatchHealth::default();
+        let patient = Health::new(Arc::new(Metrics::new())).with_watches(watches.clone(), WATCH_GRACE);
+        let strict = Health::new(Arc::new(Metrics::new())).with_watches(watches.clone(), std::time::Duration::ZERO);
+        patient.set_ready(true);
+        strict.set_ready(true);
+        watches.failed("prod/deployments", false, &error);
+        assert_eq!(get(&patient, "/readyz").await, (StatusCode::OK, "ready".into()), "a short failure is no reason");
+        let (status, body) = get(&strict, "/readyz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            body.starts_with("not ready: watch of prod/deployments failing for 0 s: no metadata.resourceVersion"),
+            "{body}"
+        );
+        watches.ok("prod/deployments");
+        assert_eq!(get(&strict, "/readyz").await.0, StatusCode::OK, "recovered");
+        watches.failed("prod/horizontalpodautoscalers", true, &error);
+        let (status, body) = get(&strict, "/readyz").await;
+        assert_eq!(status, StatusCode::OK, "an optional API is no reason: {body}");
+        assert!(body.contains("without conflict detection for prod/horizontalpodautoscalers"), "{body}");
     }
 }

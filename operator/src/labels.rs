@@ -14,8 +14,12 @@ pub const APP_NAME: &str = "celery";
 /// Value of `app.kubernetes.io/managed-by`, also the operator's reporting controller name.
 pub const MANAGER: &str = "celery-operator";
 
-/// Field manager of everything the reconciler applies (server-side apply).
+/// Field manager of everything the reconciler applies (server-side apply): the Deployments but
+/// their autoscaled `spec.replicas`, and the reconciler's half of WorkerPool status.
 pub const FIELD_MANAGER: &str = "celery-operator";
+/// Field manager of the autoscaler: an autoscaled worker Deployment's `spec.replicas` (see
+/// [`crate::replicas`]) and the autoscaler's half of WorkerPool status (see [`crate::status`]).
+pub const AUTOSCALER_FIELD_MANAGER: &str = "celery-operator-autoscaler";
 
 /// Component value of worker Deployments.
 pub const WORKER: &str = "worker";

@@ -3,6 +3,8 @@
 pub mod api;
 pub mod autoscale;
 pub mod broker_config;
+pub mod brokers;
+pub mod cache;
 pub mod check_broker;
 pub mod conditions;
 pub mod controller;
@@ -16,4 +18,6 @@ pub mod metrics;
 pub mod probe;
 pub mod reconcile;
 pub mod render;
+pub mod replicas;
+pub mod status;
 pub mod validate;

@@ -152,13 +152,13 @@ fn print_crds(out_dir: Option<PathBuf>) -> ExitCode {
 async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let client = kube::Client::try_default().await?;
     let metrics = Arc::new(Metrics::new());
-    let health = http::Health::new(metrics.clone());
-    tokio::spawn(http::serve(args.metrics_addr, health.clone()));
-    let version = client.apiserver_version().await?;
-    info!(server = %version.git_version, "connected to the API server");
-
     let identity = std::env::var("POD_NAME").unwrap_or_else(|_| format!("{}-{}", hostname(), std::process::id()));
     let ctx = Arc::new(Context::new(client, metrics.clone(), Some(identity.clone())));
+    let health = http::Health::new(metrics.clone()).with_watches(ctx.watches.clone(), http::WATCH_GRACE);
+    tokio::spawn(http::serve(args.metrics_addr, health.clone()));
+    let version = ctx.client.apiserver_version().await?;
+    info!(server = %version.git_version, "connected to the API server");
+
     let mut namespaces: Vec<Option<String>> =
         args.watch_namespaces.into_iter().filter(|n| !n.is_empty()).map(Some).collect();
     if namespaces.is_empty() {

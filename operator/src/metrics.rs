@@ -24,6 +24,7 @@ pub struct Metrics {
     broker_safe: IntGaugeVec,
     probe_duration: HistogramVec,
     probe_errors: IntCounterVec,
+    broker_incidents: IntCounterVec,
     pool_desired: IntGaugeVec,
     pool_current: IntGaugeVec,
     pool_backlog: IntGaugeVec,
@@ -35,6 +36,7 @@ pub struct Metrics {
     pool_condition: IntGaugeVec,
     /// The label sets of `pool_condition` each pool exports now, to remove them when they change.
     pool_condition_labels: std::sync::Mutex<std::collections::HashMap<[String; 2], Vec<[String; 5]>>>,
+    api_unavailable: IntGaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -99,6 +101,14 @@ impl Metrics {
             &["namespace", "taskqueue", "error"],
         )
         .expect("valid metric");
+        let broker_incidents = IntCounterVec::new(
+            Opts::new(
+                "celery_operator_broker_incidents_total",
+                "Broker incidents (keys evicted, eviction policy fixed) seen by a poll of the queue's broker, by reason",
+            ),
+            &["namespace", "taskqueue", "reason"],
+        )
+        .expect("valid metric");
         let pool_gauge =
             |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &POOL_LABELS).expect("valid metric");
         let pool_desired = pool_gauge("celery_operator_pool_desired_replicas", "Worker replicas the autoscaler wants");
@@ -142,7 +152,7 @@ impl Metrics {
             &["namespace", "workerpool", "type", "status", "reason"],
         )
         .expect("valid metric");
-        let collectors: [Box<dyn prometheus::core::Collector>; 19] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 20] = [
             Box::new(queue_latency.clone()),
             Box::new(queue_scheduled.clone()),
             Box::new(pool_condition.clone()),
@@ -162,10 +172,21 @@ impl Metrics {
             Box::new(broker_safe.clone()),
             Box::new(probe_duration.clone()),
             Box::new(probe_errors.clone()),
+            Box::new(broker_incidents.clone()),
         ];
         for m in collectors {
             registry.register(m).expect("metric registered once");
         }
+        let api_unavailable = IntGaugeVec::new(
+            Opts::new(
+                "celery_operator_optional_api_unavailable",
+                "1 while an optional API (HPAs, KEDA ScaledObjects) cannot be watched (not served or forbidden): \
+                 the autoscaler then runs without conflict detection for it",
+            ),
+            &["resource"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(api_unavailable.clone())).expect("metric registered once");
         Self {
             registry,
             reconciles,
@@ -178,6 +199,7 @@ impl Metrics {
             broker_safe,
             probe_duration,
             probe_errors,
+            broker_incidents,
             pool_desired,
             pool_current,
             pool_backlog,
@@ -188,6 +210,7 @@ impl Metrics {
             events_dropped,
             pool_condition,
             pool_condition_labels: Default::default(),
+            api_unavailable,
         }
     }
 
@@ -217,6 +240,11 @@ impl Metrics {
     /// Counts an Event given up on after its retries.
     pub fn event_dropped(&self, reason: &str) {
         self.events_dropped.with_label_values(&[reason]).inc();
+    }
+
+    /// Records whether an optional API can be watched.
+    pub fn optional_api_unavailable(&self, resource: &str, unavailable: bool) {
+        self.api_unavailable.with_label_values(&[resource]).set(i64::from(unavailable));
     }
 
     /// Records whether this replica reconciles. One that stops drops its per-queue and per-pool
@@ -299,6 +327,11 @@ impl Metrics {
         if let Some(error) = error {
             self.probe_errors.with_label_values(&[labels[0], labels[1], error]).inc();
         }
+    }
+
+    /// Counts an incident (e.g. `KeysEvicted`) on the broker of a queue (`[namespace, taskqueue]`).
+    pub fn broker_incident(&self, queue: &[String; 2], reason: &str) {
+        self.broker_incidents.with_label_values(&[queue[0].as_str(), queue[1].as_str(), reason]).inc();
     }
 
     /// Records what a probe saw of a queue.

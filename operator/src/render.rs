@@ -29,15 +29,12 @@ pub fn render_documents(sources: &[(String, String)]) -> Result<String, Vec<Rend
     let mut out = String::new();
     for Loaded { source_name, object: pool } in &pools {
         let ns = pool.namespace();
-        let found: Vec<Option<TaskQueue>> = pool
+        let found: Vec<Option<&TaskQueue>> = pool
             .spec
             .queues
             .iter()
             .map(|name| {
-                queues
-                    .iter()
-                    .find(|q| q.object.name_any() == *name && q.object.namespace() == ns)
-                    .map(|q| q.object.clone())
+                queues.iter().find(|q| q.object.name_any() == *name && q.object.namespace() == ns).map(|q| &q.object)
             })
             .collect();
         let inputs = match resolve_inputs(pool, &found) {

@@ -11,7 +11,7 @@ use common::poll;
 use std::path::Path;
 use std::sync::Arc;
 
-use celery_e2e::{ApiServer, PodRunner, RunnerConfig};
+use celery_e2e::{ApiServer, Fault, PodRunner, RequestMatch, RunnerConfig, Verb};
 use celery_operator::autoscale::scaler::FIELD_MANAGER;
 use celery_operator::controller::run_all;
 use celery_operator::leader::shutdown_when;
@@ -26,6 +26,8 @@ struct Env {
     api: ApiServer,
     redis: RedisServer,
     metrics: Arc<Metrics>,
+    /// What the operator's `/readyz` answers.
+    health: celery_operator::http::Health,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     operator: Option<tokio::task::JoinHandle<kube_lease_manager::Result<()>>>,
     _runner: PodRunner,
@@ -33,19 +35,28 @@ struct Env {
 
 impl Env {
     async fn start() -> Env {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts with `before` applied to the double before the operator's first request.
+    async fn start_with(before: impl FnOnce(&ApiServer)) -> Env {
         let redis = RedisServer::builder().start().unwrap();
         let api = ApiServer::new();
         api.load_crds_from_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds")).unwrap();
         api.add_crd(&common::keda_scaled_object_crd()).unwrap();
+        before(&api);
         let runner = PodRunner::start(&api, RunnerConfig::simulated()).unwrap();
         let metrics = Arc::new(Metrics::new());
         let ctx = Arc::new(Context::new(api.client(), metrics.clone(), Some("test".into())));
+        let health = celery_operator::http::Health::new(metrics.clone())
+            .with_watches(ctx.watches.clone(), celery_operator::http::WATCH_GRACE);
+        health.set_ready(true);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let shutdown = shutdown_when(async move {
             let _ = stopped.await;
         });
         let operator = tokio::spawn(run_all(ctx, vec![Some("prod".into())], None, shutdown));
-        Env { api, redis, metrics, stop: Some(stop), operator: Some(operator), _runner: runner }
+        Env { api, redis, metrics, health, stop: Some(stop), operator: Some(operator), _runner: runner }
     }
 
     fn create(&self, kind: &str, api_version: &str, mut doc: Value) {
@@ -121,6 +132,17 @@ impl Env {
             .find_map(|l| l.strip_prefix("celery_operator_autoscaler_decision_seconds_count "))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0)
+    }
+
+    /// `/readyz`: status code and body.
+    async fn readyz(&self) -> (u16, String) {
+        use http_body_util::BodyExt;
+        use tower::ServiceExt;
+        let request = axum::http::Request::get("/readyz").body(axum::body::Body::empty()).unwrap();
+        let response = celery_operator::http::router(self.health.clone()).oneshot(request).await.unwrap();
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
     }
 
     async fn stop(mut self) {
@@ -321,6 +343,169 @@ async fn a_keda_scaled_object_on_the_pool_is_a_conflict_too() {
         env.condition("auto", "ScalingActive") == Some(("False".into(), "ScalerConflict".into()))
     })
     .await;
+    env.stop().await;
+}
+
+/// The HPA API refused (`code` 403) or not served (404): the autoscaler still scales, and says on
+/// ScalingActive (reason ScalerConflictUnchecked, the API named), in a metric and on `/readyz`
+/// that it cannot see another autoscaler on the pool.
+async fn scales_without_the_hpa_api(code: u16) {
+    let hpas = RequestMatch::any().resource("horizontalpodautoscalers");
+    let env = Env::start_with(|api| api.inject(Fault::error(code).on(hpas))).await;
+    env.queue("jobs");
+    env.pool("auto", "jobs", policy(0, 10, 0));
+    poll("the Deployment exists", || async { env.replicas("auto-worker") == Some(0) }).await;
+    env.push("jobs", 6).await;
+    poll("scaled to ceil(6 / 2) = 3", || async { env.replicas("auto-worker") == Some(3) }).await;
+    poll("ScalingActive says conflicts are not checked", || async {
+        env.condition("auto", "ScalingActive") == Some(("True".into(), "ScalerConflictUnchecked".into()))
+    })
+    .await;
+    let status = env.status("auto");
+    let active = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "ScalingActive").unwrap();
+    let message = active["message"].as_str().unwrap();
+    assert!(message.contains("horizontalpodautoscalers") && message.contains(&code.to_string()), "{message}");
+    let metric = "celery_operator_optional_api_unavailable{resource=\"horizontalpodautoscalers\"} 1";
+    assert!(env.metrics.encode().contains(metric), "{}", env.metrics.encode());
+    assert!(env.api.requests().iter().any(|r| r.resource == "horizontalpodautoscalers" && r.injected));
+    let (status, body) = env.readyz().await;
+    assert_eq!(status, 200, "a missing optional API is no reason to be unready: {body}");
+    assert!(body.contains("without conflict detection for prod/horizontalpodautoscalers"), "{body}");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_forbidden_hpa_api_disables_only_conflict_detection() {
+    scales_without_the_hpa_api(403).await;
+}
+
+#[tokio::test]
+async fn an_hpa_api_not_served_disables_only_conflict_detection() {
+    scales_without_the_hpa_api(404).await;
+}
+
+/// Each kind the operator reads is watched once per scope, shared by the controllers and the
+/// autoscaler (it was three watches of WorkerPools, three of TaskQueues and two of Deployments).
+#[tokio::test]
+async fn one_open_watch_per_kind() {
+    let env = Env::start().await;
+    env.queue("jobs");
+    env.pool("auto", "jobs", policy(1, 3, 0));
+    poll("the pool is scaled and reported", || async {
+        env.replicas("auto-worker") == Some(1) && env.condition("auto", "ScalingActive").is_some()
+    })
+    .await;
+    let mut watches: std::collections::BTreeMap<String, usize> = Default::default();
+    for r in env.api.requests().iter().filter(|r| r.verb == Verb::Watch) {
+        *watches.entry(r.resource.clone()).or_default() += 1;
+    }
+    let kinds = ["deployments", "horizontalpodautoscalers", "scaledobjects", "secrets", "taskqueues", "workerpools"];
+    let expected: std::collections::BTreeMap<String, usize> = kinds.iter().map(|k| (k.to_string(), 1)).collect();
+    assert_eq!(watches, expected, "watch requests by resource");
+    assert_eq!(env.api.open_watches(), kinds.len(), "open watches");
+    env.stop().await;
+}
+
+/// 200 autoscaled pools (on 20 TaskQueues of one Redis) with no work: once converged, a poll of
+/// their broker costs the broker round trip and nothing on the API server: over several poll
+/// intervals, not one request but the watches' own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steady_fleet_of_200_pools_makes_no_api_request_per_poll() {
+    let env = Env::start().await;
+    for q in 0..20 {
+        env.queue(&format!("jobs-{q}"));
+    }
+    for p in 0..200 {
+        env.pool(&format!("pool-{p}"), &format!("jobs-{}", p % 20), policy(1, 5, 0));
+    }
+    poll("every pool at minReplicas, rolled out and decided", || async {
+        let pools = env.api.list(CRD, "WorkerPool", Some("prod")).unwrap();
+        pools.len() == 200
+            && pools.iter().all(|p| {
+                let s = &p["status"];
+                s["desiredReplicas"] == 1
+                    && s["readyReplicas"] == 1
+                    && s["backlog"] == 0
+                    && s["observedGeneration"] == p["metadata"]["generation"]
+            })
+    })
+    .await;
+    // Converged: nothing in flight and nothing sent for a second (what a reconcile under way
+    // still sends belongs to convergence).
+    let (mut seen, mut since) = (env.api.request_count(), tokio::time::Instant::now());
+    poll("the operator goes quiet", || {
+        let count = env.api.request_count();
+        if count != seen || env.api.requests_in_flight() > 0 {
+            (seen, since) = (count, tokio::time::Instant::now());
+        }
+        let quiet = since.elapsed() >= std::time::Duration::from_secs(1);
+        async move { quiet }
+    })
+    .await;
+    let mark = env.api.request_count();
+    let polls = env.polls();
+    poll("five more polls of the broker", || async { env.polls() >= polls + 5 }).await;
+    let sent: Vec<String> = env
+        .api
+        .requests()
+        .into_iter()
+        .skip(mark)
+        .filter(|r| r.verb != Verb::Watch)
+        .map(|r| format!("{} {}/{:?} {:?} -> {}", r.verb.as_str(), r.resource, r.subresource, r.name, r.status))
+        .collect();
+    assert!(sent.is_empty(), "a steady fleet sent requests during 5 polls: {sent:?}");
+    env.stop().await;
+}
+
+/// 50 pools get work at the same moment: the poll that sees it writes every pool's replicas before
+/// any pool's Event or status, so the last pool is not kept waiting behind the others' bookkeeping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_on_50_pools_writes_every_replica_count_before_any_event_or_status() {
+    let env = Env::start().await;
+    env.queue("burst");
+    for p in 0..50 {
+        env.pool(&format!("pool-{p}"), "burst", policy(0, 10, 0));
+    }
+    poll("every pool decided at zero", || async {
+        let pools = env.api.list(CRD, "WorkerPool", Some("prod")).unwrap();
+        pools.len() == 50 && pools.iter().all(|p| p["status"]["desiredReplicas"] == 0)
+    })
+    .await;
+    let mark = env.api.request_count();
+    env.push("burst", 7).await;
+    poll("every pool scaled to ceil(7 / 2) = 4 and reporting it", || async {
+        (0..50).all(|p| {
+            env.replicas(&format!("pool-{p}-worker")) == Some(4)
+                && env.status(&format!("pool-{p}"))["desiredReplicas"] == 4
+        })
+    })
+    .await;
+    let requests: Vec<_> = env.api.requests().into_iter().skip(mark).collect();
+    let scaled: Vec<usize> = requests
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.resource == "deployments" && r.field_manager.as_deref() == Some(FIELD_MANAGER))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(scaled.len(), 50, "one replica write per pool");
+    // Polls of one broker never overlap, so every autoscaler status write after the burst poll's
+    // first replica write is that poll's. (The reconciler writes its own status and Events when
+    // the Deployments change, at any moment; the autoscaler's status follows its Events.)
+    let after = requests
+        .iter()
+        .enumerate()
+        .skip(scaled[0])
+        .find(|(_, r)| {
+            r.resource == "workerpools"
+                && r.subresource.as_deref() == Some("status")
+                && r.field_manager.as_deref() == Some(FIELD_MANAGER)
+        })
+        .map(|(i, _)| i)
+        .expect("the autoscaler wrote status");
+    assert!(
+        scaled.iter().all(|&i| i < after),
+        "a status write (request {after}) went out before replica writes {scaled:?}"
+    );
     env.stop().await;
 }
 

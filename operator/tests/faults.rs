@@ -610,7 +610,6 @@ async fn push_backlog(stack: &Stack, queue: &str, n: usize) {
 /// never redone, the reconciler's apply without replicas drops the field and Kubernetes resets it
 /// to 1, stopping two of three workers mid-task.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs branch core: the replica co-ownership handoff checked and redone on every reconcile"]
 async fn a_failed_replica_handoff_is_redone_before_the_next_change() {
     let Some(mut s) = Scenario::start("replica handoff fails once").await else { return };
     let handoff = RequestMatch::writes().resource("deployments").field_manager(AUTOSCALER);
@@ -736,7 +735,6 @@ async fn beat_is_reverted_while_watches_drop_and_history_is_compacted() {
 /// controller's watches, each of those errors pauses the Deployment events too, 0.8 s, then 1.6,
 /// 3.2 s... for errors in a row: today's reverts took 1.3 to 8.7 s, four of five over 2 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs branch core: each watch backs off on its own"]
 async fn beat_reverts_never_wait_for_another_watchs_backoff() {
     let Some(mut s) = Scenario::start("other kinds' watches fail before each hand scale").await else { return };
     for pool in three_pools() {

@@ -10,10 +10,11 @@ use common::poll;
 use std::path::Path;
 use std::sync::Arc;
 
-use celery_e2e::ApiServer;
+use celery_e2e::{ApiServer, Verb};
+use celery_operator::cache::Stores;
 use celery_operator::crd::{TaskQueue, WorkerPool};
 use celery_operator::metrics::Metrics;
-use celery_operator::reconcile::{Context, taskqueue, workerpool};
+use celery_operator::reconcile::{Context, Scoped, taskqueue, workerpool};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
@@ -26,15 +27,30 @@ struct Harness {
     api: ApiServer,
     client: Client,
     ctx: Arc<Context>,
+    /// The WorkerPool reconciler's context: `ctx` and the watch caches of namespace prod.
+    scope: Arc<Scoped>,
 }
 
-fn harness() -> Harness {
+async fn harness() -> Harness {
     let api = ApiServer::new();
     let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
     api.load_crds_from_dir(crds).expect("CRDs load");
     let client = api.client();
     let ctx = Arc::new(Context::new(client.clone(), Arc::new(Metrics::new()), Some("test".into())));
-    Harness { api, client, ctx }
+    let stores = Stores::start(&ctx, Some("prod")).await;
+    stores.wait_until_ready().await;
+    let scope = Arc::new(Scoped { ctx: ctx.clone(), stores });
+    Harness { api, client, ctx, scope }
+}
+
+/// `(name, resourceVersion)` of every object of a kind in prod, sorted.
+fn versions<'a>(objects: impl IntoIterator<Item = &'a kube::api::ObjectMeta>) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = objects
+        .into_iter()
+        .map(|m| (m.name.clone().unwrap_or_default(), m.resource_version.clone().unwrap_or_default()))
+        .collect();
+    v.sort();
+    v
 }
 
 impl Harness {
@@ -61,8 +77,32 @@ impl Harness {
         Api::<Deployment>::namespaced(self.client.clone(), "prod").get_opt(name).await.unwrap()
     }
 
+    /// Waits until the watch caches hold what the double holds (pools, TaskQueues, Deployments),
+    /// as a controller's reconcile would find them.
+    async fn caught_up(&self) {
+        let stores = &self.scope.stores;
+        let stored = |api_version: &str, kind: &str| {
+            let objects = self.api.list(api_version, kind, Some("prod")).unwrap();
+            let metas: Vec<kube::api::ObjectMeta> =
+                objects.into_iter().map(|o| serde_json::from_value(o["metadata"].clone()).unwrap()).collect();
+            versions(&metas)
+        };
+        poll("the watch caches to catch up", || async {
+            stored("celery-operator.dev/v1alpha1", "WorkerPool")
+                == versions(stores.pools.store().state().iter().map(|p| &p.metadata))
+                && stored("celery-operator.dev/v1alpha1", "TaskQueue")
+                    == versions(stores.queues.store().state().iter().map(|q| &q.metadata))
+                && stored("apps/v1", "Deployment")
+                    == versions(stores.deployments.store().state().iter().map(|d| &d.metadata))
+        })
+        .await;
+    }
+
     async fn reconcile_pool(&self, name: &str) -> Action {
-        workerpool::reconcile(self.pool(name).await, self.ctx.clone()).await.expect("reconcile succeeds")
+        self.caught_up().await;
+        // From the cache, as the controller hands it over (a GET here would be in the request log).
+        let pool = self.scope.stores.pool("prod", name).expect("the pool is cached");
+        workerpool::reconcile(pool, self.scope.clone()).await.expect("reconcile succeeds")
     }
 
     async fn reconcile_queue(&self, name: &str) -> Action {
@@ -99,7 +139,7 @@ fn args(d: &Deployment) -> Vec<String> {
 
 #[tokio::test]
 async fn create_applies_worker_and_beat_deployments_and_reports_status() {
-    let h = harness();
+    let h = harness().await;
     h.seed_queue("emails").await;
     h.create::<WorkerPool>(pool_doc("mail", json!({"replicas": 3, "beat": {"enabled": true}}))).await;
     h.reconcile_pool("mail").await;
@@ -138,7 +178,7 @@ async fn create_applies_worker_and_beat_deployments_and_reports_status() {
 
 #[tokio::test]
 async fn a_no_op_reconcile_writes_nothing() {
-    let h = harness();
+    let h = harness().await;
     h.seed_queue("emails").await;
     h.create::<WorkerPool>(pool_doc("mail", json!({"beat": {"enabled": true}}))).await;
     h.reconcile_pool("mail").await;
@@ -152,7 +192,7 @@ async fn a_no_op_reconcile_writes_nothing() {
 
 #[tokio::test]
 async fn a_spec_change_updates_the_deployment_and_observed_generation() {
-    let h = harness();
+    let h = harness().await;
     h.seed_queue("emails").await;
     h.create::<WorkerPool>(pool_doc("mail", json!({}))).await;
     h.reconcile_pool("mail").await;
@@ -168,7 +208,7 @@ async fn a_spec_change_updates_the_deployment_and_observed_generation() {
 
 #[tokio::test]
 async fn beat_scaled_by_hand_goes_back_to_one() {
-    let h = harness();
+    let h = harness().await;
     h.seed_queue("emails").await;
     h.create::<WorkerPool>(pool_doc("mail", json!({"beat": {"enabled": true}}))).await;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -193,7 +233,7 @@ async fn beat_scaled_by_hand_goes_back_to_one() {
 
 #[tokio::test]
 async fn a_second_beat_for_the_same_app_is_refused() {
-    let h = harness();
+    let h = harness().await;
     h.seed_queue("emails").await;
     h.create::<WorkerPool>(pool_doc("first", json!({"beat": {"enabled": true}}))).await;
     h.create::<WorkerPool>(pool_doc("second", json!({"beat": {"enabled": true}}))).await;
@@ -222,7 +262,7 @@ async fn a_second_beat_for_the_same_app_is_refused() {
 
 #[tokio::test]
 async fn a_missing_queue_stalls_the_pool_with_the_field_named() {
-    let h = harness();
+    let h = harness().await;
     h.create::<WorkerPool>(pool_doc("mail", json!({}))).await;
     let action = h.reconcile_pool("mail").await;
     assert_eq!(action, Action::await_change());
@@ -248,7 +288,7 @@ async fn a_missing_queue_stalls_the_pool_with_the_field_named() {
 #[tokio::test]
 async fn a_missing_secret_is_reported_then_the_real_broker_is_probed_and_the_password_never_shows() {
     let redis = e2e_harness::RedisServer::builder().password("s3cret-pw").start().expect("redis-server starts");
-    let h = harness();
+    let h = harness().await;
     h.create::<TaskQueue>(json!({"metadata": {"name": "emails"},
         "spec": {"broker": {"urlFrom": {"secretKeyRef": {"name": "redis", "key": "url"}}}}}))
         .await;
@@ -307,7 +347,7 @@ async fn an_evicting_redis_is_reported_as_unsafe_with_a_warning_event() {
         .config("maxmemory-policy allkeys-lru")
         .start()
         .expect("redis-server starts");
-    let h = harness();
+    let h = harness().await;
     h.create::<TaskQueue>(json!({"metadata": {"name": "emails"}, "spec": {"broker": {"url": redis.url()}}})).await;
     h.reconcile_queue("emails").await;
     let status = h.queue("emails").await.status.clone().unwrap();
@@ -322,7 +362,7 @@ async fn an_evicting_redis_is_reported_as_unsafe_with_a_warning_event() {
 
 #[tokio::test]
 async fn deleting_a_pool_removes_its_deployments() {
-    let h = harness();
+    let h = harness().await;
     h.seed_queue("emails").await;
     h.create::<WorkerPool>(pool_doc("mail", json!({"beat": {"enabled": true}}))).await;
     h.reconcile_pool("mail").await;
@@ -331,4 +371,33 @@ async fn deleting_a_pool_removes_its_deployments() {
     h.api.collect_garbage();
     assert!(h.deployment("mail-worker").await.is_none());
     assert!(h.deployment("mail-beat").await.is_none());
+}
+
+/// A reconcile reads the watch caches: finding the beat holder, the TaskQueues and the Deployments
+/// lists nothing (it used to list every pool of the namespace), and a reconcile that changes
+/// nothing sends no request at all.
+#[tokio::test]
+async fn a_reconcile_of_one_pool_does_no_list() {
+    let h = harness().await;
+    h.seed_queue("emails").await;
+    for name in ["first", "second", "third"] {
+        h.create::<WorkerPool>(pool_doc(name, json!({"beat": {"enabled": true}}))).await;
+    }
+    h.create::<WorkerPool>(pool_doc("other", json!({"app": "other.app", "beat": {"enabled": true}}))).await;
+    h.caught_up().await;
+    let mark = h.api.request_count();
+    for name in ["first", "second", "third", "other"] {
+        h.reconcile_pool(name).await;
+    }
+    let requests: Vec<_> = h.api.requests().into_iter().skip(mark).filter(|r| r.verb != Verb::Watch).collect();
+    assert!(requests.iter().any(|r| r.is_successful_write()), "the pools were not created: {requests:?}");
+    let lists: Vec<_> = requests.iter().filter(|r| r.verb == Verb::List).collect();
+    assert!(lists.is_empty(), "reconciles listed: {lists:?}");
+    assert!(h.deployment("first-beat").await.is_some() && h.deployment("other-beat").await.is_some());
+    assert!(h.deployment("second-beat").await.is_none() && h.deployment("third-beat").await.is_none());
+
+    let mark = h.api.request_count();
+    h.reconcile_pool("second").await;
+    let sent: Vec<_> = h.api.requests().into_iter().skip(mark).filter(|r| r.verb != Verb::Watch).collect();
+    assert!(sent.is_empty(), "a reconcile with nothing to change sent requests: {sent:?}");
 }

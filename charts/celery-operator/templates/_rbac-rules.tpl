@@ -5,10 +5,10 @@ the operator actually makes, so add a rule here only together with the code that
 
 {{/* Rules in each watched namespace (cluster-wide when watchNamespaces is empty). */}}
 {{- define "celery-operator.rbac.watchedNamespaceRules" -}}
-# TaskQueues (read) and WorkerPools (listed for beat ownership), watched by the controllers.
+# TaskQueues and WorkerPools, watched once each; the controllers and the autoscaler read the caches.
 - apiGroups: ["celery-operator.dev"]
   resources: ["taskqueues"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 - apiGroups: ["celery-operator.dev"]
   resources: ["workerpools"]
   verbs: ["list", "watch"]

@@ -1,29 +1,38 @@
-//! The autoscaler loop: per broker endpoint, poll at the smallest `pollIntervalSeconds` of the
-//! pools on it (one probe = one round trip for all their queues), decide for every pool, and apply
-//! the worker Deployment's `spec.replicas` by server-side apply under [`FIELD_MANAGER`] only when
-//! it changes.
+//! The autoscaler loop: every autoscaled pool registers its queues and `pollIntervalSeconds` with
+//! its broker endpoint's poller ([`crate::brokers`]), which polls at the smallest interval of
+//! everything on the endpoint (one probe = one round trip for all queues of all pools and
+//! TaskQueues on it). On each new snapshot of an endpoint the loop decides for every pool on it,
+//! and applies the worker Deployment's `spec.replicas` by server-side apply under
+//! [`FIELD_MANAGER`] only when it changes. The loop never probes: a TaskQueue and the pools reading
+//! it see the same snapshot, so no finding is consumed by one and missed by the other, and a
+//! failed poll counts in the probe-error metric whoever it was for.
 //!
-//! Everything it reads comes from watch caches (pools, TaskQueues, worker Deployments, HPAs, KEDA
-//! ScaledObjects when KEDA is installed), so a poll costs the broker round trip and nothing else on
-//! the API server unless something changes. Brokers are polled concurrently: a slow or unreachable
-//! broker (probes are bounded by their timeout) never delays the pools on another one.
+//! Everything it reads comes from the scope's shared watch caches ([`crate::cache::Stores`]: pools,
+//! TaskQueues, worker Deployments, HPAs, KEDA ScaledObjects when KEDA is installed), so a poll costs
+//! the broker round trip and nothing else on the API server unless something changes. Brokers are
+//! polled concurrently: a slow or unreachable broker (probes are bounded by their timeout) never
+//! delays the pools on another one. The pools of one poll are decided concurrently (at most
+//! [`IN_FLIGHT`] at once), every replica write before any Event or status write, so a burst that
+//! wakes many pools reacts as fast as one.
+//!
+//! When HPAs or ScaledObjects cannot be watched (not served, or 403), pools are still scaled; their
+//! ScalingActive condition says conflict detection is off, and the cache logs it once and sets
+//! `celery_operator_optional_api_unavailable`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use celery_broker::Broker;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -32,15 +41,22 @@ use tracing::{debug, info, warn};
 use super::decide::{self, Decision, Policy, Probe, ScalerState};
 use super::demand;
 use super::plan::{self, Activity, Conflict, ScalerStatus};
-use crate::conditions::{self, Wanted, kind};
-use crate::controller::scoped;
-use crate::crd::{TaskQueue, WorkerPool};
-use crate::labels;
+use crate::broker_config::{EndpointKey, ResolvedBroker};
+use crate::brokers::{Consumer, Interest, QueueRef, Snapshot};
+use crate::cache::{ApiHealth, Availability, Stores};
+use crate::conditions::{self, Status, Wanted, kind};
+use crate::crd::{BrokerSpec, TaskQueue, WorkerPool};
 use crate::reconcile::{Context, display_name};
+use crate::status;
 
 /// Field manager of the worker Deployment's `spec.replicas` and the autoscaler's status fields.
-pub const FIELD_MANAGER: &str = "celery-operator-autoscaler";
-/// How often the loop looks for brokers due for a poll.
+pub use crate::labels::AUTOSCALER_FIELD_MANAGER as FIELD_MANAGER;
+/// Decisions (and their writes) of one poll in flight at once.
+pub const IN_FLIGHT: usize = 32;
+/// How long the autoscaler waits at start for the optional APIs to answer before it scales
+/// without conflict detection for those that have not.
+const OPTIONAL_API_WAIT: Duration = Duration::from_secs(5);
+/// How often the loop looks at the pools (new snapshots wake it at once).
 const TICK: Duration = Duration::from_millis(100);
 /// Backlog/in-flight-only status changes are written at most this often (metrics carry every poll).
 pub const STATUS_NUMBERS_INTERVAL: Duration = Duration::from_secs(5);
@@ -49,7 +65,7 @@ pub const EVENT_INTERVAL: Duration = Duration::from_secs(30);
 /// Broker URLs (from Secrets) are re-read at least this often, to follow rotations.
 const RESOLVE_INTERVAL: Duration = Duration::from_secs(60);
 
-/// Watch caches the loop reads.
+/// Watch caches the loop reads (views of the scope's shared [`Stores`]).
 #[derive(Clone)]
 struct Caches {
     pools: Store<WorkerPool>,
@@ -57,98 +73,77 @@ struct Caches {
     deployments: Store<Deployment>,
     hpas: Store<HorizontalPodAutoscaler>,
     scaled_objects: Option<Store<DynamicObject>>,
+    /// Whether HPAs and ScaledObjects can be watched.
+    optional: Vec<ApiHealth>,
 }
 
-/// Keeps a watch stream running in the background until dropped.
-struct Watches(JoinSet<()>);
-
-impl Watches {
-    fn watch<K>(&mut self, api: Api<K>, config: watcher::Config) -> Store<K>
-    where
-        K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
-    {
-        self.watch_with(api, config, reflector::store::Writer::default())
+impl Caches {
+    fn new(stores: &Stores) -> Self {
+        Self {
+            pools: stores.pools.store().clone(),
+            queues: stores.queues.store().clone(),
+            deployments: stores.deployments.store().clone(),
+            hpas: stores.hpas.store().clone(),
+            scaled_objects: stores.scaled_objects.as_ref().map(|(w, _)| w.store().clone()),
+            optional: std::iter::once(stores.hpa_health.clone())
+                .chain(stores.scaled_objects.iter().map(|(_, h)| h.clone()))
+                .collect(),
+        }
     }
 
-    fn watch_with<K>(&mut self, api: Api<K>, config: watcher::Config, writer: reflector::store::Writer<K>) -> Store<K>
-    where
-        K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
-        K::DynamicType: Clone + Eq + std::hash::Hash + Send + Sync,
-    {
-        let reader = writer.as_reader();
-        let stream = watcher(api, config).default_backoff().reflect(writer).applied_objects();
-        self.0.spawn(stream.for_each(|_| async {}));
-        reader
+    /// Why conflict detection is (partly) off, when an optional API cannot be watched.
+    fn unchecked(&self) -> Option<String> {
+        let why: Vec<String> = self
+            .optional
+            .iter()
+            .filter_map(|h| match h.get() {
+                Availability::Ready => None,
+                Availability::Pending => Some(format!("{} not listed yet", h.resource())),
+                Availability::Unavailable(why) => Some(why),
+            })
+            .collect();
+        (!why.is_empty()).then(|| {
+            format!("conflicts with other autoscalers on this pool's workers are not checked: {}", why.join("; "))
+        })
     }
 }
 
-/// KEDA's ScaledObject, when the API server serves it.
-async fn keda_scaled_objects(client: &Client) -> Option<ApiResource> {
-    let resources = client.list_api_group_resources("keda.sh/v1alpha1").await.ok()?;
-    resources.resources.iter().find(|r| r.kind == "ScaledObject").map(|r| ApiResource {
-        group: "keda.sh".into(),
-        version: "v1alpha1".into(),
-        api_version: "keda.sh/v1alpha1".into(),
-        kind: r.kind.clone(),
-        plural: r.name.clone(),
-    })
-}
-
-/// Runs the autoscaler for one namespace (or all) until `shutdown`.
-pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl std::future::Future<Output = ()>) {
-    let client = ctx.client.clone();
-    let ns = namespace.as_deref();
-    let mut watches = Watches(JoinSet::new());
-    let managed = watcher::Config::default().labels(&labels::managed_selector());
-    let caches = Caches {
-        pools: watches.watch(scoped::<WorkerPool>(client.clone(), ns), watcher::Config::default()),
-        queues: watches.watch(scoped::<TaskQueue>(client.clone(), ns), watcher::Config::default()),
-        deployments: watches.watch(scoped::<Deployment>(client.clone(), ns), managed),
-        hpas: watches.watch(scoped::<HorizontalPodAutoscaler>(client.clone(), ns), watcher::Config::default()),
-        scaled_objects: match keda_scaled_objects(&client).await {
-            None => None,
-            Some(resource) => {
-                let api: Api<DynamicObject> = match ns {
-                    Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
-                    None => Api::all_with(client.clone(), &resource),
-                };
-                Some(watches.watch_with(api, watcher::Config::default(), reflector::store::Writer::new(resource)))
-            }
-        },
-    };
+/// Runs the autoscaler on one scope's shared watch caches until `shutdown`.
+pub async fn run(ctx: Arc<Context>, stores: Stores, shutdown: impl std::future::Future<Output = ()>) {
+    let caches = Caches::new(&stores);
     let mut scaler = Scaler {
         ctx,
         caches,
         pools: HashMap::new(),
-        brokers: HashMap::new(),
+        endpoints: HashMap::new(),
+        registered: HashMap::new(),
         resolved: HashMap::new(),
         valid: HashMap::new(),
     };
     tokio::pin!(shutdown);
+    // The required caches are ready (the controllers wait for them); HPAs and ScaledObjects are
+    // optional: a refused or missing API must not keep pools from scaling.
     let ready = async {
-        let c = &scaler.caches;
-        let _ = tokio::join!(
-            c.pools.wait_until_ready(),
-            c.queues.wait_until_ready(),
-            c.deployments.wait_until_ready(),
-            c.hpas.wait_until_ready()
-        );
-        if let Some(so) = &c.scaled_objects {
-            let _ = so.wait_until_ready().await;
-        }
+        stores.wait_until_ready().await;
+        stores.wait_for_optional(OPTIONAL_API_WAIT).await;
     };
     tokio::select! {
         _ = &mut shutdown => return,
         _ = ready => {}
     }
-    info!(namespace = ns.unwrap_or("<all>"), "autoscaler started");
-    let mut polls: JoinSet<(usize, Vec<Member>)> = JoinSet::new();
+    match scaler.caches.unchecked() {
+        None => info!("autoscaler started"),
+        Some(why) => warn!(reason = %why, "autoscaler started without conflict detection"),
+    }
+    let mut polls: JoinSet<(EndpointKey, Vec<Member>)> = JoinSet::new();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut published = scaler.ctx.brokers.published();
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             _ = tick.tick() => scaler.start_due_polls(&mut polls).await,
+            Ok(()) = published.changed() => scaler.start_due_polls(&mut polls).await,
             Some(done) = polls.join_next() => match done {
                 Ok((broker, members)) => scaler.finished(broker, members),
                 Err(e) => warn!(error = %e, "autoscaler poll task failed"),
@@ -174,6 +169,15 @@ struct PoolState {
     applied: Option<(Option<String>, u32)>,
     /// Per-replica rate and pod start-ups, for the demand.
     demand: demand::PoolMemory,
+    /// What this poll still has to send once every pool's replicas are out.
+    outbox: Outbox,
+}
+
+/// Writes a poll holds back until every member's replica write is out: Events, then status.
+#[derive(Default)]
+struct Outbox {
+    events: Vec<(EventType, &'static str, String)>,
+    status: Option<ScalerStatus>,
 }
 
 impl PoolState {
@@ -194,11 +198,12 @@ impl PoolState {
             last_scale,
             applied: None,
             demand: demand::PoolMemory::new(),
+            outbox: Outbox::default(),
         }
     }
 }
 
-/// A pool taking part in one poll of its broker.
+/// A pool taking part in one decision round of its broker endpoint.
 struct Member {
     key: String,
     pool: Arc<WorkerPool>,
@@ -207,7 +212,7 @@ struct Member {
     state: PoolState,
 }
 
-/// An autoscaled pool found on a broker, before its state is taken for a poll.
+/// An autoscaled pool found on an endpoint, before its state is taken for a decision round.
 struct Candidate {
     key: String,
     pool: Arc<WorkerPool>,
@@ -215,17 +220,25 @@ struct Candidate {
     queues: Vec<String>,
 }
 
-/// Poll schedule of one broker endpoint.
-struct BrokerSchedule {
-    last_poll: Option<Instant>,
+/// Decision rounds of one broker endpoint.
+struct EndpointRounds {
+    /// The poller and sequence number of the last snapshot decided on.
+    decided: (u64, u64),
     busy: bool,
+}
+
+/// Where a TaskQueue's broker is, as last resolved.
+struct Target {
+    key: EndpointKey,
+    spec: BrokerSpec,
+    resolved: ResolvedBroker,
 }
 
 /// A TaskQueue's broker as last resolved.
 struct Resolved {
     resource_version: Option<String>,
     at: Instant,
-    broker: Option<Arc<Broker>>,
+    target: Option<Arc<Target>>,
 }
 
 struct Scaler {
@@ -233,7 +246,9 @@ struct Scaler {
     caches: Caches,
     /// Pools under autoscaling, by `namespace/name`; taken out while their broker is being polled.
     pools: HashMap<String, Option<PoolState>>,
-    brokers: HashMap<usize, BrokerSchedule>,
+    endpoints: HashMap<EndpointKey, EndpointRounds>,
+    /// What each pool registered with its endpoint's poller.
+    registered: HashMap<String, (EndpointKey, Interest)>,
     resolved: HashMap<String, Resolved>,
     /// Whether each pool's spec passed validation, by resourceVersion (CEL is not free; the
     /// reconciler reports what is wrong).
@@ -241,10 +256,10 @@ struct Scaler {
 }
 
 impl Scaler {
-    /// Starts a poll for every broker whose interval has elapsed and which is not being polled.
-    async fn start_due_polls(&mut self, polls: &mut JoinSet<(usize, Vec<Member>)>) {
-        let now = Instant::now();
-        let mut groups: HashMap<usize, (Arc<Broker>, Vec<Candidate>)> = HashMap::new();
+    /// Starts a decision round for every endpoint with a snapshot not decided on yet (and no
+    /// round running), for the pools whose queues that snapshot polled.
+    async fn start_due_polls(&mut self, polls: &mut JoinSet<(EndpointKey, Vec<Member>)>) {
+        let mut groups: HashMap<EndpointKey, Vec<Candidate>> = HashMap::new();
         let mut seen = HashSet::new();
         for pool in self.caches.pools.state() {
             let Some(policy) = Policy::from_spec(&pool.spec) else { continue };
@@ -253,21 +268,33 @@ impl Scaler {
                 continue;
             }
             seen.insert(key.clone());
-            let Some((broker, queues)) = self.target(&pool).await else { continue };
-            let id = Arc::as_ptr(&broker) as usize;
-            groups.entry(id).or_insert_with(|| (broker, Vec::new())).1.push(Candidate { key, pool, policy, queues });
+            let Some(endpoint) = self.register(&key, &pool, &policy).await else { continue };
+            let queues = pool_queue_names(&self.registered[&key].1);
+            groups.entry(endpoint).or_default().push(Candidate { key, pool, policy, queues });
         }
         self.forget_pools_not_in(&seen).await;
-        for (id, (broker, members)) in groups {
-            let interval = members.iter().map(|m| m.policy.poll_interval).min().unwrap_or(Duration::from_secs(1));
-            let schedule = self.brokers.entry(id).or_insert(BrokerSchedule { last_poll: None, busy: false });
-            if schedule.busy || schedule.last_poll.is_some_and(|t| t + interval > now) {
+        self.endpoints.retain(|key, rounds| rounds.busy || groups.contains_key(key));
+        for (endpoint, members) in groups {
+            let rounds =
+                self.endpoints.entry(endpoint.clone()).or_insert(EndpointRounds { decided: (0, 0), busy: false });
+            if rounds.busy {
                 continue;
             }
-            // Take each pool's state out for the poll; a pool already out (its broker changed while a
-            // poll of the old one runs) waits for the next round.
+            let Some(snapshot) = self.ctx.brokers.snapshots(&endpoint).and_then(|s| s.borrow().clone()) else {
+                continue;
+            };
+            // A new poller for the endpoint (it closed and started again) counts from 1 again.
+            if rounds.decided.0 == snapshot.poller && snapshot.seq <= rounds.decided.1 {
+                continue;
+            }
+            // Take each pool's state out for the round; a pool already out (its broker changed while
+            // a round on the old one runs), or whose queues this poll did not read yet (it was just
+            // registered: the poller polls again at once), waits for the next round.
             let mut taken = Vec::new();
             for Candidate { key, pool, policy, queues } in members {
+                if !snapshot.covers_all(&queues) {
+                    continue;
+                }
                 let slot = self.pools.entry(key.clone()).or_insert_with(|| Some(PoolState::new(&pool)));
                 let Some(mut state) = slot.take() else { continue };
                 if state.uid != pool.uid().unwrap_or_default() {
@@ -278,10 +305,42 @@ impl Scaler {
             if taken.is_empty() {
                 continue;
             }
-            schedule.busy = true;
-            schedule.last_poll = Some(now);
-            let poll = Poll { ctx: self.ctx.clone(), caches: self.caches.clone(), broker };
-            polls.spawn(async move { (id, poll.run(taken).await) });
+            let consumers: Vec<Consumer> = taken.iter().map(|m| Consumer::Pool(m.key.clone())).collect();
+            self.ctx.brokers.renew(&endpoint, &consumers);
+            rounds.busy = true;
+            rounds.decided = (snapshot.poller, snapshot.seq);
+            let poll = Poll { ctx: self.ctx.clone(), caches: self.caches.clone(), snapshot };
+            polls.spawn(async move { (endpoint, poll.run(taken).await) });
+        }
+    }
+
+    /// Registers the pool's interest with its endpoint's poller (again only when it changed) and
+    /// returns the endpoint; `None` (and the pool leaves any endpoint) while its TaskQueues are
+    /// missing, blocked or on different brokers.
+    async fn register(&mut self, key: &str, pool: &WorkerPool, policy: &Policy) -> Option<EndpointKey> {
+        let consumer = Consumer::Pool(key.to_owned());
+        let Some((target, queues)) = self.target(pool).await else {
+            if self.registered.remove(key).is_some() {
+                self.ctx.brokers.deregister(&consumer);
+            }
+            return None;
+        };
+        let interest = Interest { queues, interval: policy.poll_interval, worker_events: true };
+        let current = self.registered.get(key);
+        let unchanged = current.is_some_and(|(k, i)| *k == target.key && *i == interest);
+        // A registration whose lease ran out (no round for a long time) is made again.
+        if unchanged && self.ctx.brokers.is_registered(&consumer, &target.key) {
+            return Some(target.key.clone());
+        }
+        match self.ctx.brokers.register(consumer, &target.spec, &target.resolved, interest.clone()) {
+            Ok(_) => {
+                self.registered.insert(key.to_owned(), (target.key.clone(), interest));
+                Some(target.key.clone())
+            }
+            Err(e) => {
+                debug!(pool = %key, error = %e, "the pool's broker cannot be polled");
+                None
+            }
         }
     }
 
@@ -299,8 +358,8 @@ impl Scaler {
     }
 
     /// Puts the polled pools' state back.
-    fn finished(&mut self, broker: usize, members: Vec<Member>) {
-        if let Some(s) = self.brokers.get_mut(&broker) {
+    fn finished(&mut self, endpoint: EndpointKey, members: Vec<Member>) {
+        if let Some(s) = self.endpoints.get_mut(&endpoint) {
             s.busy = false;
         }
         for m in members {
@@ -321,52 +380,59 @@ impl Scaler {
             }
             let state = self.pools.remove(&key).flatten();
             self.valid.remove(&key);
+            if self.registered.remove(&key).is_some() {
+                self.ctx.brokers.deregister(&Consumer::Pool(key.clone()));
+            }
             let (ns, name) = key.split_once('/').unwrap_or_default();
             self.ctx.metrics.forget_pool(&[ns, name]);
             let still_there = self.caches.pools.get(&ObjectRef::new(name).within(ns));
             if let (Some(pool), Some(_)) = (still_there, state) {
                 // Autoscaling was switched off: give up our status fields (the reconciler owns
                 // desiredReplicas from now on).
-                let api: Api<WorkerPool> = Api::namespaced(self.ctx.client.clone(), ns);
-                let body = status_body(&pool, json!({}));
-                if let Err(e) = api.patch_status(name, &apply_params(), &Patch::Apply(&body)).await {
+                let cleared = status::apply(&self.ctx.client, &*pool, status::Writer::Autoscaler, &json!({})).await;
+                if let Err(e) = cleared {
                     warn!(pool = %key, error = %e, "could not clear the autoscaler's status fields");
                 }
             }
         }
     }
 
-    /// The pool's broker and Celery queue names, when its TaskQueues exist and share one broker.
-    async fn target(&mut self, pool: &WorkerPool) -> Option<(Arc<Broker>, Vec<String>)> {
+    /// The pool's broker endpoint and TaskQueues (with their Celery queue names), when its
+    /// TaskQueues exist and share one endpoint.
+    async fn target(&mut self, pool: &WorkerPool) -> Option<(Arc<Target>, Vec<(QueueRef, String)>)> {
         let ns = pool.namespace().unwrap_or_default();
-        let mut broker: Option<Arc<Broker>> = None;
+        let mut target: Option<Arc<Target>> = None;
         let mut queues = Vec::with_capacity(pool.spec.queues.len());
         for name in &pool.spec.queues {
             let tq = self.caches.queues.get(&ObjectRef::new(name).within(&ns))?;
-            let b = self.resolve(&tq).await?;
-            if broker.as_ref().is_some_and(|first| !Arc::ptr_eq(first, &b)) {
+            let t = self.resolve(&tq).await?;
+            if target.as_ref().is_some_and(|first| first.key != t.key) {
                 // Queues on different brokers: the reconciler reports it; nothing to scale.
                 return None;
             }
-            broker = Some(b);
-            queues.push(tq.queue_name().to_string());
+            target = Some(t);
+            queues.push((QueueRef::of(&tq), tq.queue_name().to_string()));
         }
-        Some((broker?, queues))
+        Some((target?, queues))
     }
 
-    /// The TaskQueue's broker client, re-resolved when the TaskQueue changed or its URL (which may
-    /// come from a Secret) was last read more than RESOLVE_INTERVAL ago.
-    async fn resolve(&mut self, tq: &TaskQueue) -> Option<Arc<Broker>> {
+    /// The TaskQueue's broker endpoint, re-resolved when the TaskQueue changed or its URL (which
+    /// may come from a Secret) was last read more than RESOLVE_INTERVAL ago.
+    async fn resolve(&mut self, tq: &TaskQueue) -> Option<Arc<Target>> {
         let key = display_name(tq);
         let rv = tq.resource_version();
         if let Some(r) = self.resolved.get(&key)
             && r.resource_version == rv
             && r.at.elapsed() < RESOLVE_INTERVAL
         {
-            return r.broker.clone();
+            return r.target.clone();
         }
-        let broker = match crate::reconcile::taskqueue::resolve(tq, &self.ctx).await {
-            Ok(Ok(resolved)) => self.ctx.brokers.get(&tq.spec.broker, &resolved).ok(),
+        let target = match crate::reconcile::taskqueue::resolve(tq, &self.ctx).await {
+            Ok(Ok(resolved)) => Some(Arc::new(Target {
+                key: EndpointKey::new(&tq.spec.broker, &resolved),
+                spec: tq.spec.broker.clone(),
+                resolved,
+            })),
             // Blocked (reported on the TaskQueue by its reconciler) or an API error: retry later.
             Ok(Err(_)) => None,
             Err(e) => {
@@ -374,74 +440,61 @@ impl Scaler {
                 None
             }
         };
-        self.resolved.insert(key, Resolved { resource_version: rv, at: Instant::now(), broker: broker.clone() });
-        broker
+        self.resolved.insert(key, Resolved { resource_version: rv, at: Instant::now(), target: target.clone() });
+        target
     }
+}
+
+/// The Celery queue names of a pool's interest.
+fn pool_queue_names(interest: &Interest) -> Vec<String> {
+    interest.queues.iter().map(|(_, q)| q.clone()).collect()
 }
 
 /// HPAs and KEDA ScaledObjects as seen at the start of a poll.
 struct OtherScalers {
     hpas: Vec<Arc<HorizontalPodAutoscaler>>,
     scaled_objects: Vec<Arc<DynamicObject>>,
+    /// Why conflict detection is (partly) off this poll, if it is.
+    unchecked: Option<String>,
 }
 
-/// One poll of one broker for the pools on it.
+/// One decision round for the pools on one endpoint, from one snapshot.
 struct Poll {
     ctx: Arc<Context>,
     caches: Caches,
-    broker: Arc<Broker>,
-}
-
-fn apply_params() -> PatchParams {
-    PatchParams::apply(FIELD_MANAGER).force()
-}
-
-/// Applies a worker Deployment's `spec.replicas` (and nothing else) under the autoscaler's field
-/// manager. The Deployment must exist: a partial apply cannot create one.
-pub async fn apply_replicas(
-    deployments: &Api<Deployment>,
-    name: &str,
-    replicas: u32,
-) -> Result<Deployment, kube::Error> {
-    let body = json!({
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": { "name": name },
-        "spec": { "replicas": replicas },
-    });
-    deployments.patch(name, &apply_params(), &Patch::Apply(&body)).await
-}
-
-/// A server-side apply body for the pool's status subresource.
-fn status_body(pool: &WorkerPool, status: serde_json::Value) -> serde_json::Value {
-    json!({
-        "apiVersion": WorkerPool::api_version(&()),
-        "kind": WorkerPool::kind(&()),
-        "metadata": { "name": pool.name_any(), "namespace": pool.namespace() },
-        "status": status,
-    })
+    snapshot: Arc<Snapshot>,
 }
 
 impl Poll {
     async fn run(self, mut members: Vec<Member>) -> Vec<Member> {
-        let started = std::time::Instant::now();
-        let queues: Vec<&str> = members.iter().flat_map(|m| m.queues.iter().map(String::as_str)).collect();
-        let observation = self.ctx.brokers.probe(&self.broker, &queues).await;
-        if let Err(e) = &observation {
-            debug!(broker = %self.broker.endpoint(), error = %e, "autoscaler probe failed");
-        }
-        let activity = self.ctx.brokers.activity(&self.broker);
+        // The poller probed (and counted a failure in the probe-error metric); a failed probe is
+        // Probe::Failed for every pool on the endpoint.
+        let observation = self.snapshot.observation();
+        let activity: Option<&Activity> = self.snapshot.workers.as_deref();
         // One snapshot of the other autoscalers for the whole poll.
         let others = OtherScalers {
             hpas: self.caches.hpas.state(),
             scaled_objects: self.caches.scaled_objects.as_ref().map(Store::state).unwrap_or_default(),
+            unchecked: self.caches.unchecked(),
         };
-        for member in &mut members {
-            if let Err(e) = self.decide_for(member, observation.as_ref().ok(), activity.as_ref(), &others).await {
-                warn!(pool = %member.key, error = %e, "autoscaling step failed");
-            }
-        }
-        self.ctx.metrics.decision_latency(started.elapsed());
+        // Decide and write replicas for every member (Events and status are held in the outbox)...
+        let (this, others) = (&self, &others);
+        futures::stream::iter(members.iter_mut())
+            .for_each_concurrent(IN_FLIGHT, |member| async move {
+                if let Err(e) = this.decide_for(member, observation, activity, others).await {
+                    warn!(pool = %member.key, error = %e, "autoscaling step failed");
+                }
+            })
+            .await;
+        self.ctx.metrics.decision_latency(self.snapshot.started.elapsed());
+        // ...then send what they held back.
+        futures::stream::iter(members.iter_mut())
+            .for_each_concurrent(IN_FLIGHT, |member| async move {
+                if let Err(e) = this.deliver(member, others.unchecked.as_deref()).await {
+                    warn!(pool = %member.key, error = %e, "could not write the autoscaler's status");
+                }
+            })
+            .await;
         members
     }
 
@@ -491,7 +544,7 @@ impl Poll {
             backlog: seen.map(|s| s.backlog),
             in_flight: seen.map(|s| s.in_flight),
             last_scale: m.state.last_scale.clone(),
-            conditions: plan::decision_conditions(&decision, &m.queues, &self.broker.endpoint()),
+            conditions: plan::decision_conditions(&decision, &m.queues, &self.snapshot.endpoint),
             demand: seen.zip(decision.rule).map(|(seen, rule)| plan::DemandStatus::new(&seen, &rule)),
         };
         self.write_status(m, status).await
@@ -528,7 +581,7 @@ impl Poll {
             oldest_wait: m
                 .queues
                 .iter()
-                .filter_map(|q| Some((q.clone(), self.ctx.brokers.latency(&self.broker, q)?.oldest_wait)))
+                .filter_map(|q| Some((q.clone(), self.snapshot.latency.get(q)?.oldest_wait)))
                 .collect(),
             per_replica_rate: m.state.demand.throughput.per_replica(),
         };
@@ -560,13 +613,13 @@ impl Poll {
             warn!(pool = %m.key, error = %e, "could not set pod deletion costs");
         }
         let deployments: Api<Deployment> = Api::namespaced(self.ctx.client.clone(), &ns);
-        apply_replicas(&deployments, &deployment.name_any(), to).await?;
+        crate::replicas::apply(&deployments, &deployment.name_any(), to).await?;
         m.state.applied = Some((deployment.resource_version(), to));
         let message = plan::scale_message(current, to, &decision.reason);
         info!(pool = %m.key, from = current, to, reason = %decision.reason, "scaled");
         self.ctx.metrics.pool_scaled(&[ns.as_str(), &pool.name_any()], to > current);
         m.state.last_scale = Some((Timestamp::now().to_string(), message.clone()));
-        self.scale_event(m, to > current, message).await;
+        self.scale_event(m, to > current, message);
         Ok(())
     }
 
@@ -588,8 +641,9 @@ impl Poll {
         Ok(())
     }
 
-    /// A Normal Event for a scale action, at most one per pool per EVENT_INTERVAL.
-    async fn scale_event(&self, m: &mut Member, up: bool, message: String) {
+    /// A Normal Event for a scale action, at most one per pool per EVENT_INTERVAL (sent after the
+    /// poll's replica writes).
+    fn scale_event(&self, m: &mut Member, up: bool, message: String) {
         let now = Instant::now();
         if m.state.last_event.is_some_and(|t| t + EVENT_INTERVAL > now) {
             m.state.suppressed_events += 1;
@@ -600,7 +654,7 @@ impl Poll {
             n => format!("{message} ({n} earlier change(s) since the last event)"),
         };
         let reason = if up { "ScaledUp" } else { "ScaledDown" };
-        self.ctx.publish(&m.pool.object_ref(&()), EventType::Normal, reason, &note, "Scale").await;
+        m.state.outbox.events.push((EventType::Normal, reason, note));
         m.state.last_event = Some(now);
     }
 
@@ -615,7 +669,7 @@ impl Poll {
         let latest = m.state.last_scale.as_ref().map(|(_, r)| r.clone()).unwrap_or_default();
         let note =
             format!("{n} more scale change(s) since the last event; now at {replicas} replicas (latest: {latest})");
-        self.ctx.publish(&m.pool.object_ref(&()), EventType::Normal, "Scaled", &note, "Scale").await;
+        m.state.outbox.events.push((EventType::Normal, "Scaled", note));
         m.state.last_event = Some(Instant::now());
     }
 
@@ -635,9 +689,32 @@ impl Poll {
         self.write_status(m, status).await
     }
 
+    /// Holds the autoscaler's status fields for [`Poll::deliver`], after the poll's replica writes.
+    async fn write_status(&self, m: &mut Member, status: ScalerStatus) -> Result<(), kube::Error> {
+        m.state.outbox.status = Some(status);
+        Ok(())
+    }
+
+    /// Sends what the member's decision held back: its Events, then its status.
+    async fn deliver(&self, m: &mut Member, unchecked: Option<&str>) -> Result<(), kube::Error> {
+        let reference = m.pool.object_ref(&());
+        for (type_, reason, note) in std::mem::take(&mut m.state.outbox.events) {
+            self.ctx.publish(&reference, type_, reason, &note, "Scale").await;
+        }
+        match m.state.outbox.status.take() {
+            Some(mut status) => {
+                if let Some(why) = unchecked {
+                    note_unchecked(&mut status.conditions, why);
+                }
+                self.apply_status(m, status).await
+            }
+            None => Ok(()),
+        }
+    }
+
     /// Applies the autoscaler's status fields when they changed (numbers alone at most every
     /// STATUS_NUMBERS_INTERVAL), and publishes Events for condition transitions.
-    async fn write_status(&self, m: &mut Member, status: ScalerStatus) -> Result<(), kube::Error> {
+    async fn apply_status(&self, m: &mut Member, status: ScalerStatus) -> Result<(), kube::Error> {
         let now = Instant::now();
         if let Some((written, at)) = &m.state.written
             && (written == &status || (status.differs_only_in_numbers(written) && *at + STATUS_NUMBERS_INTERVAL > now))
@@ -663,14 +740,28 @@ impl Poll {
         }
         body.extend(status.demand_fields());
         body.insert("conditions".into(), serde_json::to_value(&new_conditions).unwrap_or_default());
-        let api: Api<WorkerPool> = Api::namespaced(self.ctx.client.clone(), &pool.namespace().unwrap_or_default());
-        api.patch_status(&pool.name_any(), &apply_params(), &Patch::Apply(&status_body(pool, body.into()))).await?;
+        status::apply(&self.ctx.client, pool, status::Writer::Autoscaler, &body).await?;
         self.ctx.publish_transitions(&pool.object_ref(&()), &m.state.conditions, &new_conditions).await;
         let ns = pool.namespace().unwrap_or_default();
         self.ctx.metrics.pool_conditions(&[ns.as_str(), &pool.name_any()], &new_conditions);
         m.state.conditions = new_conditions;
         m.state.written = Some((status, now));
         Ok(())
+    }
+}
+
+/// Reason of ScalingActive=True while HPAs or ScaledObjects cannot be watched: the pool is scaled,
+/// but another autoscaler on its workers would go unnoticed.
+pub const CONFLICT_UNCHECKED: &str = "ScalerConflictUnchecked";
+
+/// Says on ScalingActive that conflict detection is off, and why: as its reason while it is True
+/// (scaling goes on), in its message either way.
+fn note_unchecked(wanted: &mut [Wanted], why: &str) {
+    for w in wanted.iter_mut().filter(|w| w.type_ == kind::SCALING_ACTIVE) {
+        if w.status == Status::True {
+            w.reason = CONFLICT_UNCHECKED.into();
+        }
+        w.message = format!("{}; {why}", w.message);
     }
 }
 

@@ -40,16 +40,16 @@ fn is_empty(v: &Value) -> bool {
 
 /// Applies `desired` under `manager` (with force: the operator owns these fields) unless `live`
 /// already matches it. Returns the object as it now stands in the cluster.
-pub async fn apply_if_changed<K>(api: &Api<K>, desired: &K, live: Option<K>, manager: &str) -> Result<K>
+pub async fn apply_if_changed<K>(api: &Api<K>, desired: &K, live: Option<&K>, manager: &str) -> Result<K>
 where
     K: Resource + Clone + Serialize + DeserializeOwned + Debug,
     K::DynamicType: Default,
 {
     let desired_value = serde_json::to_value(desired)?;
     if let Some(live) = live
-        && is_subset(&desired_value, &serde_json::to_value(&live)?)
+        && is_subset(&desired_value, &serde_json::to_value(live)?)
     {
-        return Ok(live);
+        return Ok(live.clone());
     }
     let name = desired.name_any();
     let mut body = desired_value;

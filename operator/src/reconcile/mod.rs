@@ -27,8 +27,10 @@ pub struct Context {
     pub recorder: Recorder,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
-    /// One broker client per endpoint, shared by the TaskQueues on it.
-    pub brokers: crate::probe::Brokers,
+    /// How the watches are doing (for `/readyz`).
+    pub watches: crate::cache::WatchHealth,
+    /// One poller per broker endpoint, shared by the TaskQueues and the autoscaler.
+    pub brokers: crate::brokers::Brokers,
     /// Consecutive transient failures per object, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -40,8 +42,9 @@ impl Context {
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
+            brokers: crate::brokers::Brokers::new(metrics.clone()),
             metrics,
-            brokers: Default::default(),
+            watches: Default::default(),
             failures: Mutex::default(),
         }
     }
@@ -102,6 +105,26 @@ impl Context {
 
 /// Delays before each retry of an Event that could not be published.
 const EVENT_RETRIES: [Duration; 3] = [Duration::from_secs(1), Duration::from_secs(4), Duration::from_secs(16)];
+impl AsRef<Context> for Context {
+    fn as_ref(&self) -> &Context {
+        self
+    }
+}
+
+/// What the WorkerPool reconciler runs with: the shared context and the watch caches of the
+/// scope (namespace, or all) the pool is in.
+pub struct Scoped {
+    /// Shared by every reconcile.
+    pub ctx: Arc<Context>,
+    /// The scope's watch caches: the reconciler reads them instead of the API.
+    pub stores: crate::cache::Stores,
+}
+
+impl AsRef<Context> for Scoped {
+    fn as_ref(&self) -> &Context {
+        &self.ctx
+    }
+}
 
 /// Transient failures: the reconcile is retried with backoff. Mistakes in the user's spec are not
 /// errors: they become conditions and the reconcile waits for a change.
@@ -161,10 +184,12 @@ impl Blocked {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Requeue with exponential backoff per object, and count the error.
-pub fn error_policy<K>(obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action
+pub fn error_policy<K, C>(obj: Arc<K>, error: &Error, ctx: Arc<C>) -> Action
 where
     K: Resource<DynamicType = ()>,
+    C: AsRef<Context>,
 {
+    let ctx: &Context = (*ctx).as_ref();
     let key = ObjectRef::from_obj(&*obj).to_string();
     ctx.metrics.reconcile_failure(K::kind(&()).as_ref(), error.metric_label());
     let delay = ctx.backoff(key.clone());

@@ -1,43 +1,34 @@
 //! WorkerPool reconcile: resolve the pool's TaskQueues, decide who runs beat, apply the worker and
 //! beat Deployments when they differ, and write status when it changed.
+//!
+//! Everything is read from the scope's watch caches ([`crate::cache::Stores`]): a reconcile that
+//! changes nothing sends no request. The one read that goes to the API server confirms that a
+//! worker or beat Deployment missing from the cache is really missing before it is created (the
+//! cache may not have seen our own create yet).
 
 use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::DeleteParams;
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
-use serde_json::json;
 use tracing::{info, instrument};
 
 use super::apply::apply_if_changed;
-use super::{Blocked, Context, Result, display_name, reconciled};
+use super::{Blocked, Context, Result, Scoped, display_name, reconciled};
+use crate::cache::Stores;
 use crate::conditions::{self, Wanted, kind};
 use crate::crd::{TaskQueue, WorkerPool, WorkerPoolStatus};
 use crate::deployment::{self, BrokerUrlSource, PoolInputs};
 use crate::labels;
+use crate::replicas;
+use crate::status;
 use crate::validate::{self, FieldError};
-
-/// Where the worker replica count comes from. The autoscaler owns `spec.replicas` of the worker
-/// Deployment under its own field manager when autoscaling is set; otherwise the pool's
-/// spec.replicas (what `kubectl scale workerpool` sets) is applied by the reconciler.
-pub fn replicas_from_spec(pool: &WorkerPool) -> Option<i32> {
-    pool.spec.autoscaling.is_none().then_some(pool.spec.replicas)
-}
-
-/// Replicas an autoscaled pool's new worker Deployment starts with: the last desired count in
-/// status (the Deployment was deleted by hand), else minReplicas; `None` without autoscaling.
-pub fn initial_replicas(pool: &WorkerPool) -> Option<i32> {
-    let policy = crate::autoscale::decide::Policy::from_spec(&pool.spec)?;
-    let last = pool.status.as_ref().and_then(|s| s.desired_replicas).map(|d| d.max(0).unsigned_abs());
-    let n = last.unwrap_or(policy.min).max(policy.min).min(policy.max);
-    Some(i32::try_from(n).unwrap_or(i32::MAX))
-}
 
 /// Resolves the pool's TaskQueues (`found[i]` is the TaskQueue named by `spec.queues[i]`, if any)
 /// into the builders' inputs. All queues must share one broker.
-pub fn resolve_inputs(pool: &WorkerPool, found: &[Option<TaskQueue>]) -> Result<PoolInputs, Blocked> {
+pub fn resolve_inputs(pool: &WorkerPool, found: &[Option<&TaskQueue>]) -> Result<PoolInputs, Blocked> {
     let ns = pool.namespace().unwrap_or_default();
     let missing: Vec<FieldError> = pool
         .spec
@@ -56,7 +47,7 @@ pub fn resolve_inputs(pool: &WorkerPool, found: &[Option<TaskQueue>]) -> Result<
     if !missing.is_empty() {
         return Err(Blocked::new("QueueNotFound", &missing));
     }
-    let queues: Vec<&TaskQueue> = found.iter().flatten().collect();
+    let queues: Vec<&TaskQueue> = found.iter().flatten().copied().collect();
     let first = &queues[0].spec.broker;
     if let Some((i, other)) = queues.iter().enumerate().find(|(_, q)| {
         let b = &q.spec.broker;
@@ -83,19 +74,20 @@ pub fn resolve_inputs(pool: &WorkerPool, found: &[Option<TaskQueue>]) -> Result<
     Ok(PoolInputs {
         queue_names: queues.iter().map(|q| q.queue_name().to_string()).collect(),
         broker,
-        replicas: replicas_from_spec(pool),
+        replicas: replicas::from_spec(pool),
     })
 }
 
 /// If another pool in the namespace already holds beat for the same app, its name. The holder is the
-/// oldest such pool (ties broken by name), so every reconcile of every pool agrees on it.
-pub fn beat_holder(pool: &WorkerPool, pools: &[WorkerPool]) -> Option<String> {
+/// oldest such pool (ties broken by name), so every reconcile of every pool agrees on it. `pools`
+/// may be every pool, or only those enabling beat for the app (what [`Stores::beat_pools`] finds).
+pub fn beat_holder<'a>(pool: &WorkerPool, pools: impl IntoIterator<Item = &'a WorkerPool>) -> Option<String> {
     if !pool.spec.beat.enabled {
         return None;
     }
     let key = |p: &WorkerPool| (p.creation_timestamp().map(|t| t.0), p.name_any());
     pools
-        .iter()
+        .into_iter()
         .filter(|p| p.spec.beat.enabled && p.spec.app == pool.spec.app && p.uid() != pool.uid())
         .filter(|p| p.meta().deletion_timestamp.is_none())
         .filter(|p| key(p) < key(pool))
@@ -105,35 +97,43 @@ pub fn beat_holder(pool: &WorkerPool, pools: &[WorkerPool]) -> Option<String> {
 
 /// Reconciles one WorkerPool.
 #[instrument(skip_all, fields(pool = %display_name(&*pool)))]
-pub async fn reconcile(pool: Arc<WorkerPool>, ctx: Arc<Context>) -> Result<Action> {
+pub async fn reconcile(pool: Arc<WorkerPool>, scope: Arc<Scoped>) -> Result<Action> {
+    let ctx = &*scope.ctx;
+    let stores = &scope.stores;
     let _timer = ctx.metrics.reconcile_timer("WorkerPool");
     let ns = pool.namespace().unwrap_or_default();
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let mut worker = deployments.get_opt(&pool.worker_deployment_name()).await?;
-    let beat = deployments.get_opt(&pool.beat_deployment_name()).await?;
+    let mut worker = stores.deployment(&ns, &pool.worker_deployment_name()).map(Arc::unwrap_or_clone);
 
     let mut wanted = Vec::new();
-    let outcome = plan(&pool, &ctx, &ns).await?;
-    let action = match outcome {
+    let action = match plan(&pool, stores) {
         Err(blocked) => {
             wanted = blocked.conditions();
             Action::await_change()
         }
         Ok((mut inputs, holder)) => {
-            // An autoscaled pool's Deployment is created at the autoscaler's starting point rather
-            // than Kubernetes' default of one replica, and the autoscaler's field manager is made a
-            // co-owner of spec.replicas at once, so the reconciler's later applies (which leave
-            // replicas out) never drop the field.
-            let initial = worker.is_none().then(|| initial_replicas(&pool)).flatten();
-            if initial.is_some() {
-                inputs.replicas = initial;
+            let live = match worker.take() {
+                Some(live) => Some(live),
+                None => deployments.get_opt(&pool.worker_deployment_name()).await?,
+            };
+            let autoscaled = pool.spec.autoscaling.is_some();
+            let live = match live {
+                // Before any apply that leaves replicas out: the autoscaler must own them.
+                Some(live) if autoscaled => Some(replicas::ensure_handoff(&deployments, live).await?),
+                live => live,
+            };
+            // An autoscaled pool's new Deployment starts at the autoscaler's starting point rather
+            // than Kubernetes' default of one replica, and is handed to the autoscaler at once.
+            let created = live.is_none();
+            if created && autoscaled {
+                inputs.replicas = replicas::initial(&pool);
             }
             let desired = deployment::worker_deployment(&pool, &inputs);
-            let applied = apply_if_changed(&deployments, &desired, worker, labels::FIELD_MANAGER).await?;
-            if let Some(replicas) = initial {
-                crate::autoscale::scaler::apply_replicas(&deployments, &applied.name_any(), replicas.unsigned_abs())
-                    .await?;
+            let mut applied = apply_if_changed(&deployments, &desired, live.as_ref(), labels::FIELD_MANAGER).await?;
+            if created && autoscaled {
+                applied = replicas::hand_over_new(&deployments, applied).await?;
             }
+            let beat = stores.deployment(&ns, &pool.beat_deployment_name()).map(Arc::unwrap_or_clone);
             let beat_condition = reconcile_beat(&pool, &deployments, &inputs, holder, beat).await?;
             wanted.extend(rollout_conditions(&applied));
             worker = Some(applied);
@@ -141,33 +141,29 @@ pub async fn reconcile(pool: Arc<WorkerPool>, ctx: Arc<Context>) -> Result<Actio
             Action::requeue(super::RESYNC)
         }
     };
-    write_status(&pool, &ctx, worker.as_ref(), wanted).await?;
-    reconciled(&*pool, &ctx);
+    write_status(&pool, ctx, worker.as_ref(), wanted).await?;
+    reconciled(&*pool, ctx);
     Ok(action)
 }
 
-/// Dereference and validate: the inputs to build from and the beat holder, or why we cannot.
-async fn plan(pool: &WorkerPool, ctx: &Context, ns: &str) -> Result<Result<(PoolInputs, Option<String>), Blocked>> {
+/// Dereference and validate (from the caches): the inputs to build from and the beat holder, or
+/// why we cannot.
+fn plan(pool: &WorkerPool, stores: &Stores) -> Result<(PoolInputs, Option<String>), Blocked> {
     let errors = validate::check_worker_pool(pool);
     if !errors.is_empty() {
-        return Ok(Err(Blocked::new("InvalidSpec", &errors)));
+        return Err(Blocked::new("InvalidSpec", &errors));
     }
-    let queues: Api<TaskQueue> = Api::namespaced(ctx.client.clone(), ns);
-    let mut found = Vec::with_capacity(pool.spec.queues.len());
-    for name in &pool.spec.queues {
-        found.push(queues.get_opt(name).await?);
-    }
-    let inputs = match resolve_inputs(pool, &found) {
-        Ok(inputs) => inputs,
-        Err(blocked) => return Ok(Err(blocked)),
-    };
+    let ns = pool.namespace().unwrap_or_default();
+    let found: Vec<Option<Arc<TaskQueue>>> = pool.spec.queues.iter().map(|name| stores.queue(&ns, name)).collect();
+    let found: Vec<Option<&TaskQueue>> = found.iter().map(Option::as_deref).collect();
+    let inputs = resolve_inputs(pool, &found)?;
     let holder = if pool.spec.beat.enabled {
-        let pools: Api<WorkerPool> = Api::namespaced(ctx.client.clone(), ns);
-        beat_holder(pool, &pools.list(&ListParams::default()).await?.items)
+        let candidates = stores.beat_pools(&ns, &pool.spec.app);
+        beat_holder(pool, candidates.iter().map(|p| &**p))
     } else {
         None
     };
-    Ok(Ok((inputs, holder)))
+    Ok((inputs, holder))
 }
 
 /// Applies or removes the beat Deployment; returns the BeatSingleton condition (if beat is enabled).
@@ -180,7 +176,12 @@ async fn reconcile_beat(
 ) -> Result<Option<Wanted>> {
     let run_here = pool.spec.beat.enabled && holder.is_none();
     if run_here {
-        apply_if_changed(deployments, &deployment::beat_deployment(pool, inputs), live, labels::FIELD_MANAGER).await?;
+        let live = match live {
+            Some(live) => Some(live),
+            None => deployments.get_opt(&pool.beat_deployment_name()).await?,
+        };
+        let desired = deployment::beat_deployment(pool, inputs);
+        apply_if_changed(deployments, &desired, live.as_ref(), labels::FIELD_MANAGER).await?;
     } else if let Some(live) = &live
         && live.owner_references().iter().any(|o| Some(&o.uid) == pool.uid().as_ref())
     {
@@ -251,7 +252,7 @@ async fn write_status(
         observed_generation: generation,
         replicas: deployment_status.replicas.unwrap_or(0),
         ready_replicas: deployment_status.ready_replicas.unwrap_or(0),
-        desired_replicas: replicas_from_spec(pool),
+        desired_replicas: replicas::from_spec(pool),
         selector: Some(deployment::worker_selector(pool)),
         conditions: own.clone(),
         ..Default::default()
@@ -271,15 +272,7 @@ async fn write_status(
     if same_status(&new, &old) {
         return Ok(());
     }
-    let api: Api<WorkerPool> = Api::namespaced(ctx.client.clone(), &pool.namespace().unwrap_or_default());
-    let body = json!({
-        "apiVersion": WorkerPool::api_version(&()),
-        "kind": WorkerPool::kind(&()),
-        "metadata": { "name": pool.name_any() },
-        "status": mine,
-    });
-    api.patch_status(&pool.name_any(), &PatchParams::apply(labels::FIELD_MANAGER).force(), &Patch::Apply(&body))
-        .await?;
+    status::apply(&ctx.client, pool, status::Writer::Reconciler, &mine).await?;
     ctx.publish_transitions(&pool.object_ref(&()), &ours, &own).await;
     Ok(())
 }
