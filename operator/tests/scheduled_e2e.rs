@@ -417,7 +417,8 @@ async fn tasks_backing_off_between_retries_keep_the_pool_small() {
 async fn a_waiting_tasks_age_reaches_the_taskqueue_metric_and_status() {
     let Some(stack) = start().await else { return };
     let _log = LogOnPanic(stack.operator_log_path());
-    /// The TaskQueue reconciler's probe interval (`reconcile::taskqueue::PROBE_INTERVAL`).
+    /// How often the endpoint's poller polls a queue no autoscaled pool needs sooner
+    /// (`brokers::TASK_QUEUE_INTERVAL`).
     const PROBE: f64 = 10.0;
     const SEND: &str = r#"
 import json, time
