@@ -107,6 +107,12 @@ ROWS = [
                    (f"sum by (namespace, taskqueue) (celery_operator_queue_unacked{NS})", QUEUE)),
     ],
     [
+        timeseries("Queue latency (oldest waiting task)", "s", "How long the oldest due task in each TaskQueue has waited (celery_operator_queue_latency_seconds; 0 when none waits), known to within one probe interval without an app hook. Scheduled tasks (countdown, eta, retries) count from their ETA. Alert CeleryQueueLatencyHigh above 5 minutes; an autoscaled pool with spec.autoscaling.targetLatencySeconds scales to keep it under its target.",
+                   (f"max by (namespace, taskqueue) (celery_operator_queue_latency_seconds{NS})", QUEUE)),
+        timeseries("Scheduled tasks (ETA in the future)", "short", "Tasks sent with countdown or eta, and retries waiting out their countdown, per TaskQueue: on the queue, held by workers until due, or in RabbitMQ's delayed-delivery queues. The autoscaler counts them only once they come due within the pool's lead time.",
+                   (f"sum by (namespace, taskqueue) (celery_operator_queue_scheduled{NS})", QUEUE)),
+    ],
+    [
         timeseries("Backlog and in flight per WorkerPool", "short", "What the autoscaler sizes each pool for: messages waiting in the pool's queues, and tasks its workers hold (unacked messages attributed to its queues plus active tasks from worker heartbeats).",
                    (f"sum by (namespace, workerpool) (celery_operator_pool_backlog{NS})", POOL + " backlog"),
                    (f"sum by (namespace, workerpool) (celery_operator_pool_in_flight{NS})", POOL + " in flight")),

@@ -8,11 +8,12 @@
 //! ```text
 //! cargo build -p celery-operator
 //! cargo run -p celery-e2e --example demo -- [--hold] [--tasks N] [--stabilization SECONDS]
-//!     [--deadline SECONDS] [--operator PATH] [--out DIR]
+//!     [--deadline SECONDS] [--operator PATH] [--out DIR] [--rabbitmq]
 //! ```
 //!
 //! `--hold` keeps everything running at the end (for `kubectl`) until Ctrl-C. Ctrl-C at any time
-//! tears down. Not a test: CI builds it (clippy `--all-targets`) but never runs it.
+//! tears down. `--rabbitmq` puts the queues on a private RabbitMQ node (with the management API)
+//! instead of Redis; Redis then only holds task results. Not a test: CI builds it (clippy `--all-targets`) but never runs it.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,7 +32,7 @@ const WORKER_DEPLOYMENT: &str = "mail-worker";
 /// The queues of the `mail` pool (the `default` TaskQueue is Celery's `celery` queue).
 const QUEUES: [&str; 2] = ["emails", "celery"];
 const USAGE: &str = "usage: demo [--hold] [--tasks N] [--stabilization SECONDS] [--deadline SECONDS] \
-                     [--operator PATH] [--out DIR]";
+                     [--operator PATH] [--out DIR] [--rabbitmq]";
 
 struct Args {
     hold: bool,
@@ -40,6 +41,8 @@ struct Args {
     deadline: Duration,
     operator: PathBuf,
     out: PathBuf,
+    /// Queues on a private RabbitMQ node instead of Redis.
+    rabbitmq: bool,
 }
 
 /// The workspace root without `..` components, for readable paths.
@@ -66,12 +69,14 @@ fn parse_args() -> Result<Args, String> {
         deadline: Duration::from_secs(150),
         operator: default_operator(),
         out: root().join("target/demo"),
+        rabbitmq: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{arg} needs a value\n{USAGE}"));
         match arg.as_str() {
             "--hold" => args.hold = true,
+            "--rabbitmq" => args.rabbitmq = true,
             "--tasks" => args.tasks = value()?.parse().map_err(|e| format!("--tasks: {e}"))?,
             "--stabilization" => args.stabilization = value()?.parse().map_err(|e| format!("--stabilization: {e}"))?,
             "--deadline" => {
@@ -120,6 +125,27 @@ async fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
 
+    let rabbit = if args.rabbitmq {
+        println!("Starting a private RabbitMQ node (with the management API)...");
+        match tokio::task::spawn_blocking(e2e_harness::RabbitServer::start).await {
+            Ok(Ok(rabbit)) => Some(rabbit),
+            Ok(Err(e)) => {
+                eprintln!("could not start RabbitMQ: {e}");
+                return ExitCode::FAILURE;
+            }
+            Err(e) => {
+                eprintln!("could not start RabbitMQ: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    let broker = rabbit.as_ref().map(|r| Rabbit {
+        url: r.amqp_url(),
+        management: r.management_url(),
+        ui: format!("http://127.0.0.1:{}", r.management_port()),
+    });
     println!("Starting a private Redis, the control-plane double, the pod runner (real Celery workers from");
     println!("the harness venv: the first run creates it from PyPI) and the operator...");
     let started = Instant::now();
@@ -155,7 +181,7 @@ async fn main() -> ExitCode {
     println!("  up in {:.1} s; operator log: {}", started.elapsed().as_secs_f64(), stack.operator_log_path().display());
 
     let outcome = tokio::select! {
-        r = run(&stack, &args) => r,
+        r = run(&stack, &args, broker.as_ref()) => r,
         _ = tokio::signal::ctrl_c() => {
             println!("\ninterrupted");
             Err("interrupted".into())
@@ -195,6 +221,7 @@ async fn main() -> ExitCode {
             runner.shutdown(Duration::from_secs(10)).await;
         }
         stack.shutdown(Duration::from_secs(10)).await;
+        drop(rabbit);
     };
     tokio::select! {
         _ = teardown => println!("done."),
@@ -207,9 +234,37 @@ fn kubectl_line(stack: &Stack) -> String {
     format!("kubectl --kubeconfig {} get workerpools,taskqueues,deploy,pods", stack.kubeconfig_path().display())
 }
 
-async fn run(stack: &Stack, args: &Args) -> Result<Outcome, Error> {
+/// The RabbitMQ node the queues are on (`--rabbitmq`).
+struct Rabbit {
+    url: String,
+    management: String,
+    /// The management UI without credentials, to print.
+    ui: String,
+}
+
+async fn run(stack: &Stack, args: &Args, rabbit: Option<&Rabbit>) -> Result<Outcome, Error> {
     let stabilization = args.stabilization;
-    stack.apply_file(examples_dir().join("redis-queues.yaml")).await?;
+    match rabbit {
+        None => {
+            stack.apply_file(examples_dir().join("redis-queues.yaml")).await?;
+        }
+        Some(rabbit) => {
+            // The Redis examples' Secret and TaskQueues, pointed at RabbitMQ with its management API.
+            let (url, management) = (rabbit.url.clone(), rabbit.management.clone());
+            stack
+                .apply_file_with(examples_dir().join("redis-queues.yaml"), move |doc| {
+                    if doc["kind"] == "Secret" {
+                        doc["stringData"] = json!({"url": url, "management": management});
+                    }
+                    if doc["kind"] == "TaskQueue" {
+                        let from = doc["spec"]["broker"]["urlFrom"]["secretKeyRef"]["name"].clone();
+                        doc["spec"]["broker"]["managementUrlFrom"] =
+                            json!({"secretKeyRef": {"name": from, "key": "management"}});
+                    }
+                })
+                .await?;
+        }
+    }
     stack
         .apply_file_with(examples_dir().join("mail-pool.yaml"), move |doc| {
             if doc["kind"] == "WorkerPool" {
@@ -222,7 +277,14 @@ async fn run(stack: &Stack, args: &Args) -> Result<Outcome, Error> {
     println!(
         "  spec.autoscaling.scaleDownStabilizationSeconds: 60 -> {stabilization} (so the scale-down shows sooner)."
     );
-    println!("(examples/rabbitmq-reports.yaml is left out: the demo starts no RabbitMQ.)");
+    match rabbit {
+        None => println!("(examples/rabbitmq-reports.yaml is left out: the demo starts no RabbitMQ.)"),
+        Some(r) => println!(
+            "With --rabbitmq the Secret celery-redis holds the private RabbitMQ node's AMQP URL and management API\n\
+             (TaskQueues get managementUrlFrom): the queues live on RabbitMQ, task results on Redis. Management UI:\n  {}",
+            r.ui
+        ),
+    }
     println!("\nWhile the demo runs, in another terminal:");
     println!("  {}", kubectl_line(stack));
 
@@ -271,7 +333,12 @@ async fn run(stack: &Stack, args: &Args) -> Result<Outcome, Error> {
     let work: f64 = durations.iter().sum();
     let tasks: Vec<Value> = durations.iter().enumerate().map(|(i, d)| json!([d, QUEUES[i % QUEUES.len()]])).collect();
     let tasks = Value::Array(tasks).to_string();
-    let burst_env = [("DEMO_TASKS", tasks.as_str())];
+    let amqp = rabbit.map(|r| r.url.clone()).unwrap_or_default();
+    let mut burst_env = vec![("DEMO_TASKS", tasks.as_str())];
+    if rabbit.is_some() {
+        burst_env.push(("CELERY_BROKER_URL", amqp.as_str()));
+    }
+    let send_burst = if rabbit.is_some() { SEND_BURST_AMQP } else { SEND_BURST };
     println!(
         "\nEnqueuing {} celery_example.sleep tasks (0.5-1.0 s each, {work:.0} s of work) on queues {} at t = 0.",
         args.tasks,
@@ -321,7 +388,7 @@ async fn run(stack: &Stack, args: &Args) -> Result<Outcome, Error> {
         ticker.tick().await;
         let now = Instant::now();
         if now >= t0 && sending.is_none() && ids.is_none() {
-            sending = Some(Box::pin(stack.python(SEND_BURST, &burst_env)));
+            sending = Some(Box::pin(stack.python(send_burst, &burst_env)));
         }
         // Poll the sender without blocking the timeline: it runs in a Python process.
         if let Some(send) = sending.as_mut()
@@ -332,13 +399,22 @@ async fn run(stack: &Stack, args: &Args) -> Result<Outcome, Error> {
             // When the burst landed in Redis, on the timeline's clock (both clocks are this host's).
             let at = out["written_at"].as_f64().map_or_else(|| since(Instant::now()), |w| w - t0_unix);
             landed = Some(at);
-            let line = format!(
-                "{:>7}  >> burst: {} tasks built by Celery in {:.2} s, written to Redis in one round trip ({:.0} ms)",
-                format!("{at:.1}s"),
-                sent.len(),
-                out["build_seconds"].as_f64().unwrap_or(f64::NAN),
-                out["write_seconds"].as_f64().unwrap_or(f64::NAN) * 1000.0,
-            );
+            let line = if rabbit.is_some() {
+                format!(
+                    "{:>7}  >> burst: {} tasks sent by Celery to RabbitMQ with publisher confirms in {:.2} s",
+                    format!("{at:.1}s"),
+                    sent.len(),
+                    out["write_seconds"].as_f64().unwrap_or(f64::NAN),
+                )
+            } else {
+                format!(
+                    "{:>7}  >> burst: {} tasks built by Celery in {:.2} s, written to Redis in one round trip ({:.0} ms)",
+                    format!("{at:.1}s"),
+                    sent.len(),
+                    out["build_seconds"].as_f64().unwrap_or(f64::NAN),
+                    out["write_seconds"].as_f64().unwrap_or(f64::NAN) * 1000.0,
+                )
+            };
             println!("{line}");
             timeline.push(line);
             ids = Some(sent);
@@ -378,7 +454,7 @@ async fn run(stack: &Stack, args: &Args) -> Result<Outcome, Error> {
     let first_up = scale_events.iter().find(|e| e.desired.is_some_and(|d| d > min));
     if let (Some(landed), Some(up)) = (landed, first_up) {
         summary_text += &format!(
-            "\nreaction:         {:.1} s from the burst landing in Redis to the scale-up in the pool's status",
+            "\nreaction:         {:.1} s from the burst landing in the broker to the scale-up in the pool's status",
             up.t - landed
         );
     }
@@ -444,6 +520,18 @@ with app.producer_or_acquire() as producer:
     written_at = time.time()
 print(json.dumps({"ids": ids, "build_seconds": built - started, "write_seconds": written - built,
                   "written_at": written_at}))
+"#;
+
+/// The burst on RabbitMQ: plain Celery sends, each confirmed by the broker (AMQP has no batch).
+const SEND_BURST_AMQP: &str = r#"
+import json, os, time
+from celery_example.app import app
+app.conf.broker_transport_options = {"confirm_publish": True}
+tasks = json.loads(os.environ["DEMO_TASKS"])
+started = time.monotonic()
+ids = [app.send_task("celery_example.sleep", args=[seconds], queue=queue).id for seconds, queue in tasks]
+print(json.dumps({"ids": ids, "build_seconds": 0.0, "write_seconds": time.monotonic() - started,
+                  "written_at": time.time()}))
 "#;
 
 async fn pools(stack: &Stack) -> Result<Api<DynamicObject>, Error> {

@@ -4,7 +4,9 @@ use std::time::Instant;
 
 use std::time::Duration;
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 /// Labels of per-queue metrics.
 const QUEUE_LABELS: [&str; 2] = ["namespace", "taskqueue"];
@@ -17,6 +19,8 @@ pub struct Metrics {
     duration: HistogramVec,
     queue_ready: IntGaugeVec,
     queue_unacked: IntGaugeVec,
+    queue_latency: GaugeVec,
+    queue_scheduled: IntGaugeVec,
     broker_safe: IntGaugeVec,
     probe_duration: HistogramVec,
     probe_errors: IntCounterVec,
@@ -72,6 +76,18 @@ impl Metrics {
             |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &QUEUE_LABELS).expect("valid metric");
         let queue_ready = gauge("celery_operator_queue_ready", "Messages waiting in the queue, all priorities");
         let queue_unacked = gauge("celery_operator_queue_unacked", "Messages delivered but not acknowledged");
+        let queue_latency = GaugeVec::new(
+            Opts::new(
+                "celery_operator_queue_latency_seconds",
+                "How long the oldest waiting due task has waited (0 when none waits), to within one probe",
+            ),
+            &QUEUE_LABELS,
+        )
+        .expect("valid metric");
+        let queue_scheduled = gauge(
+            "celery_operator_queue_scheduled",
+            "Tasks scheduled for later (ETA in the future) on the queue, held by workers or delayed",
+        );
         let broker_safe =
             gauge("celery_operator_broker_safe", "1 when the broker cannot silently drop the queue's tasks");
         let probe_duration = HistogramVec::new(
@@ -136,7 +152,9 @@ impl Metrics {
             &["namespace", "workerpool", "type", "status", "reason"],
         )
         .expect("valid metric");
-        let collectors: [Box<dyn prometheus::core::Collector>; 18] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 20] = [
+            Box::new(queue_latency.clone()),
+            Box::new(queue_scheduled.clone()),
             Box::new(pool_condition.clone()),
             Box::new(events_dropped.clone()),
             Box::new(leader.clone()),
@@ -176,6 +194,8 @@ impl Metrics {
             duration,
             queue_ready,
             queue_unacked,
+            queue_latency,
+            queue_scheduled,
             broker_safe,
             probe_duration,
             probe_errors,
@@ -233,8 +253,10 @@ impl Metrics {
     pub fn set_leader(&self, leading: bool) {
         self.leader.set(i64::from(leading));
         if !leading {
+            self.queue_latency.reset();
             for gauges in [
                 &self.queue_ready,
+                &self.queue_scheduled,
                 &self.queue_unacked,
                 &self.broker_safe,
                 &self.pool_desired,
@@ -322,6 +344,24 @@ impl Metrics {
         self.broker_safe.with_label_values(&labels).set(i64::from(!unsafe_broker));
     }
 
+    /// Records a queue's latency and scheduled tasks, where the broker can tell (a series the
+    /// broker cannot tell about is not exported rather than exported as 0).
+    pub fn queue_demand(&self, queue: &[String; 2], latency: Option<Duration>, scheduled: Option<i64>) {
+        let labels = [queue[0].as_str(), queue[1].as_str()];
+        match latency {
+            Some(l) => self.queue_latency.with_label_values(&labels).set(l.as_secs_f64()),
+            None => {
+                let _ = self.queue_latency.remove_label_values(&labels);
+            }
+        }
+        match scheduled {
+            Some(n) => self.queue_scheduled.with_label_values(&labels).set(n),
+            None => {
+                let _ = self.queue_scheduled.remove_label_values(&labels);
+            }
+        }
+    }
+
     /// The registry, for other components' metrics.
     pub fn registry(&self) -> &Registry {
         &self.registry
@@ -368,11 +408,17 @@ mod tests {
         assert!(m.encode().contains("celery_operator_leader 0"), "a replica starts as a standby");
         m.set_leader(true);
         m.queue_observed(&["prod".into(), "emails".into()], 7, Some(1), false);
+        m.queue_demand(&["prod".into(), "emails".into()], Some(Duration::from_millis(2500)), Some(3));
         m.pool_decided(&["prod", "mail"], 3, 2, Some(7), Some(1));
         m.pool_scaled(&["prod", "mail"], true);
         let text = m.encode();
         assert!(text.contains("celery_operator_leader 1"), "{text}");
         assert!(text.contains("celery_operator_queue_ready{namespace=\"prod\",taskqueue=\"emails\"} 7"), "{text}");
+        assert!(
+            text.contains("celery_operator_queue_latency_seconds{namespace=\"prod\",taskqueue=\"emails\"} 2.5"),
+            "{text}"
+        );
+        assert!(text.contains("celery_operator_queue_scheduled{namespace=\"prod\",taskqueue=\"emails\"} 3"), "{text}");
 
         m.set_leader(false);
         let text = m.encode();
@@ -380,6 +426,8 @@ mod tests {
         for gauge in [
             "queue_ready",
             "queue_unacked",
+            "queue_latency_seconds",
+            "queue_scheduled",
             "broker_safe",
             "pool_desired_replicas",
             "pool_current_replicas",

@@ -312,10 +312,17 @@ async fn every_dashboard_query_and_alert_expression_returns_series_from_a_live_o
     )
     .await;
     // The broker: waiting tasks, and an eviction policy that can drop them (BrokerSafe=False).
+    // The oldest carries a publish stamp (the `before_task_publish` convention the latency probe
+    // reads) of an hour ago, so the queue's latency is over CeleryQueueLatencyHigh's 5 minutes.
     let mut redis = redis(&stack).await;
+    let an_hour_ago = Timestamp::now().as_second() - 3600;
+    // Written as Python's json.dumps writes kombu's messages (the probe looks for `"key": `).
+    let stamped = format!(
+        r#"{{"body": "", "headers": {{"eta": null}}, "properties": {{"published_at": {an_hour_ago}, "delivery_tag": "0b5e7c1e-0000-4000-8000-000000000001"}}}}"#
+    );
     let _: () = redis::cmd("LPUSH")
         .arg("work")
-        .arg(&["task-1", "task-2", "task-3", "task-4"])
+        .arg(&[stamped.as_str(), "task-1", "task-2", "task-3", "task-4"])
         .query_async(&mut redis)
         .await
         .expect("LPUSH");

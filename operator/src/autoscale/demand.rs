@@ -12,7 +12,7 @@
 //! | scheduled, native delayed delivery | — | level queues, for their only target queue; due time bounded above |
 //! | oldest task's wait | head markers, to one poll | publish counter, to one poll + statistics interval |
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use celery_broker::BrokerObservation;
@@ -165,6 +165,55 @@ impl Throughput {
     pub fn per_replica(&self) -> Option<f64> {
         self.rate
     }
+}
+
+/// What the autoscaler remembers per pool for [`observe_demand`] between polls: the per-replica
+/// rate and the pool's recent pod start-ups (for the default [`lead_time`]).
+#[derive(Clone, Debug, Default)]
+pub struct PoolMemory {
+    /// Per-replica rate from heartbeats.
+    pub throughput: Throughput,
+    /// Recent start-ups, most recent last (at most [`STARTUPS_CONSIDERED`]).
+    startups: VecDeque<Duration>,
+    /// A scale-up whose pods are not all ready yet: when it was applied, and to how many.
+    starting: Option<(Instant, u32)>,
+}
+
+impl PoolMemory {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The pool was just scaled from `from` to `to` replicas at `now`. A scale-up starts timing a
+    /// start-up (a newer one replaces a pending one: its pods were asked for later); a scale-down
+    /// abandons it (the ready count no longer tells when the new pods came up).
+    pub fn scaled(&mut self, now: Instant, from: u32, to: u32) {
+        self.starting = (to > from).then_some((now, to));
+    }
+
+    /// Takes in the worker Deployment's ready replicas at `now`: once a pending scale-up has all
+    /// its pods ready, its duration (decision to ready, as the autoscaler saw it) is a start-up.
+    pub fn observe_ready(&mut self, now: Instant, ready: u32) {
+        if let Some((since, to)) = self.starting
+            && ready >= to
+        {
+            self.starting = None;
+            if self.startups.len() == STARTUPS_CONSIDERED {
+                self.startups.pop_front();
+            }
+            self.startups.push_back(now.saturating_duration_since(since));
+        }
+    }
+
+    /// Start-ups seen, most recent last.
+    pub fn startups(&self) -> Vec<Duration> {
+        self.startups.iter().copied().collect()
+    }
+}
+
+/// The workers of pool `pool` among the endpoint's live workers (`<pool>@<pod>` hostnames).
+pub fn workers_of(pool: &str, workers: &[WorkerState]) -> Vec<WorkerState> {
+    workers.iter().filter(|w| super::plan::pod_of_worker(pool, &w.hostname).is_some()).cloned().collect()
 }
 
 #[cfg(test)]
@@ -320,5 +369,42 @@ mod tests {
         // The same heartbeat seen twice adds nothing.
         t.observe(&[worker("p@a", 2, 3, t0 + s(12))], true);
         assert_eq!(t.per_replica(), Some(rate));
+    }
+
+    #[test]
+    fn a_start_up_is_timed_from_the_scale_up_to_all_its_pods_ready() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut m = PoolMemory::new();
+        m.observe_ready(t0, 3);
+        assert!(m.startups().is_empty(), "no scale-up, nothing timed");
+        m.scaled(t0, 1, 4);
+        m.observe_ready(t0 + s(5), 3);
+        assert!(m.startups().is_empty(), "not all ready yet");
+        m.observe_ready(t0 + s(12), 4);
+        assert_eq!(m.startups(), vec![s(12)]);
+        // A scale-down abandons a pending start-up; a later one replaces it.
+        m.scaled(t0 + s(20), 4, 6);
+        m.scaled(t0 + s(21), 6, 5);
+        m.observe_ready(t0 + s(40), 6);
+        assert_eq!(m.startups(), vec![s(12)]);
+        m.scaled(t0 + s(50), 5, 7);
+        m.scaled(t0 + s(53), 7, 9);
+        m.observe_ready(t0 + s(60), 9);
+        assert_eq!(m.startups(), vec![s(12), s(7)]);
+        // Only the last STARTUPS_CONSIDERED are kept.
+        for i in 0..STARTUPS_CONSIDERED as u64 {
+            m.scaled(t0 + s(100 + i), 0, 1);
+            m.observe_ready(t0 + s(101 + i), 1);
+        }
+        assert_eq!(m.startups(), vec![s(1); STARTUPS_CONSIDERED]);
+    }
+
+    #[test]
+    fn only_the_pools_own_workers_count() {
+        let now = Instant::now();
+        let all = [worker("mail@p1", 1, 0, now), worker("mailer@p2", 1, 0, now), worker("celery@x", 1, 0, now)];
+        let mine: Vec<String> = workers_of("mail", &all).into_iter().map(|w| w.hostname).collect();
+        assert_eq!(mine, vec!["mail@p1".to_string()]);
     }
 }

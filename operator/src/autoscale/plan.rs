@@ -2,13 +2,13 @@
 //! pods should go first on a scale-in, what a pool asks of its broker, and the status and
 //! conditions the autoscaler owns.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use kube::ResourceExt;
 use kube::core::DynamicObject;
 
-use super::decide::{Decision, Limit, Observation, Reason};
+use super::decide::{Decision, Limit, Observation, Reason, Rule};
 use crate::conditions::{Wanted, kind};
 use crate::crd::WorkerPool;
 
@@ -80,8 +80,8 @@ pub fn find_conflict(
         .map(|o| Conflict { kind: "ScaledObject", name: o.name_any() })
 }
 
-/// Worker hostname → tasks running, from heartbeats.
-pub type Activity = HashMap<String, u32>;
+/// The endpoint's live workers, from heartbeats.
+pub type Activity = Vec<celery_broker::events::WorkerState>;
 
 /// The pod a worker hostname belongs to: workers run as `<pool>@<pod name>`.
 pub fn pod_of_worker<'a>(pool: &str, hostname: &'a str) -> Option<&'a str> {
@@ -89,8 +89,8 @@ pub fn pod_of_worker<'a>(pool: &str, hostname: &'a str) -> Option<&'a str> {
 }
 
 /// Tasks running in the pool's workers, by pod name.
-pub fn active_by_pod(pool: &str, activity: &Activity) -> BTreeMap<String, u32> {
-    activity.iter().filter_map(|(host, &n)| Some((pod_of_worker(pool, host)?.to_string(), n))).collect()
+pub fn active_by_pod(pool: &str, activity: &[celery_broker::events::WorkerState]) -> BTreeMap<String, u32> {
+    activity.iter().filter_map(|w| Some((pod_of_worker(pool, &w.hostname)?.to_string(), w.active))).collect()
 }
 
 /// Deletion costs to set before a scale-in, as (pod, cost): each pod with a heartbeat costs the
@@ -104,28 +104,6 @@ pub fn deletion_costs(pods: &[(String, Option<String>)], active: &BTreeMap<Strin
             (current.as_deref() != Some(cost.to_string().as_str())).then(|| (pod.clone(), cost))
         })
         .collect()
-}
-
-/// What the pool's polled queues showed, summed.
-pub fn observe(
-    queues: &[String],
-    observation: &celery_broker::BrokerObservation,
-    running: Option<u64>,
-    acks_late: bool,
-) -> Observation {
-    let mut seen = Observation::default();
-    for q in queues {
-        if let Some(o) = observation.queues.get(q) {
-            seen.backlog = seen.backlog.saturating_add(o.ready);
-            seen.in_flight = seen.in_flight.saturating_add(o.unacked.unwrap_or(0));
-        }
-    }
-    // Late-acked tasks stay unacknowledged while they run: already counted. Otherwise the broker
-    // forgot them when they started, and only the workers' heartbeats know them.
-    if !acks_late && let Some(running) = running {
-        seen.in_flight = seen.in_flight.saturating_add(running);
-    }
-    seen
 }
 
 /// The part of a WorkerPool's status the autoscaler owns (written by server-side apply under its
@@ -142,12 +120,53 @@ pub struct ScalerStatus {
     pub last_scale: Option<(String, String)>,
     /// ScalingActive and ScalingLimited.
     pub conditions: Vec<Wanted>,
+    /// What the demand was made of, when the broker answered.
+    pub demand: Option<DemandStatus>,
+}
+
+/// The status fields that tell what the pool's demand was made of and which rule decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DemandStatus {
+    /// `Depth`, `Latency` or `Scheduled` ([`Rule::kind`]).
+    pub rule: &'static str,
+    /// Due work: waiting and in-flight tasks that are due, plus scheduled ones coming due within
+    /// the lead time.
+    pub due: u64,
+    /// Scheduled tasks known (ETA in the future), wherever the broker holds them.
+    pub scheduled: u64,
+}
+
+impl DemandStatus {
+    /// From one observation and the rule that decided. Values that drift by themselves (the
+    /// oldest task's wait, the lead time as start-ups are measured) stay out: status is not
+    /// rewritten for them alone (the TaskQueue reports the wait).
+    pub fn new(seen: &Observation, rule: &Rule) -> Self {
+        Self {
+            rule: rule.kind(),
+            due: seen.waiting_due().saturating_add(seen.in_flight_due()).saturating_add(seen.due_soon),
+            scheduled: seen.scheduled_known(),
+        }
+    }
+
+    /// The status fields (`scalingRule`, `due`, `scheduled`), for the autoscaler's status apply.
+    pub fn fields(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut fields = serde_json::Map::new();
+        fields.insert("scalingRule".into(), self.rule.into());
+        fields.insert("due".into(), self.due.into());
+        fields.insert("scheduled".into(), self.scheduled.into());
+        fields
+    }
 }
 
 impl ScalerStatus {
     /// Whether only the fast-moving numbers differ (written at a slower pace).
     pub fn differs_only_in_numbers(&self, other: &Self) -> bool {
         self.desired == other.desired && self.last_scale == other.last_scale && self.conditions == other.conditions
+    }
+
+    /// The demand fields for the status apply (none when the broker could not be read).
+    pub fn demand_fields(&self) -> serde_json::Map<String, serde_json::Value> {
+        self.demand.as_ref().map(DemandStatus::fields).unwrap_or_default()
     }
 }
 
@@ -276,7 +295,16 @@ mod tests {
         assert_eq!(pod_of_worker("mail", "mail@mail-worker-abc-x1"), Some("mail-worker-abc-x1"));
         assert_eq!(pod_of_worker("mail", "mailer@mailer-worker-1"), None);
         assert_eq!(pod_of_worker("mail", "celery@host"), None);
-        let activity: Activity = [("mail@p1".into(), 2), ("mail@p2".into(), 0), ("web@w1".into(), 5)].into();
+        let now = std::time::Instant::now();
+        let worker = |hostname: &str, active| celery_broker::events::WorkerState {
+            hostname: hostname.into(),
+            active,
+            processed: 0,
+            freq: std::time::Duration::from_secs(2),
+            last_seen: now,
+            online: true,
+        };
+        let activity: Activity = vec![worker("mail@p1", 2), worker("mail@p2", 0), worker("web@w1", 5)];
         assert_eq!(active_by_pod("mail", &activity), [("p1".to_string(), 2), ("p2".to_string(), 0)].into());
     }
 
@@ -290,34 +318,6 @@ mod tests {
             ("starting".to_string(), None),
         ];
         assert_eq!(deletion_costs(&pods, &active), vec![("busy".to_string(), 3), ("idle".to_string(), 0)]);
-    }
-
-    #[test]
-    fn running_tasks_count_as_in_flight_only_when_acked_early() {
-        let observation: celery_broker::BrokerObservation = serde_json::from_value(serde_json::json!({
-            "queues": {
-                "a": {"ready": 10, "unacked": 2, "orphanedUnacked": null, "consumers": null},
-                "b": {"ready": 5, "unacked": null, "orphanedUnacked": null, "consumers": null},
-                "other": {"ready": 100, "unacked": 100, "orphanedUnacked": null, "consumers": null}
-            },
-            "info": {"kind": "redis", "version": null, "evictionPolicy": null, "maxmemoryBytes": null,
-                     "usedMemoryBytes": null, "evictedKeys": null, "aofEnabled": null, "persistenceOk": null},
-            "findings": []
-        }))
-        .unwrap();
-        let queues = ["a".to_string(), "b".to_string()];
-        assert_eq!(
-            observe(&queues, &observation, Some(4), false),
-            Observation { backlog: 15, in_flight: 6, ..Observation::default() }
-        );
-        assert_eq!(
-            observe(&queues, &observation, Some(4), true),
-            Observation { backlog: 15, in_flight: 2, ..Observation::default() }
-        );
-        assert_eq!(
-            observe(&queues, &observation, None, false),
-            Observation { backlog: 15, in_flight: 2, ..Observation::default() }
-        );
     }
 
     #[test]
@@ -344,5 +344,33 @@ mod tests {
         assert_eq!(c[1].reason, "DesiredWithinRange");
         let again = Decision { reason: Reason::ProbeFailed { consecutive_failures: 3 }, ..failed };
         assert_eq!(decision_conditions(&again, &["emails".into()], "redis://redis:6379/0"), c, "same condition");
+    }
+
+    #[test]
+    fn the_demand_status_says_which_rule_decided_and_what_was_due() {
+        let seen = Observation {
+            backlog: 10,
+            backlog_scheduled: 4,
+            in_flight: 30,
+            in_flight_scheduled: 25,
+            due_soon: 2,
+            scheduled: 31,
+            oldest_wait: Some(std::time::Duration::from_millis(7900)),
+            ..Observation::default()
+        };
+        let status = DemandStatus::new(&seen, &Rule::Depth { due_soon: 2 });
+        // 6 waiting + 5 in flight + 2 coming due.
+        assert_eq!((status.rule, status.due, status.scheduled), ("Depth", 13, 31));
+        let fields = serde_json::Value::Object(status.fields());
+        assert_eq!(fields, serde_json::json!({"scalingRule": "Depth", "due": 13, "scheduled": 31}));
+        let held = ScalerStatus {
+            desired: Some(1),
+            backlog: None,
+            in_flight: None,
+            last_scale: None,
+            conditions: Vec::new(),
+            demand: None,
+        };
+        assert!(held.demand_fields().is_empty(), "a failed probe writes no demand fields");
     }
 }

@@ -39,6 +39,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::decide::{self, Decision, Policy, Probe, ScalerState};
+use super::demand;
 use super::plan::{self, Activity, Conflict, ScalerStatus};
 use crate::api::Named;
 use crate::broker_config::{EndpointKey, ResolvedBroker};
@@ -167,6 +168,8 @@ struct PoolState {
     /// The replicas last applied, and the Deployment's resourceVersion before that write: while
     /// the watch cache still shows that version, the applied count is the current one.
     applied: Option<(Option<String>, u32)>,
+    /// Per-replica rate and pod start-ups, for the demand.
+    demand: demand::PoolMemory,
     /// What this poll still has to send once every pool's replicas are out.
     outbox: Outbox,
 }
@@ -195,6 +198,7 @@ impl PoolState {
             suppressed_events: 0,
             last_scale,
             applied: None,
+            demand: demand::PoolMemory::new(),
             outbox: Outbox::default(),
         }
     }
@@ -467,7 +471,7 @@ impl Poll {
         // The poller probed (and counted a failure in the probe-error metric); a failed probe is
         // Probe::Failed for every pool on the endpoint.
         let observation = self.snapshot.observation();
-        let activity: Option<Activity> = self.snapshot.activity();
+        let activity: Option<&Activity> = self.snapshot.workers.as_deref();
         // One snapshot of the other autoscalers for the whole poll.
         let others = OtherScalers {
             hpas: self.caches.hpas.state(),
@@ -475,7 +479,7 @@ impl Poll {
             unchecked: self.caches.unchecked(),
         };
         // Decide and write replicas for every member (Events and status are held in the outbox)...
-        let (this, activity, others) = (&self, activity.as_ref(), &others);
+        let (this, others) = (&self, &others);
         futures::stream::iter(members.iter_mut())
             .for_each_concurrent(IN_FLIGHT, |member| async move {
                 if let Err(e) = this.decide_for(member, observation, activity, others).await {
@@ -519,8 +523,7 @@ impl Poll {
             _ => cached,
         };
         let active = activity.map(|a| plan::active_by_pod(&name, a));
-        let running = active.as_ref().map(|a| a.values().map(|&n| u64::from(n)).sum());
-        let seen = observation.map(|o| plan::observe(&m.queues, o, running, m.policy_acks_late()));
+        let seen = self.observe_demand(m, &deployment, observation, activity);
         let probe = seen.map_or(Probe::Failed, Probe::Ok);
         let decision = decide::decide(&m.policy, &mut m.state.scaler, current, probe, Instant::now());
         let labels = [ns.as_str(), name.as_str()];
@@ -533,6 +536,7 @@ impl Poll {
         );
         if decision.replicas != current {
             self.scale(m, &deployment, current, &decision, active.as_ref()).await?;
+            m.state.demand.scaled(std::time::Instant::now(), current, decision.replicas);
         } else {
             self.flush_suppressed_events(m, current).await;
         }
@@ -542,8 +546,51 @@ impl Poll {
             in_flight: seen.map(|s| s.in_flight),
             last_scale: m.state.last_scale.clone(),
             conditions: plan::decision_conditions(&decision, &m.queues, &self.snapshot.endpoint),
+            demand: seen.zip(decision.rule).map(|(seen, rule)| plan::DemandStatus::new(&seen, &rule)),
         };
         self.write_status(m, status).await
+    }
+
+    /// The pool's demand from one probe (`None` when it failed): due
+    /// and scheduled tasks in its queues, what its workers run, how fast they work (measured here
+    /// from their heartbeats), and how long its oldest task has waited.
+    fn observe_demand(
+        &self,
+        m: &mut Member,
+        deployment: &Deployment,
+        observation: Option<&celery_broker::BrokerObservation>,
+        activity: Option<&Activity>,
+    ) -> Option<decide::Observation> {
+        let now = std::time::Instant::now();
+        let ready = deployment.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0).max(0).unsigned_abs();
+        m.state.demand.observe_ready(now, ready);
+        let lead_time = demand::lead_time(&m.policy, &m.state.demand.startups());
+        let observation = observation?;
+        let workers = activity.map(|a| demand::workers_of(&m.pool.name_any(), a));
+        let spec = &m.pool.spec;
+        let context = demand::Context {
+            running: workers.as_ref().map(|w| w.iter().map(|w| u64::from(w.active)).sum()),
+            acks_late: m.policy_acks_late(),
+            lead_time,
+            due_limit: workers.as_ref().and_then(|w| {
+                demand::due_limit(
+                    w,
+                    spec.concurrency.max(1).unsigned_abs(),
+                    spec.worker.prefetch_multiplier.max(1).unsigned_abs(),
+                )
+            }),
+            oldest_wait: m
+                .queues
+                .iter()
+                .filter_map(|q| Some((q.clone(), self.snapshot.latency.get(q)?.oldest_wait)))
+                .collect(),
+            per_replica_rate: m.state.demand.throughput.per_replica(),
+        };
+        let seen = demand::observe_demand(&m.queues, observation, &context);
+        if let Some(workers) = &workers {
+            m.state.demand.throughput.observe(workers, seen.waiting_due() > 0);
+        }
+        Some(seen)
     }
 
     /// Sets deletion costs (on a scale-in) and applies the new replica count.
@@ -650,6 +697,7 @@ impl Poll {
             in_flight: None,
             last_scale: m.state.last_scale.clone(),
             conditions: wanted,
+            demand: None,
         };
         self.write_status(m, status).await
     }
@@ -703,6 +751,7 @@ impl Poll {
             body.insert("lastScaleTime".into(), json!(time));
             body.insert("lastScaleReason".into(), json!(reason));
         }
+        body.extend(status.demand_fields());
         body.insert("conditions".into(), serde_json::to_value(&new_conditions).unwrap_or_default());
         status::apply(&self.ctx.client, pool, status::Writer::Autoscaler, &body).await?;
         self.ctx.publish_transitions(&pool.object_ref(&()), &m.state.conditions, &new_conditions).await;

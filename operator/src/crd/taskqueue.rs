@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Queue", type_ = "string", json_path = ".spec.queueName", priority = "1"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.ready"),
     printcolumn(name = "Unacked", type_ = "integer", json_path = ".status.unacked"),
+    printcolumn(name = "Latency", type_ = "integer", json_path = ".status.latencySeconds"),
+    printcolumn(name = "Scheduled", type_ = "integer", json_path = ".status.scheduled", priority = "1"),
     printcolumn(
         name = "Broker-Safe",
         type_ = "string",
@@ -197,6 +199,19 @@ pub struct TaskQueueStatus {
     /// Consumers attached to the queue (RabbitMQ only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consumers: Option<i64>,
+    /// Of ready, tasks due now: no ETA, or an ETA that has passed (Redis only; on RabbitMQ a
+    /// waiting message's ETA cannot be read without consuming it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<i64>,
+    /// Tasks scheduled for later (countdown, eta, retries with a countdown): on the queue, held by
+    /// workers until due, or in RabbitMQ's delayed-delivery queues when this queue is their only
+    /// target. Absent where the broker cannot tell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled: Option<i64>,
+    /// How long the oldest waiting due task has waited, in seconds (0 when none waits); known to
+    /// within one probe interval. Absent where the broker cannot tell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_seconds: Option<i64>,
     /// When the broker was last probed successfully with a change worth recording.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_probe_time: Option<Time>,

@@ -34,6 +34,7 @@ const RESERVED_FLAG_REGEX: &str = "^(-[AQXcPn].*|-[BD]|--(app|queues|exclude-que
     printcolumn(name = "Desired", type_ = "integer", json_path = ".status.desiredReplicas"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
     printcolumn(name = "Backlog", type_ = "integer", json_path = ".status.backlog"),
+    printcolumn(name = "Rule", type_ = "string", json_path = ".status.scalingRule", priority = "1"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
@@ -397,6 +398,19 @@ pub struct WorkerPoolStatus {
     /// Messages being worked on (unacknowledged, plus active tasks from heartbeats).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_flight: Option<i64>,
+    /// Which autoscaling rule set the last desired count: Depth (due tasks over
+    /// targetPerReplica), Latency (targetLatencySeconds) or Scheduled (nothing due; one replica
+    /// holds the scheduled tasks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaling_rule: Option<String>,
+    /// Due work the autoscaler sized for: waiting and in-flight tasks that are due, plus
+    /// scheduled ones coming due within the lead time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due: Option<i64>,
+    /// Tasks scheduled for later (ETA in the future) in the pool's queues, where the broker can
+    /// tell; not demand until they come due within the lead time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled: Option<i64>,
     /// When the autoscaler last changed the replica count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale_time: Option<Time>,

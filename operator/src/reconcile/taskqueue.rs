@@ -93,24 +93,23 @@ async fn observe_queue(
         Err(e) => probe::unreachable(e),
         Ok(mut observation) => {
             judge_expiry(tq, ctx, &mut observation).await;
-            let report = probe::report(&observation, queue, snapshot.endpoint.clone(), spec.safety_check);
+            let latency = snapshot.latency.get(queue).copied();
+            let report = probe::report(&observation, queue, snapshot.endpoint.clone(), spec.safety_check, latency);
             ctx.metrics.queue_observed(&me.labels(), report.ready, report.unacked, observation.is_unsafe());
+            ctx.metrics.queue_demand(&me.labels(), report.latency, report.scheduled);
             // Depth and memory move all the time under load: they are written at most every
             // DEPTH_WRITE_INTERVAL, while condition and configuration changes are written at once.
-            let mut broker = report.broker;
+            let mut broker = report.broker.clone();
             let previous_memory = status.broker.as_ref().and_then(|b| b.used_memory_bytes);
             // Used memory alone never triggers a write: it drifts on every live Redis, and an idle
             // queue would otherwise rewrite its status every interval forever. It is refreshed
             // whenever the depth is written.
-            let moving = (Some(report.ready), report.unacked, report.consumers);
-            let changed = moving != (status.ready, status.unacked, status.consumers);
+            let changed = report.moving() != probe::QueueReport::moving_in(status);
             let last_written = status.last_probe_time.as_ref().map(|t| t.0);
             let due =
                 last_written.is_none_or(|t| Timestamp::now().duration_since(t).unsigned_abs() >= DEPTH_WRITE_INTERVAL);
             if changed && due {
-                status.ready = Some(report.ready);
-                status.unacked = report.unacked;
-                status.consumers = report.consumers;
+                report.write_numbers(status);
                 status.last_probe_time = Some(Time(snapshot.at));
             } else {
                 broker.used_memory_bytes = previous_memory;

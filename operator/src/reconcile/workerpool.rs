@@ -276,6 +276,9 @@ async fn write_status(
         in_flight: old.in_flight,
         last_scale_time: old.last_scale_time.clone(),
         last_scale_reason: old.last_scale_reason.clone(),
+        scaling_rule: old.scaling_rule.clone(),
+        due: old.due,
+        scheduled: old.scheduled,
         ..mine.clone()
     };
     if same_status(&new, &old) {

@@ -11,6 +11,9 @@ Environment:
                                  minute (a crontab entry, ``minutely``)
 ``CELERY_EXAMPLE_REDIS_URL``     Redis that ``hold`` watches for its release key
                                  (default: the result backend or broker, if Redis)
+``CELERY_EXAMPLE_QUORUM_QUEUES`` comma-separated queues declared as RabbitMQ quorum queues on
+                                 topic exchanges of their own name, so Celery (>= 5.5) sends their
+                                 countdown/eta tasks through native delayed delivery
 
 Prefetch, concurrency and time limits come from the worker command line the
 operator generates, not from here.
@@ -45,6 +48,16 @@ app.conf.update(
     accept_content=["json"],
     timezone="UTC",
 )
+
+_quorum = [q for q in os.environ.get("CELERY_EXAMPLE_QUORUM_QUEUES", "").split(",") if q]
+if _quorum:
+    from kombu import Exchange, Queue
+
+    app.conf.task_queues = [
+        Queue(q, Exchange(q, type="topic"), routing_key=q, queue_arguments={"x-queue-type": "quorum"})
+        for q in _quorum
+    ]
+    app.conf.broker_transport_options = {"confirm_publish": True}
 
 _tick_seconds = float(os.environ.get("CELERY_EXAMPLE_TICK_SECONDS", "5"))
 _tick_options: dict[str, Any] = {"expires": _tick_seconds}  # a stale tick is useless
@@ -89,6 +102,22 @@ def hold(self: Any, name: str, timeout: float = 300.0) -> dict[str, Any]:
             break
         time.sleep(0.1)
     return {**_identity(self), "name": name, "released": released, "held_seconds": time.monotonic() - started}
+
+
+@app.task(
+    bind=True,
+    name="celery_example.flaky",
+    autoretry_for=(RuntimeError,),
+    retry_backoff=120,
+    retry_backoff_max=600,
+    retry_jitter=False,
+    max_retries=3,
+)
+def flaky(self: Any) -> None:
+    """Always fails; Celery retries it with exponential backoff (after 120 s, 240 s, 480 s), as
+    ``autoretry_for`` with ``retry_backoff`` does for a task whose dependency is down. Each retry
+    is a new message with an ETA that a worker holds until due."""
+    raise RuntimeError("failing on purpose, to be retried with backoff")
 
 
 @app.task(bind=True, name="celery_example.tick")
