@@ -31,6 +31,8 @@ pub struct Context {
     pub watches: crate::cache::WatchHealth,
     /// Referenced Secrets, read once per resourceVersion.
     pub secrets: crate::secrets::SecretCache,
+    /// Spec validation (CEL) results, once per generation.
+    pub validations: crate::validate::Memo,
     /// One poller per broker endpoint, shared by the TaskQueues and the autoscaler.
     pub brokers: crate::brokers::Brokers,
     /// Consecutive transient failures per object, for exponential backoff.
@@ -48,6 +50,7 @@ impl Context {
             metrics,
             watches: Default::default(),
             secrets: Default::default(),
+            validations: Default::default(),
             failures: Mutex::default(),
         }
     }

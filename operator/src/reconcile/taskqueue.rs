@@ -26,7 +26,7 @@ use crate::brokers::{Consumer, HeldIncident, Interest, QueueRef, Snapshot, Snaps
 use crate::conditions::{self, Wanted};
 use crate::crd::{SecretKeyRef, TaskQueue, TaskQueueStatus, WorkerPool};
 use crate::probe;
-use crate::validate::{self, FieldError};
+use crate::validate::FieldError;
 
 /// How often a TaskQueue's status is refreshed from its broker's snapshots.
 pub const STATUS_INTERVAL: Duration = crate::brokers::TASK_QUEUE_INTERVAL;
@@ -147,7 +147,7 @@ async fn judge_expiry(tq: &TaskQueue, ctx: &Context, observation: &mut celery_br
 
 /// The broker URL, management URL and CA from the spec or the referenced Secrets, or why not.
 pub(crate) async fn resolve(tq: &TaskQueue, ctx: &Context) -> Result<Result<ResolvedBroker, Blocked>> {
-    let errors = validate::check_task_queue(tq);
+    let errors = ctx.validations.task_queue(tq);
     if !errors.is_empty() {
         return Ok(Err(Blocked::new("InvalidSpec", &errors)));
     }
