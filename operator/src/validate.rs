@@ -79,8 +79,12 @@ pub fn check_task_queue(queue: &TaskQueue) -> Vec<FieldError> {
 /// the operator's steady CPU.
 #[derive(Debug, Default)]
 pub struct Memo {
-    task_queues: Mutex<HashMap<String, (Option<i64>, Vec<FieldError>)>>,
+    /// By uid: the generation checked and what the check said.
+    task_queues: Mutex<HashMap<String, Checked>>,
 }
+
+/// The generation of a TaskQueue that was checked, and the result.
+type Checked = (Option<i64>, Vec<FieldError>);
 
 impl Memo {
     /// What [`check_task_queue`] says of `tq`, evaluated once per generation.
