@@ -59,7 +59,8 @@ impl Workload {
     }
 
     /// (offset from the start, kind, task, args), in the order sent: the trickle over the whole
-    /// workload, bursts at its (2k+1)/2n points, retried tasks spread over its first half.
+    /// workload, bursts at its k/n points (the last one at its end, so the drain time is the last
+    /// burst's), retried tasks spread over its first half.
     fn schedule(&self) -> Vec<(f64, &'static str, &'static str, Value)> {
         let mut out = Vec::new();
         let mut i = 0;
@@ -67,8 +68,8 @@ impl Workload {
             out.push(((i as f64) * self.trickle_every, "trickle", "celery_example.sleep", json!([TASK_SECONDS])));
             i += 1;
         }
-        for k in 0..self.bursts {
-            let at = self.seconds * (2 * k + 1) as f64 / (2 * self.bursts) as f64;
+        for k in 1..=self.bursts {
+            let at = self.seconds * k as f64 / self.bursts as f64;
             for _ in 0..self.burst_tasks {
                 out.push((at, "burst", "celery_example.sleep", json!([TASK_SECONDS])));
             }
@@ -141,8 +142,9 @@ def epoch(d):
 out = {}
 for i in ids:
     r = AsyncResult(i, app=app)
-    value = r.result if r.successful() else {}
-    out[i] = [r.state, value.get("started"), epoch(value.get("eta")), epoch(r.date_done) if r.ready() else None]
+    value = r.result if r.successful() else {"error": repr(r.result)}
+    out[i] = [r.state, value.get("started"), epoch(value.get("eta")), epoch(r.date_done) if r.ready() else None,
+              value.get("error"), value.get("hostname")]
 print(json.dumps(out))
 "#;
 
@@ -351,6 +353,7 @@ async fn run(
         let (state, started, eta, finished) = (r[0].as_str(), r[1].as_f64(), r[2].as_f64(), r[3].as_f64());
         last_done = last_done.max(finished.unwrap_or(0.0));
         if state != Some("SUCCESS") {
+            println!("    not successful: {kind} task {id} sent at {sent_at:.3}: {r}");
             failed += 1;
             continue;
         }
