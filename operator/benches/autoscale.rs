@@ -1,8 +1,8 @@
 //! Autoscaler benchmarks (issue #5): the operator against a KEDA-equivalent policy.
 //!
 //! ```text
-//! cargo bench -p celery-operator --bench autoscale                 # all three parts
-//! cargo bench -p celery-operator --bench autoscale -- latency      # or: ramp, burst
+//! cargo bench -p celery-operator --bench autoscale                 # all four parts
+//! cargo bench -p celery-operator --bench autoscale -- latency      # or: ramp, burst, mixed
 //! ```
 //!
 //! Everything runs on this machine: the operator binary (release build) against the e2e
@@ -23,6 +23,10 @@
 //!    (`BENCH_STABILIZATION=<seconds>` to change it, e.g. 300 to match the HPA's).
 //!    `BENCH_KEDA_TAIL_CAP=<seconds>` stops measuring the KEDA run that long after the burst and
 //!    computes the rest of its scale-down from the model instead.
+//!
+//! 4. `mixed` (issue #11, in `autoscale/mixed.rs`): a mixed workload (trickle, bursts, retries with
+//!    backoff) with real Celery workers under the operator's depth rule, its latency target and the
+//!    KEDA-equivalent controller: p95 queue latency, drain time and replica-seconds per run.
 //!
 //! The KEDA-equivalent controller ([`KedaHpa`] driven by [`drive`]) models a ScaledObject with
 //! KEDA's and the HPA's defaults: KEDA polls the queue every 30 s and owns 0 ↔ 1 (activation above
@@ -45,6 +49,9 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+#[path = "autoscale/mixed.rs"]
+mod mixed;
+
 const OPERATOR: &str = env!("CARGO_BIN_EXE_celery-operator");
 /// Deadline for anything the benchmark waits for (scale-downs after the KEDA model's 300 s included).
 const DEADLINE: Duration = Duration::from_secs(900);
@@ -53,7 +60,7 @@ fn main() {
     // `cargo bench` passes `--bench`; anything else not starting with '-' selects parts.
     let mut parts: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     if parts.is_empty() {
-        parts = ["latency", "ramp", "burst"].map(String::from).to_vec();
+        parts = ["latency", "ramp", "burst", "mixed"].map(String::from).to_vec();
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     runtime.block_on(async {
@@ -65,7 +72,8 @@ fn main() {
                     let cap = std::env::var("BENCH_KEDA_TAIL_CAP").ok().and_then(|s| s.parse().ok());
                     burst(env_number("BENCH_BURST_TASKS", 400), cap.map(Duration::from_secs)).await;
                 }
-                other => eprintln!("unknown part {other:?}: use latency, ramp or burst"),
+                "mixed" => mixed::mixed().await,
+                other => eprintln!("unknown part {other:?}: use latency, ramp, burst or mixed"),
             }
             println!("\n(load average at the end of {part}: {})", load_average());
         }

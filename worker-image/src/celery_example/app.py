@@ -85,8 +85,9 @@ def add(x: float, y: float) -> float:
 
 @app.task(bind=True, name="celery_example.sleep")
 def sleep(self: Any, seconds: float) -> dict[str, Any]:
+    started = time.time()
     time.sleep(float(seconds))
-    return {**_identity(self), "slept": float(seconds)}
+    return {**_identity(self), "slept": float(seconds), "started": started}
 
 
 @app.task(bind=True, name="celery_example.hold")
@@ -118,6 +119,28 @@ def flaky(self: Any) -> None:
     ``autoretry_for`` with ``retry_backoff`` does for a task whose dependency is down. Each retry
     is a new message with an ETA that a worker holds until due."""
     raise RuntimeError("failing on purpose, to be retried with backoff")
+
+
+@app.task(
+    bind=True,
+    name="celery_example.recovering",
+    autoretry_for=(RuntimeError,),
+    retry_backoff=5,
+    retry_backoff_max=60,
+    retry_jitter=False,
+    max_retries=5,
+)
+def recovering(self: Any, failures: int, seconds: float) -> dict[str, Any]:
+    """Fails its first ``failures`` attempts, as a task whose dependency is briefly down; Celery
+    retries it with exponential backoff (after 5 s, 10 s, 20 s, ...), each retry a new message
+    with an ETA that a worker holds until due. Then sleeps ``seconds`` and reports when this
+    attempt started and when it was due (``eta``, None for a first attempt)."""
+    started = time.time()
+    if self.request.retries < int(failures):
+        raise RuntimeError(f"failing attempt {self.request.retries + 1} of {failures} on purpose")
+    time.sleep(float(seconds))
+    eta = self.request.eta  # the ETA header, an ISO 8601 string
+    return {**_identity(self), "started": started, "eta": eta, "retries": self.request.retries}
 
 
 @app.task(bind=True, name="celery_example.tick")
