@@ -332,8 +332,9 @@ proptest! {
         }
     }
 
-    /// When the latency rule decides, the pool it asks for works off the due tasks within the
-    /// target at the measured rate, and one replica fewer would not.
+    /// When the latency rule decides, the pool it asks for works off the due tasks in the time left
+    /// before the oldest reaches the target (at least a quarter of it) at the measured rate, and
+    /// one replica fewer would not.
     #[test]
     fn the_latency_rule_sizes_the_pool_to_drain_within_the_target(
         policy in policies().prop_map(|p| Policy { target_latency: Some(Duration::from_secs(30)), ..p }),
@@ -341,14 +342,16 @@ proptest! {
     ) {
         let mut state = ScalerState::new();
         let d = decide(&policy, &mut state, 1, Probe::Ok(seen), Duration::from_secs(1_000));
-        if let Some(Rule::Latency { target, per_replica_milli, .. }) = d.rule {
+        if let Some(Rule::Latency { oldest_wait, target, within, per_replica_milli }) = d.rule {
             let tasks = (seen.waiting_due() + seen.in_flight_due()) as f64;
             let rate = seen.per_replica_rate.unwrap();
             let drain = |replicas: u32| tasks / (f64::from(replicas) * rate);
-            prop_assert!(drain(d.raw_desired) <= target.as_secs_f64() + 1e-9);
-            prop_assert!(d.raw_desired == 1 || drain(d.raw_desired - 1) > target.as_secs_f64());
+            prop_assert!(drain(d.raw_desired) <= within.as_secs_f64() + 1e-9);
+            prop_assert!(d.raw_desired == 1 || drain(d.raw_desired - 1) > within.as_secs_f64());
             prop_assert_eq!(per_replica_milli, (rate * 1000.0).round() as u64);
-            prop_assert!(seen.oldest_wait.unwrap() > target);
+            // The time left before the target, never less than a quarter of it.
+            prop_assert_eq!(oldest_wait, seen.oldest_wait.unwrap());
+            prop_assert_eq!(within, target.saturating_sub(oldest_wait).max(target / 4));
         }
     }
 

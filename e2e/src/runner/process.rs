@@ -387,6 +387,15 @@ pub fn spawn(launch: &Launch) -> std::io::Result<tokio::process::Child> {
     cmd.spawn()
 }
 
+/// Send a signal to one process (a container's main process).
+pub fn signal(pid: u32, signal: i32) {
+    let Ok(pid) = i32::try_from(pid) else { return };
+    // SAFETY: kill(2) on a process we started; no memory is touched.
+    unsafe {
+        libc::kill(pid, signal);
+    }
+}
+
 /// Send a signal to a whole process group.
 pub fn signal_group(pgid: u32, signal: i32) {
     let Ok(pgid) = i32::try_from(pgid) else { return };

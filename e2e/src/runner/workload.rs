@@ -241,8 +241,12 @@ fn terminate(obj: &Value, pod: &mut Pod) -> bool {
             c.stop_probes();
             c.restart_at = None;
             c.simulated = false;
+            // Like the kubelet: SIGTERM to the container's main process only (Celery's main process
+            // then stops consuming and waits for its running tasks: a warm shutdown), SIGKILL to
+            // everything in the container once the grace period is over. Signalling the whole
+            // group would kill Celery's pool processes mid-task, which no real pod does.
             if let (Some(pid), Some(_)) = (c.pid, c.child.as_ref()) {
-                process::signal_group(pid, libc::SIGTERM);
+                process::signal(pid, libc::SIGTERM);
             }
         }
         pod.terminating = Some((now + Duration::from_secs(grace), false));
@@ -262,6 +266,10 @@ fn terminate(obj: &Value, pod: &mut Pod) -> bool {
         if let Some(child) = c.child.as_mut()
             && !matches!(child.try_wait(), Ok(None))
         {
+            // The main process is gone: like a container's end, nothing of it survives.
+            if let Some(pid) = c.pid {
+                process::signal_group(pid, libc::SIGKILL);
+            }
             c.child = None;
         }
     }
