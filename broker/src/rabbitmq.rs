@@ -234,7 +234,7 @@ impl RabbitBroker {
     }
 
     /// The queues native delayed delivery reaches, re-read from the bindings at most every
-    /// [`DELAYED_TARGETS_TTL`]; `None` when they cannot be read.
+    /// [`DELAYED_TARGETS_TTL`] once some were found; `None` when they cannot be read.
     async fn delayed_targets(&self, management: &Management) -> Option<Vec<String>> {
         let mut cached = self.delayed_targets.lock().await;
         if let Some((at, targets)) = cached.as_ref()
@@ -243,7 +243,12 @@ impl RabbitBroker {
             return targets.clone();
         }
         let targets = management.delayed_targets(&self.vhost).await.ok();
-        *cached = Some((Instant::now(), targets.clone()));
+        // A worker declares the level queues first and binds its queues to the delivery exchange
+        // after: a read in between finds no target. Cached, it hid the delayed tasks for 30 s (a
+        // pool whose retries all waited there was scaled to zero instead of one); read it again.
+        if targets.as_ref().is_some_and(|t| !t.is_empty()) {
+            *cached = Some((Instant::now(), targets.clone()));
+        }
         targets
     }
 
