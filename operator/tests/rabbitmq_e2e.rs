@@ -693,10 +693,10 @@ async fn on_rabbitmq_scale_in_removes_idle_workers_and_the_busy_one_finishes() {
 }
 
 /// The RabbitMQ node of the stack's pool is stopped (`rabbitmqctl stop_app`: listeners and
-/// management API down, the node's data kept) while two real workers each run a `hold` task
-/// (acks_late, concurrency 1, prefetch 1, targetPerReplica 1: one task per worker). The tasks are
-/// released and finish during the outage (their results go to Redis), so a readable broker would
-/// now scale the pool to 0; the autoscaler cannot probe, so
+/// management API down, the node's data kept) while two real workers each run a `hold` task and
+/// two more wait (acks_late, concurrency 1, prefetch 1, targetPerReplica 1, maxReplicas 2). The
+/// tasks are released, and the running ones finish during the outage (their results go to
+/// Redis), so a readable broker would soon scale the pool down; the autoscaler cannot probe, so
 /// it holds the replicas for three stabilization windows, says so (ScalingActive=False,
 /// BrokerUnreachable) and writes no Deployment. The node is started again: ScalingActive turns
 /// True, the pool scales to 0 from fresh observations, and tasks sent after the restart scale it
@@ -715,20 +715,30 @@ async fn on_rabbitmq_an_outage_holds_replicas_and_scaling_recovers_after_restart
     let _log = LogOnPanic(stack.operator_log_path());
     let name = "outage";
     let replicas_seen = record_replicas(&stack, name);
-    let autoscaling = json!({"minReplicas": 0, "maxReplicas": 4, "targetPerReplica": 1,
+    let autoscaling = json!({"minReplicas": 0, "maxReplicas": 2, "targetPerReplica": 1,
         "scaleDownStabilizationSeconds": WINDOW});
     let pool = RabbitPool::create(&stack, &rabbit, name, false, 1, autoscaling, true).await;
     eventually("the pool at 0", || async { (replicas(&stack, name).await == Some(0)).then_some(()) }).await;
 
-    // Two running tasks: demand 2 for as long as they hold (with early acks a worker would take
-    // the second task into its buffer as soon as it acked the first, and run both in turn).
+    // Two tasks running and two waiting (ready: counted in real time): demand at least 2 until
+    // the outage, whatever the management statistics lag. With early acks a worker would take a
+    // waiting task into its buffer as soon as it acked the running one.
     let tag = format!("{:x}", SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos());
-    let names: Vec<String> = (0..2).map(|i| format!("{tag}-{i}")).collect();
+    let names: Vec<String> = (0..4).map(|i| format!("{tag}-{i}")).collect();
     let tasks: Vec<(&str, Value, Option<u64>)> =
         names.iter().map(|n| ("celery_example.hold", json!([n, 600]), None)).collect();
     let ids = pool.send(&stack, &tasks).await.ids;
-    wait_started(&stack, &ids).await;
-    eventually("2 replicas", || async { (replicas_seen.last() == Some(2)).then_some(()) }).await;
+    let running = eventually("two tasks running on 2 replicas", || async {
+        let states = states(&stack, &ids).await;
+        let running: Vec<String> = ids
+            .iter()
+            .zip(&states)
+            .filter(|(_, s)| s.as_deref() == Some("STARTED"))
+            .map(|(id, _)| id.clone())
+            .collect();
+        (running.len() == 2 && replicas_seen.last() == Some(2)).then_some(running)
+    })
+    .await;
 
     let ctl = |args: &'static [&'static str]| {
         let rabbit = &rabbit;
@@ -747,7 +757,7 @@ async fn on_rabbitmq_an_outage_holds_replicas_and_scaling_recovers_after_restart
     // The work is done while the broker is away (the late acks fail; RabbitMQ requeued the
     // messages when the connections closed, so the tasks run once more after the restart).
     release(&stack, &names.iter().map(String::as_str).collect::<Vec<_>>()).await;
-    wait_results(&stack, &ids).await;
+    wait_results(&stack, &running).await;
     let polls_at_hold = polls(&stack).await;
     eventually("three stabilization windows of polls during the outage", || async {
         (polls(&stack).await >= polls_at_hold + 3 * WINDOW).then_some(())
@@ -783,6 +793,8 @@ async fn on_rabbitmq_an_outage_holds_replicas_and_scaling_recovers_after_restart
         worker_pods(&stack, name).await.is_empty().then_some(())
     })
     .await;
+    // None of the four held tasks was lost.
+    wait_results(&stack, &ids).await;
     let tasks: Vec<(&str, Value, Option<u64>)> = (0..4).map(|i| ("celery_example.add", json!([i, 2]), None)).collect();
     let ids = pool.send(&stack, &tasks).await.ids;
     let sums: Vec<Value> = wait_results(&stack, &ids).await.into_iter().map(|r| r.result).collect();
