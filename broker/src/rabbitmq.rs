@@ -139,6 +139,7 @@ impl RabbitBroker {
             None => {}
         }
         let major = info.version.as_deref().and_then(major_version);
+        self.refresh_delayed_levels(&mut details).await;
         if let (Some(levels), Some(management)) = (native_delay::delayed_levels(&details), &self.management) {
             let targets = self.delayed_targets(management).await;
             info.delayed_delivery = Some(DelayedDelivery { levels, targets });
@@ -186,6 +187,38 @@ impl RabbitBroker {
         Ok(BrokerObservation { queues: observed, info, findings })
     }
 
+    /// Replaces the management API's depths of native delayed delivery's level queues in `details`
+    /// with real-time ones from passive declares. The statistics of quorum queues (the levels'
+    /// default type) refresh only on the queue's tick, every 5 s: seen on RabbitMQ 3.10, a task
+    /// with `countdown=20` was still listed in level 4 five seconds after it had moved to level 2,
+    /// and in level 2 after it had reached its queue, where it was then counted twice — and tasks
+    /// coming due within a lead time of seconds were sized for only after they were due. The
+    /// levels are read after the task queues, so a message moving on between the two reads is
+    /// missed for one probe rather than counted twice. On failure the statistics stay.
+    async fn refresh_delayed_levels(&self, details: &mut HashMap<String, Value>) {
+        let levels: Vec<&str> = details.keys().map(String::as_str).filter(|q| delayed_level_of(q).is_some()).collect();
+        if levels.is_empty() {
+            return;
+        }
+        let Ok(Ok(declared)) = tokio::time::timeout(self.timeout, self.declare_passively(&levels)).await else {
+            return;
+        };
+        let depths: Vec<(String, u64)> = levels
+            .iter()
+            .zip(declared)
+            .filter_map(|(q, d)| match d {
+                Declared::Found { ready, .. } => Some(((*q).to_owned(), ready)),
+                _ => None,
+            })
+            .collect();
+        for (queue, depth) in depths {
+            if let Some(Value::Object(detail)) = details.get_mut(&queue) {
+                detail.insert("messages".into(), depth.into());
+                detail.insert("messages_ready".into(), depth.into());
+            }
+        }
+    }
+
     fn missing(&self, queue: &str) -> Finding {
         Finding::new(
             Reason::QueueMissing,
@@ -201,7 +234,7 @@ impl RabbitBroker {
     }
 
     /// The queues native delayed delivery reaches, re-read from the bindings at most every
-    /// [`DELAYED_TARGETS_TTL`]; `None` when they cannot be read.
+    /// [`DELAYED_TARGETS_TTL`] once some were found; `None` when they cannot be read.
     async fn delayed_targets(&self, management: &Management) -> Option<Vec<String>> {
         let mut cached = self.delayed_targets.lock().await;
         if let Some((at, targets)) = cached.as_ref()
@@ -210,7 +243,12 @@ impl RabbitBroker {
             return targets.clone();
         }
         let targets = management.delayed_targets(&self.vhost).await.ok();
-        *cached = Some((Instant::now(), targets.clone()));
+        // A worker declares the level queues first and binds its queues to the delivery exchange
+        // after: a read in between finds no target. Cached, it hid the delayed tasks for 30 s (a
+        // pool whose retries all waited there was scaled to zero instead of one); read it again.
+        if targets.as_ref().is_some_and(|t| !t.is_empty()) {
+            *cached = Some((Instant::now(), targets.clone()));
+        }
         targets
     }
 

@@ -97,6 +97,39 @@ async fn native_delayed_delivery_levels_count_as_scheduled_for_their_only_target
     drop(worker);
 }
 
+/// The level queues' depths are read in real time, not from the management statistics, which for
+/// quorum queues (the levels' default type) refresh only on the queue's 5 s tick: tasks with
+/// `countdown=8` wait in level 3 (seen there by a probe) and run, and the very next probe counts
+/// none of them as delayed (the statistics still listed them in the level for up to a tick, and the
+/// autoscaler counted them twice once they had reached their queue).
+#[tokio::test]
+async fn native_delayed_delivery_levels_are_read_in_real_time() {
+    let queue = "dd-live";
+    let (app, url, broker) = setup("delayed-live");
+    let env = [("BROKER", url.as_str()), ("QUEUE", queue), ("QUORUM", "1")];
+    let args = ["-A", "rtasks", "worker", "-Q", queue, "-c", "1", "-l", "INFO", "--without-mingle", "--without-gossip"];
+    let mut worker = CeleryWorker::spawn(app.path(), &args, &env).unwrap();
+    worker.wait_for_log("ready.", Duration::from_secs(90)).unwrap();
+
+    send(app.path(), &env, 4, 8);
+    poll("the 4 tasks in level 3", Duration::from_secs(60), || async {
+        let seen = broker.probe(&[queue]).await.unwrap();
+        let levels = seen.info.delayed_delivery.map(|d| d.levels).unwrap_or_default();
+        if levels.get(3) == Some(&4) { Ok(()) } else { Err(levels) }
+    })
+    .await;
+    poll("the 4 tasks to run", Duration::from_secs(60), || async {
+        let done = worker.log().matches("succeeded in").count();
+        if done == 4 { Ok(()) } else { Err(done) }
+    })
+    .await;
+    let seen = broker.probe(&[queue]).await.unwrap();
+    let delayed = seen.info.delayed_delivery.as_ref().expect("the level queues are listed");
+    assert_eq!(delayed.total(), 0, "tasks that already ran still counted as delayed: {delayed:?}");
+    assert_eq!(seen.queues[queue].scheduled.as_ref().map_or(0, |s| s.total()), 0, "{:?}", seen.queues[queue]);
+    drop(worker);
+}
+
 /// One probe and tracker update.
 struct Sample {
     at: f64,

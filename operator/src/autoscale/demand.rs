@@ -104,12 +104,14 @@ pub fn observe_demand(queues: &[String], observation: &BrokerObservation, contex
         seen.due_soon = seen.due_soon.saturating_add(s.due.due_within(context.lead_time));
         seen.scheduled = seen.scheduled.saturating_add(s.total());
     }
-    // Late-acked tasks stay unacknowledged while they run: already counted. Otherwise the broker
-    // forgot them when they started, and only the workers' heartbeats know them.
-    if !context.acks_late
-        && let Some(running) = context.running
-    {
-        seen.in_flight = seen.in_flight.saturating_add(running);
+    // Late-acked tasks stay unacknowledged while they run: already counted — unless the broker's
+    // count lags behind (RabbitMQ's management statistics; those of quorum queues refresh only
+    // every 5 s: seen scaling a pool in while the tasks it ran were still unacknowledged), so the
+    // workers' own count is a floor. Otherwise the broker forgot them when they started, and only
+    // the workers' heartbeats know them.
+    if let Some(running) = context.running {
+        seen.in_flight =
+            if context.acks_late { seen.in_flight.max(running) } else { seen.in_flight.saturating_add(running) };
     }
     if split_unknown {
         seen.in_flight_due_limit = context.due_limit;
@@ -341,6 +343,23 @@ mod tests {
         // A pool consuming only one of the two targets cannot claim the shared delayed tasks.
         let seen = observe_demand(&["a".into()], &broker, &context);
         assert_eq!((seen.due_soon, seen.scheduled), (0, 0));
+    }
+
+    #[test]
+    fn with_late_acks_running_tasks_are_a_floor_under_a_lagging_unacked_count() {
+        let q =
+            |unacked| QueueObservation { unacked: Some(unacked), consumers: Some(2), ..QueueObservation::default() };
+        let context = Context { running: Some(2), acks_late: true, ..Context::default() };
+        // The statistics do not show the two running tasks yet.
+        let seen = observe_demand(&["a".into()], &observation(vec![("a", q(0))], None), &context);
+        assert_eq!(seen.in_flight, 2);
+        // They do: counted once, not twice.
+        let seen = observe_demand(&["a".into()], &observation(vec![("a", q(3))], None), &context);
+        assert_eq!(seen.in_flight, 3);
+        // Early acks: the running tasks have left the broker.
+        let early = Context { acks_late: false, ..context };
+        let seen = observe_demand(&["a".into()], &observation(vec![("a", q(3))], None), &early);
+        assert_eq!(seen.in_flight, 5);
     }
 
     #[test]

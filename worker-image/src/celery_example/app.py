@@ -14,6 +14,11 @@ Environment:
 ``CELERY_EXAMPLE_QUORUM_QUEUES`` comma-separated queues declared as RabbitMQ quorum queues on
                                  topic exchanges of their own name, so Celery (>= 5.5) sends their
                                  countdown/eta tasks through native delayed delivery
+``CELERY_EXAMPLE_DEFAULT_QUEUE`` ``task_default_queue``. Celery 5.7 routes a retry
+                                 (``self.retry``, ``autoretry_for``) to the default queue's
+                                 exchange type: a retry of a task on a quorum queue goes through
+                                 native delayed delivery only when that queue is the default;
+                                 otherwise it goes straight to its queue and a worker holds it
 
 Prefetch, concurrency and time limits come from the worker command line the
 operator generates, not from here.
@@ -58,6 +63,9 @@ if _quorum:
         for q in _quorum
     ]
     app.conf.broker_transport_options = {"confirm_publish": True}
+
+if os.environ.get("CELERY_EXAMPLE_DEFAULT_QUEUE"):
+    app.conf.task_default_queue = os.environ["CELERY_EXAMPLE_DEFAULT_QUEUE"]
 
 _tick_seconds = float(os.environ.get("CELERY_EXAMPLE_TICK_SECONDS", "5"))
 _tick_options: dict[str, Any] = {"expires": _tick_seconds}  # a stale tick is useless
