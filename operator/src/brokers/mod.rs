@@ -190,6 +190,23 @@ impl Endpoint {
         all
     }
 
+    /// Drops the consumers whose registration was not renewed within its lease (and the cursors of
+    /// TaskQueues that left with them); returns them.
+    fn expire(&mut self, now: Instant) -> Vec<Consumer> {
+        let mut gone = Vec::new();
+        self.consumers.retain(|c, r| {
+            let keep = now.saturating_duration_since(r.renewed) < lease(r.interest.interval);
+            if !keep {
+                gone.push(c.clone());
+            }
+            keep
+        });
+        if !gone.is_empty() {
+            self.sync_cursors();
+        }
+        gone
+    }
+
     /// Starts cursors for TaskQueues new to the endpoint and drops those of TaskQueues that left.
     fn sync_cursors(&mut self) {
         let wanted = self.task_queues();
@@ -438,17 +455,7 @@ fn expire(state: &mut State, now: Instant) {
     let mut empty = Vec::new();
     let mut gone = Vec::new();
     for (key, endpoint) in &mut state.endpoints {
-        let before = endpoint.consumers.len();
-        endpoint.consumers.retain(|c, r| {
-            let keep = now.saturating_duration_since(r.renewed) < lease(r.interest.interval);
-            if !keep {
-                gone.push(c.clone());
-            }
-            keep
-        });
-        if endpoint.consumers.len() != before {
-            endpoint.sync_cursors();
-        }
+        gone.extend(endpoint.expire(now));
         if endpoint.consumers.is_empty() {
             empty.push(key.clone());
         }

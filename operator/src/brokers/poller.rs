@@ -12,7 +12,7 @@ use k8s_openapi::jiff::Timestamp;
 use tokio::sync::{Notify, watch};
 
 use super::snapshot::{HeldIncident, Incidents, Snapshot};
-use super::{QueueRef, Shared, TASK_QUEUE_INTERVAL, close, lease};
+use super::{QueueRef, Shared, TASK_QUEUE_INTERVAL, close};
 use crate::broker_config::EndpointKey;
 
 /// How long a fresh subscription listens before its view of the fleet is trusted: workers send a
@@ -156,18 +156,7 @@ impl Poller {
         let mut state = self.shared.state();
         let endpoint = state.endpoints.get_mut(&self.key).filter(|e| e.id == self.id)?;
         let now = Instant::now();
-        let before = endpoint.consumers.len();
-        let mut gone = Vec::new();
-        endpoint.consumers.retain(|c, r| {
-            let keep = now.saturating_duration_since(r.renewed) < lease(r.interest.interval);
-            if !keep {
-                gone.push(c.clone());
-            }
-            keep
-        });
-        if endpoint.consumers.len() != before {
-            endpoint.sync_cursors();
-        }
+        let gone = endpoint.expire(now);
         let plan = (!endpoint.consumers.is_empty()).then(|| endpoint.plan());
         if let Some(plan) = &plan {
             endpoint.polled = Plan {
