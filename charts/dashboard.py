@@ -139,6 +139,8 @@ ROWS = [
                    ('sum by (namespace, workerpool, reason) (celery_operator_pool_condition{namespace=~"$namespace", type="ScalingActive", status="False"})', POOL + " {{reason}}")),
         stat("Events dropped (1h)", "Kubernetes Events the operator could not publish even after three retries (celery_operator_events_dropped_total): the API server refused them for over 20 s. The conditions in status still say what the Events would have.",
              "sum(increase(celery_operator_events_dropped_total[1h])) or vector(0)", alarm_from=1, alarm="orange"),
+        stat("Events waiting for a retry", "Kubernetes Events that failed to publish and are retried in the background (celery_operator_events_retrying; 1 s, 4 s, 16 s, then dropped and counted). Non-zero for more than a minute: the API server refuses Events.",
+             "sum(celery_operator_events_retrying)", alarm_from=1, alarm="orange"),
     ],
     [
         safety_timeline("Broker safety", "celery_operator_broker_safe per TaskQueue: 1 safe, 0 unsafe (tasks can be lost silently).",

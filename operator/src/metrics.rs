@@ -33,6 +33,7 @@ pub struct Metrics {
     scale_events: IntCounterVec,
     leader: prometheus::IntGauge,
     events_dropped: IntCounterVec,
+    events_retrying: prometheus::IntGauge,
     pool_condition: IntGaugeVec,
     /// The label sets of `pool_condition` each pool exports now, to remove them when they change.
     pool_condition_labels: std::sync::Mutex<std::collections::HashMap<[String; 2], Vec<[String; 5]>>>,
@@ -143,6 +144,11 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
+        let events_retrying = prometheus::IntGauge::new(
+            "celery_operator_events_retrying",
+            "Kubernetes Events that failed to publish and wait for a retry in the background",
+        )
+        .expect("valid metric");
         let pool_condition = IntGaugeVec::new(
             Opts::new(
                 "celery_operator_pool_condition",
@@ -152,7 +158,8 @@ impl Metrics {
             &["namespace", "workerpool", "type", "status", "reason"],
         )
         .expect("valid metric");
-        let collectors: [Box<dyn prometheus::core::Collector>; 20] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 21] = [
+            Box::new(events_retrying.clone()),
             Box::new(queue_latency.clone()),
             Box::new(queue_scheduled.clone()),
             Box::new(pool_condition.clone()),
@@ -208,6 +215,7 @@ impl Metrics {
             scale_events,
             leader,
             events_dropped,
+            events_retrying,
             pool_condition,
             pool_condition_labels: Default::default(),
             api_unavailable,
@@ -240,6 +248,11 @@ impl Metrics {
     /// Counts an Event given up on after its retries.
     pub fn event_dropped(&self, reason: &str) {
         self.events_dropped.with_label_values(&[reason]).inc();
+    }
+
+    /// An Event starts (`true`) or ends (`false`) waiting for a retry.
+    pub fn event_retrying(&self, waiting: bool) {
+        if waiting { self.events_retrying.inc() } else { self.events_retrying.dec() }
     }
 
     /// Records whether an optional API can be watched.

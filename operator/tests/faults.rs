@@ -174,15 +174,18 @@ impl Scenario {
         }
     }
 
-    /// Waits until the operator has gone [`QUIET`]: no request in flight and none new for that
-    /// long. An operator that never does (a hot loop) fails here after [`DEADLINE`].
+    /// Waits until the operator has gone [`QUIET`]: no request in flight, none new for that long,
+    /// and no Event from the fault still waiting for its retry (`celery_operator_events_retrying`:
+    /// its write is the fault's tail, not steady-state traffic). An operator that never does (a
+    /// hot loop) fails here after [`DEADLINE`].
     async fn settle(&self) {
         let server = self.server();
         let started = Instant::now();
         let (mut seen, mut since) = (server.request_count(), Instant::now());
         loop {
             let count = server.request_count();
-            if count != seen || server.requests_in_flight() > 0 {
+            let retrying = self.stack.metric("celery_operator_events_retrying", &[]).await.unwrap_or(0.0) > 0.0;
+            if count != seen || server.requests_in_flight() > 0 || retrying {
                 (seen, since) = (count, Instant::now());
             } else if since.elapsed() >= QUIET {
                 return;

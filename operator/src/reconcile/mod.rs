@@ -95,15 +95,23 @@ impl Context {
             warn!(error = %crate::api::describe(&e), reason, "could not publish event; retrying");
             let (recorder, reference, metrics) = (self.recorder.clone(), reference.clone(), self.metrics.clone());
             let reason = event.reason.clone();
+            metrics.event_retrying(true);
             tokio::spawn(async move {
+                let mut published = false;
                 for delay in EVENT_RETRIES {
                     tokio::time::sleep(delay).await;
                     match recorder.publish(&event, &reference).await {
-                        Ok(()) => return,
+                        Ok(()) => {
+                            published = true;
+                            break;
+                        }
                         Err(e) => warn!(error = %crate::api::describe(&e), reason, "could not publish event"),
                     }
                 }
-                metrics.event_dropped(&reason);
+                if !published {
+                    metrics.event_dropped(&reason);
+                }
+                metrics.event_retrying(false);
             });
         }
     }
