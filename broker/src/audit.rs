@@ -94,28 +94,40 @@ fn write_redis_info(f: &mut fmt::Formatter<'_>, info: &BrokerInfo) -> fmt::Resul
     writeln!(f, "  persistence:     {aof}, {last}")
 }
 
-impl fmt::Display for AuditReport {
+/// The part of [`AuditReport`]'s text above the queue table: [`AuditReport::header`].
+struct Header<'a>(&'a AuditReport);
+
+/// The part of [`AuditReport`]'s text below the queue table: [`AuditReport::footer`].
+struct Footer<'a>(&'a AuditReport);
+
+impl AuditReport {
+    /// The broker line, and for Redis its policy, memory and persistence, each line ending in a
+    /// newline: for callers that print a queue table of their own between it and the [`footer`](Self::footer).
+    pub fn header(&self) -> impl fmt::Display + '_ {
+        Header(self)
+    }
+
+    /// The findings and the verdict (no newline after the verdict).
+    pub fn footer(&self) -> impl fmt::Display + '_ {
+        Footer(self)
+    }
+}
+
+impl fmt::Display for Header<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let obs = &self.observation;
-        let info = &obs.info;
+        let info = &self.0.observation.info;
         let version = info.version.as_deref().map(|v| format!(" {v}")).unwrap_or_default();
-        writeln!(f, "Broker {} ({}{version})", self.endpoint, info.kind)?;
+        writeln!(f, "Broker {} ({}{version})", self.0.endpoint, info.kind)?;
         if info.kind == BrokerKind::Redis {
             write_redis_info(f, info)?;
         }
-        writeln!(f, "Queues:")?;
-        let width = obs.queues.keys().map(String::len).max().unwrap_or(0).max(5);
-        writeln!(f, "  {:<width$}  {:>9}  {:>9}  {:>9}  {:>9}", "QUEUE", "READY", "UNACKED", "ORPHANED", "CONSUMERS")?;
-        for (name, q) in &obs.queues {
-            writeln!(
-                f,
-                "  {name:<width$}  {:>9}  {:>9}  {:>9}  {:>9}",
-                q.ready,
-                or_dash(q.unacked),
-                or_dash(q.orphaned_unacked),
-                or_dash(q.consumers)
-            )?;
-        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Footer<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let obs = &self.0.observation;
         if obs.findings.is_empty() {
             writeln!(f, "Findings: none")?;
         } else {
@@ -130,8 +142,29 @@ impl fmt::Display for AuditReport {
             }
         }
         let count = |s| obs.findings.iter().filter(|x| x.severity == s).count();
-        let verdict = if self.is_unsafe() { "UNSAFE" } else { "safe" };
+        let verdict = if self.0.is_unsafe() { "UNSAFE" } else { "safe" };
         write!(f, "Verdict: {verdict} ({} critical, {} warning)", count(Severity::Critical), count(Severity::Warning))
+    }
+}
+
+impl fmt::Display for AuditReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let obs = &self.observation;
+        write!(f, "{}", self.header())?;
+        writeln!(f, "Queues:")?;
+        let width = obs.queues.keys().map(String::len).max().unwrap_or(0).max(5);
+        writeln!(f, "  {:<width$}  {:>9}  {:>9}  {:>9}  {:>9}", "QUEUE", "READY", "UNACKED", "ORPHANED", "CONSUMERS")?;
+        for (name, q) in &obs.queues {
+            writeln!(
+                f,
+                "  {name:<width$}  {:>9}  {:>9}  {:>9}  {:>9}",
+                q.ready,
+                or_dash(q.unacked),
+                or_dash(q.orphaned_unacked),
+                or_dash(q.consumers)
+            )?;
+        }
+        write!(f, "{}", self.footer())
     }
 }
 

@@ -9,16 +9,22 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
 
-use celery_broker::{AuditReport, BrokerConfig, BrokerInfo, Finding, ProbeError, SecretUrl, Severity};
+use celery_broker::latency::LatencyBasis;
+use celery_broker::{
+    AuditReport, BrokerConfig, BrokerInfo, BrokerObservation, Finding, LatencyTracker, ProbeError, Scheduled,
+    SecretUrl, Severity,
+};
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use serde::Serialize;
 use serde_json::json;
 
 use crate::broker_config::{EndpointKey, ResolvedBroker, broker_config, can_scale_to_zero, judge_expiry_with_pools};
-use crate::crd::{TaskQueue, ValueFrom, WorkerPool};
+use crate::crd::{SafetyCheck, TaskQueue, ValueFrom, WorkerPool};
 use crate::manifests::{self, Manifests};
+use crate::probe::{self, QueueReport};
 use crate::validate;
 
 /// The `apiVersion` of the JSON output; bumped on any incompatible change.
@@ -129,6 +135,9 @@ pub struct Outcome {
     /// `namespace/name` of the TaskQueues on it (YAML mode).
     pub task_queues: Vec<String>,
     pub result: Result<AuditReport, ProbeError>,
+    /// Every queue of the report, as the operator would write it into TaskQueue status (empty when
+    /// the probe failed).
+    pub queues: Vec<QueueRow>,
 }
 
 impl Outcome {
@@ -217,7 +226,93 @@ async fn audit_endpoint(endpoint: Endpoint, pools: &Pools) -> Outcome {
             }),
         }
     }
-    Outcome { endpoint: result.as_ref().map_or(endpoint_text, |r| r.endpoint.clone()), task_queues, result }
+    let queues = result.as_ref().map(|r| queue_rows(&r.observation, &r.endpoint, unix_now())).unwrap_or_default();
+    Outcome { endpoint: result.as_ref().map_or(endpoint_text, |r| r.endpoint.clone()), task_queues, result, queues }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default()
+}
+
+// === Per-queue numbers: the operator's mapping of one poll ===
+
+/// What one probe can tell of the age of a queue's oldest waiting (due) task. The operator ages
+/// it across polls (a message first seen at one poll has waited at least since then); a one-shot
+/// run is the operator's first poll, where that tells nothing yet.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum OneShotLatency {
+    /// Read from the publish timestamp the app stamps on its messages (a `before_task_publish`
+    /// handler setting `properties["published_at"]` on Redis, the AMQP `timestamp` property on a
+    /// classic RabbitMQ queue): what the operator reports too.
+    Stamped(Duration),
+    /// No due task waits: a wait of 0.
+    NothingWaiting,
+    /// Not known from one probe; the reason.
+    Unknown(&'static str),
+}
+
+/// Why the latency of a queue with waiting tasks is unknown to one probe.
+pub const LATENCY_UNSTAMPED: &str = "the oldest waiting task carries no publish timestamp: one probe cannot \
+     tell how long it has waited (the operator ages it across its polls)";
+/// Why the latency is unknown where the probe did not see the queue's head.
+pub const LATENCY_HEAD_UNREAD: &str = "the probe did not read the head of the queue (Redis: the list walk \
+     failed; RabbitMQ: no management API, or no publish statistics for the queue yet)";
+
+/// One queue as `check-broker` reports it.
+#[derive(Clone, Debug)]
+pub struct QueueRow {
+    pub name: String,
+    /// The numbers the operator writes into a TaskQueue's status for this queue (ready, unacked,
+    /// consumers, waiting, scheduled, latencySeconds), from the operator's own mapping.
+    pub status: QueueReport,
+    /// Of unacked, delivered longer than the visibility timeout ago (Redis).
+    pub orphaned_unacked: Option<u64>,
+    /// Of unacked, tasks that are due: prefetched and not started, or running with `acks_late`
+    /// (Redis; RabbitMQ cannot tell them from held scheduled tasks).
+    pub reserved_due: Option<u64>,
+    /// Where the scheduled tasks are and when they come due.
+    pub scheduled: Option<Scheduled>,
+    pub latency: OneShotLatency,
+}
+
+/// Every queue of one probe, mapped as the operator maps a poll of it: the observation goes
+/// through a latency tracker (fresh, as at the operator's first poll) and [`probe::report`], the
+/// function that writes TaskQueue status. `now` is the probe's time, Unix seconds.
+pub fn queue_rows(observation: &BrokerObservation, endpoint: &str, now: f64) -> Vec<QueueRow> {
+    let mut tracker = LatencyTracker::new();
+    tracker.observe(now, observation);
+    let rows = observation.queues.iter().map(|(name, seen)| {
+        let tracked = tracker.latency(name);
+        let status = probe::report(observation, name, endpoint.to_owned(), SafetyCheck::Warn, tracked);
+        let latency = match (tracked, status.latency) {
+            (Some(l), _) if l.basis == LatencyBasis::Timestamp => OneShotLatency::Stamped(l.oldest_wait),
+            (Some(_), _) => OneShotLatency::Unknown(LATENCY_UNSTAMPED),
+            (None, Some(_)) => OneShotLatency::NothingWaiting,
+            // Nothing ready at all: nothing waits, whether or not the head was read.
+            (None, None) if seen.ready == 0 => OneShotLatency::NothingWaiting,
+            (None, None) => OneShotLatency::Unknown(LATENCY_HEAD_UNREAD),
+        };
+        QueueRow {
+            name: name.clone(),
+            orphaned_unacked: seen.orphaned_unacked,
+            reserved_due: seen.reserved_due,
+            scheduled: seen.scheduled.clone(),
+            latency,
+            status,
+        }
+    });
+    rows.collect()
+}
+
+impl QueueRow {
+    /// Whole seconds, as in TaskQueue status; `None` when unknown.
+    pub fn latency_seconds(&self) -> Option<i64> {
+        match self.latency {
+            OneShotLatency::Stamped(_) => self.status.latency_seconds,
+            OneShotLatency::NothingWaiting => Some(0),
+            OneShotLatency::Unknown(_) => None,
+        }
+    }
 }
 
 // === Planning: from flags and files to endpoints ===
@@ -505,7 +600,11 @@ pub fn render_text(outcomes: &[Outcome]) -> String {
             out.push_str(&format!("TaskQueues: {}\n", outcome.task_queues.join(", ")));
         }
         match &outcome.result {
-            Ok(report) => out.push_str(report.to_string().trim_end()),
+            Ok(report) => {
+                out.push_str(&report.header().to_string());
+                out.push_str(&queue_table(&outcome.queues, &report.observation.info));
+                out.push_str(report.footer().to_string().trim_end());
+            }
             Err(e) => {
                 out.push_str(&format!("Broker {}\n  cannot be probed: {e}\nVerdict: UNREACHABLE", outcome.endpoint))
             }
@@ -517,6 +616,67 @@ pub fn render_text(outcomes: &[Outcome]) -> String {
     }
     out.truncate(out.trim_end().len());
     out.push('\n');
+    out
+}
+
+fn or_dash<T: ToString>(value: Option<T>) -> String {
+    value.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+/// The queue table: the TaskQueue status numbers and what else the probe split them into, with a
+/// note for every latency it cannot tell and for native delayed delivery shared by several queues.
+fn queue_table(rows: &[QueueRow], info: &BrokerInfo) -> String {
+    const HEADERS: [&str; 8] =
+        ["READY", "WAITING", "SCHEDULED", "UNACKED", "RESERVED-DUE", "ORPHANED", "CONSUMERS", "LATENCY"];
+    let name_width = rows.iter().map(|r| r.name.len()).max().unwrap_or(0).max(5);
+    let line = |name: &str, cells: &[String]| {
+        let mut line = format!("  {name:<name_width$}");
+        for (cell, header) in cells.iter().zip(HEADERS) {
+            line.push_str(&format!("  {cell:>width$}", width = header.len().max(9)));
+        }
+        line.push('\n');
+        line
+    };
+    let mut out = String::from("Queues:\n");
+    out.push_str(&line("QUEUE", &HEADERS.map(str::to_owned)));
+    let mut unknown = Vec::new();
+    for r in rows {
+        let s = &r.status;
+        let latency = match r.latency {
+            OneShotLatency::Unknown(reason) => {
+                if !unknown.contains(&reason) {
+                    unknown.push(reason);
+                }
+                "?".to_owned()
+            }
+            _ => or_dash(r.latency_seconds().map(|l| format!("{l}s"))),
+        };
+        let cells = [
+            s.ready.to_string(),
+            or_dash(s.waiting),
+            or_dash(s.scheduled),
+            or_dash(s.unacked),
+            or_dash(r.reserved_due),
+            or_dash(r.orphaned_unacked),
+            or_dash(s.consumers),
+            latency,
+        ];
+        out.push_str(&line(&r.name, &cells));
+    }
+    for reason in unknown {
+        out.push_str(&format!("  LATENCY ?: {reason}\n"));
+    }
+    if let Some(delayed) = info.delayed_delivery.as_ref().filter(|d| d.total() > 0) {
+        let targets = match delayed.targets.as_deref() {
+            Some([only]) => format!("all for queue {only} (counted as SCHEDULED there)"),
+            Some(targets) if !targets.is_empty() => format!("for queues {}", targets.join(", ")),
+            _ => "for queues the bindings do not tell".to_owned(),
+        };
+        out.push_str(&format!(
+            "  native delayed delivery: {} task(s) waiting in the celery_delayed_* queues, {targets}\n",
+            delayed.total()
+        ));
+    }
     out
 }
 
@@ -563,6 +723,15 @@ struct JsonBrokerInfo<'a> {
     evicted_keys: Option<u64>,
     aof_enabled: Option<bool>,
     persistence_ok: Option<bool>,
+    delayed_delivery: Option<JsonDelayedDelivery<'a>>,
+}
+
+/// RabbitMQ's native delayed delivery on the vhost.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct JsonDelayedDelivery<'a> {
+    messages: u64,
+    targets: Option<&'a [String]>,
 }
 
 impl<'a> From<&'a BrokerInfo> for JsonBrokerInfo<'a> {
@@ -576,6 +745,10 @@ impl<'a> From<&'a BrokerInfo> for JsonBrokerInfo<'a> {
             evicted_keys: info.evicted_keys,
             aof_enabled: info.aof_enabled,
             persistence_ok: info.persistence_ok,
+            delayed_delivery: info
+                .delayed_delivery
+                .as_ref()
+                .map(|d| JsonDelayedDelivery { messages: d.total(), targets: d.targets.as_deref() }),
         }
     }
 }
@@ -591,10 +764,60 @@ struct JsonError {
 #[serde(rename_all = "camelCase")]
 struct JsonQueue<'a> {
     name: &'a str,
-    ready: u64,
-    unacked: Option<u64>,
+    ready: i64,
+    unacked: Option<i64>,
     orphaned_unacked: Option<u64>,
-    consumers: Option<u32>,
+    consumers: Option<i64>,
+    waiting: Option<i64>,
+    scheduled: Option<i64>,
+    reserved_due: Option<u64>,
+    latency_seconds: Option<i64>,
+    latency_basis: Option<&'static str>,
+    latency_unknown_reason: Option<&'static str>,
+    scheduled_detail: Option<JsonScheduled>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct JsonScheduled {
+    listed: u64,
+    held: u64,
+    delayed: u64,
+    exact: bool,
+    farthest_eta: Option<String>,
+    beyond_visibility_timeout: u64,
+}
+
+impl<'a> From<&'a QueueRow> for JsonQueue<'a> {
+    fn from(r: &'a QueueRow) -> Self {
+        let s = &r.status;
+        let (latency_basis, latency_unknown_reason) = match r.latency {
+            OneShotLatency::Stamped(_) => (Some("publishTimestamp"), None),
+            OneShotLatency::NothingWaiting => (Some("nothingWaiting"), None),
+            OneShotLatency::Unknown(reason) => (None, Some(reason)),
+        };
+        Self {
+            name: &r.name,
+            ready: s.ready,
+            unacked: s.unacked,
+            orphaned_unacked: r.orphaned_unacked,
+            consumers: s.consumers,
+            waiting: s.waiting,
+            scheduled: s.scheduled,
+            reserved_due: r.reserved_due,
+            latency_seconds: r.latency_seconds(),
+            latency_basis,
+            latency_unknown_reason,
+            scheduled_detail: r.scheduled.as_ref().map(|d| JsonScheduled {
+                listed: d.listed,
+                held: d.held,
+                delayed: d.delayed,
+                exact: d.exact,
+                farthest_eta: d.farthest_eta.map(celery_broker::schedule::format_unix),
+                beyond_visibility_timeout: d.beyond_visibility_timeout,
+            }),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -634,17 +857,7 @@ pub fn render_json(outcomes: &[Outcome]) -> String {
                 Err(e) => (Some(JsonError { kind: e.metric_label(), message: e.to_string() }), None, vec![], vec![]),
                 Ok(report) => {
                     let obs = &report.observation;
-                    let queues = obs
-                        .queues
-                        .iter()
-                        .map(|(name, q)| JsonQueue {
-                            name,
-                            ready: q.ready,
-                            unacked: q.unacked,
-                            orphaned_unacked: q.orphaned_unacked,
-                            consumers: q.consumers,
-                        })
-                        .collect();
+                    let queues = o.queues.iter().map(JsonQueue::from).collect();
                     let info = JsonBrokerInfo::from(&obs.info);
                     (None, Some(info), queues, obs.findings.iter().map(json_finding).collect())
                 }
@@ -663,4 +876,58 @@ pub fn render_json(outcomes: &[Outcome]) -> String {
     let code = exit_code(outcomes);
     let report = JsonReport { api_version: JSON_SCHEMA_VERSION, verdict: verdict(code), exit_code: code, brokers };
     serde_json::to_string_pretty(&report).expect("the report serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use celery_broker::latency::{HeadMessage, HeadSample, ListHead};
+    use celery_broker::{BrokerKind, QueueObservation};
+
+    const NOW: f64 = 1_800_000_000.0;
+
+    /// A Redis queue of `ready` messages whose head was walked (`head`), its first due message
+    /// stamped as published `stamped_ago` seconds before [`NOW`] when given.
+    fn queue(ready: u64, head: bool, stamped_ago: Option<f64>) -> QueueObservation {
+        let first_due = (ready > 0).then(|| HeadMessage {
+            position: 0,
+            tag: "0b5e7c1e0000".into(),
+            eta_ms: None,
+            published_ms: stamped_ago.map(|ago| ((NOW - ago) * 1000.0) as i64),
+        });
+        let list = ListHead { len: ready, scanned: ready, first_due, newest: None, markers: Vec::new() };
+        QueueObservation {
+            ready,
+            waiting: Some(ready),
+            head: head.then(|| HeadSample::Lists(vec![list])),
+            ..QueueObservation::default()
+        }
+    }
+
+    #[test]
+    fn one_probe_tells_a_latency_from_a_publish_stamp_or_from_nothing_waiting_only() {
+        let queues = [
+            ("stamped", queue(2, true, Some(100.0))),
+            ("unstamped", queue(2, true, None)),
+            ("empty", queue(0, true, None)),
+            ("unread-empty", queue(0, false, None)),
+            ("unread", queue(3, false, None)),
+        ];
+        let observation = BrokerObservation {
+            queues: queues.into_iter().map(|(name, q)| (name.to_owned(), q)).collect(),
+            info: BrokerInfo::new(BrokerKind::Redis),
+            findings: Vec::new(),
+        };
+        let rows = queue_rows(&observation, "redis://r:6379/0", NOW);
+        let got: BTreeMap<&str, (OneShotLatency, Option<i64>)> =
+            rows.iter().map(|r| (r.name.as_str(), (r.latency, r.latency_seconds()))).collect();
+        assert_eq!(got["stamped"], (OneShotLatency::Stamped(Duration::from_secs(100)), Some(100)));
+        assert_eq!(got["unstamped"], (OneShotLatency::Unknown(LATENCY_UNSTAMPED), None));
+        assert_eq!(got["empty"], (OneShotLatency::NothingWaiting, Some(0)));
+        assert_eq!(got["unread-empty"], (OneShotLatency::NothingWaiting, Some(0)));
+        assert_eq!(got["unread"], (OneShotLatency::Unknown(LATENCY_HEAD_UNREAD), None));
+        // The status numbers are the operator's: what probe::report writes for the same queue.
+        let status = probe::report(&observation, "stamped", "e".into(), SafetyCheck::Warn, None);
+        assert_eq!(rows[rows.iter().position(|r| r.name == "stamped").unwrap()].status.waiting, status.waiting);
+    }
 }

@@ -388,3 +388,221 @@ async fn a_sentinel_fronted_redis_is_checked_from_the_cli_and_a_task_queue() {
     let (tq, _) = op.reconcile("emails").await;
     assert_eq!(tq.status.unwrap().ready, Some(3));
 }
+
+// === Scheduled tasks, waiting tasks and latency ===
+
+/// Sends `(queue, countdown)` tasks with real Celery (APP_PY's app); with `STAMP` set, a
+/// `before_task_publish` handler stamps each message as published 100 s ago (Judoscale's
+/// convention, `properties["published_at"]`).
+const SEND_TASKS: &str = "import json, os, sys, time\nsys.path.insert(0, os.environ['APP_DIR'])\n\
+    from celery.signals import before_task_publish\n\
+    @before_task_publish.connect\ndef stamp(properties=None, **_):\n    if os.environ.get('STAMP'):\n        properties['published_at'] = time.time() - 100\n\
+    from app import app\n\
+    for queue, countdown in json.loads(os.environ['TASKS']):\n    app.send_task('app.noop', queue=queue, countdown=countdown)\n";
+
+fn celery_send(app_dir: &Path, broker: &str, tasks: &[(&str, Option<u64>)], stamp: bool) {
+    std::fs::write(app_dir.join("app.py"), APP_PY).unwrap();
+    let dir = app_dir.to_string_lossy();
+    let tasks = serde_json::to_string(tasks).unwrap();
+    let mut env = vec![("APP_DIR", dir.as_ref()), ("BROKER", broker), ("TASKS", tasks.as_str())];
+    if stamp {
+        env.push(("STAMP", "1"));
+    }
+    python::run_script(SEND_TASKS, &env).unwrap();
+}
+
+/// The queue `name` of check-broker's (first) broker.
+fn queue_of<'a>(report: &'a Value, name: &str) -> &'a Value {
+    let queues = report["brokers"][0]["queues"].as_array().unwrap();
+    queues.iter().find(|q| q["name"] == name).unwrap_or_else(|| panic!("no queue {name} in {report:#}"))
+}
+
+/// Runs `check-broker` (its JSON output, validated) until `done` holds of the report, failing
+/// with `what` after a generous deadline.
+async fn check_broker_until(args: &[&str], env: &[(&str, &str)], what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let report = common::check_broker_json(&check_broker(args, env));
+        if done(&report) {
+            return report;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}: not reached within the deadline: {report:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The cells of queue `name`'s row in check-broker's text table.
+fn table_row(text: &str, name: &str) -> Vec<String> {
+    let row = text.lines().find(|l| l.split_whitespace().next() == Some(name));
+    row.unwrap_or_else(|| panic!("no row for {name} in\n{text}")).split_whitespace().map(str::to_owned).collect()
+}
+
+/// Tasks sent with `countdown=3600` next to plain ones, by real Celery on Redis: check-broker tells
+/// the waiting from the scheduled ones — on the list, then held by a worker — with the numbers a
+/// TaskQueue's status gets for the same queue, the same EtaBeyondVisibilityTimeout finding as its
+/// BrokerSafe condition, and the latency one probe can tell: from a publish stamp, else unknown.
+#[tokio::test]
+async fn scheduled_and_waiting_tasks_are_told_apart_alike_by_the_cli_and_a_task_queue() {
+    let redis = RedisServer::start().unwrap();
+    let app = tempfile::tempdir().unwrap();
+    let url = redis.url();
+    let mut tasks = vec![("sched", None); 3];
+    tasks.extend([("sched", Some(3600)); 5]);
+    celery_send(app.path(), &url, &tasks, false);
+    celery_send(app.path(), &url, &[("stamped", None), ("stamped", None)], true);
+    let args = [url.as_str(), "-q", "sched", "-q", "stamped", "--visibility-timeout", "600"];
+    let json_args = [&args[..], &["-o", "json"]].concat();
+
+    // On the list: 3 waiting, 5 scheduled, all of them ready.
+    let out = check_broker(&json_args, &[]);
+    assert_eq!(out.status.code(), Some(1), "unsafe: the ETAs lie beyond the visibility timeout");
+    let report = common::check_broker_json(&out);
+    let sched = queue_of(&report, "sched");
+    assert_eq!(
+        (&sched["ready"], &sched["waiting"], &sched["scheduled"], &sched["scheduledDetail"]["listed"]),
+        (&json!(8), &json!(3), &json!(5), &json!(5)),
+        "{sched:#}"
+    );
+    assert_eq!(sched["scheduledDetail"]["beyondVisibilityTimeout"], 5);
+    // No publish stamp: one probe cannot age the oldest waiting task.
+    assert!(sched["latencySeconds"].is_null() && sched["latencyUnknownReason"].is_string(), "{sched:#}");
+    let stamped = queue_of(&report, "stamped");
+    assert_eq!((&stamped["waiting"], &stamped["scheduled"]), (&json!(2), &json!(0)));
+    assert_eq!(stamped["latencyBasis"], "publishTimestamp");
+    assert!(stamped["latencySeconds"].as_i64().is_some_and(|l| l >= 100), "{stamped:#}");
+    let verdicts = cli_verdicts(&report);
+    assert_eq!(verdicts["sched"].as_deref(), Some("EtaBeyondVisibilityTimeout"));
+    assert_eq!(verdicts["stamped"], None);
+
+    let text = check_broker(&args, &[]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    let header =
+        ["QUEUE", "READY", "WAITING", "SCHEDULED", "UNACKED", "RESERVED-DUE", "ORPHANED", "CONSUMERS", "LATENCY"];
+    assert_eq!(table_row(&text, "QUEUE"), header, "{text}");
+    assert_eq!(table_row(&text, "sched")[..4], ["sched", "8", "3", "5"], "{text}");
+    assert_eq!(table_row(&text, "sched").last().map(String::as_str), Some("?"), "{text}");
+    assert!(text.contains("LATENCY ?: the oldest waiting task carries no publish timestamp"), "{text}");
+    assert!(text.contains("WARNING EtaBeyondVisibilityTimeout: queue sched holds 5 task(s)"), "{text}");
+
+    // The same queues as TaskQueues: the same numbers in status, the same BrokerSafe verdict.
+    let op = operator();
+    for queue in ["sched", "stamped"] {
+        create_in_prod::<TaskQueue>(
+            &op.client,
+            json!({"metadata": {"name": queue}, "spec": {"broker": {
+                "url": url, "transportOptions": {"visibilityTimeoutSeconds": 600}}}}),
+        )
+        .await;
+    }
+    assert_eq!(op.broker_safe("sched").await.as_deref(), Some("EtaBeyondVisibilityTimeout"));
+    assert_eq!(op.broker_safe("stamped").await, None);
+    let status = op.reconcile("sched").await.0.status.unwrap();
+    assert_eq!((status.ready, status.waiting, status.scheduled), (Some(8), Some(3), Some(5)));
+    let status = op.reconcile("stamped").await.0.status.unwrap();
+    assert_eq!((status.waiting, status.scheduled), (Some(2), Some(0)));
+    assert!(status.latency_seconds.is_some_and(|l| l >= 100), "{status:?}");
+
+    // A worker runs the plain tasks and takes the scheduled ones, holding them until due.
+    let env = [("BROKER", url.as_str())];
+    let worker_args = ["-A", "app", "worker", "-Q", "sched", "-c", "1", "-n", "ba-sched@probe", "-l", "INFO"];
+    let _worker = CeleryWorker::spawn(app.path(), &worker_args, &env).unwrap();
+    let report = check_broker_until(&json_args, &[], "the worker to take the tasks", |r| {
+        let sched = queue_of(r, "sched");
+        sched["ready"] == 0 && sched["unacked"] == 5
+    })
+    .await;
+    let sched = queue_of(&report, "sched");
+    assert_eq!(
+        (&sched["waiting"], &sched["scheduled"], &sched["reservedDue"], &sched["scheduledDetail"]["held"]),
+        (&json!(0), &json!(5), &json!(0), &json!(5)),
+        "{sched:#}"
+    );
+    assert_eq!((&sched["latencySeconds"], &sched["latencyBasis"]), (&json!(0), &json!("nothingWaiting")));
+    assert_eq!(cli_verdicts(&report)["sched"].as_deref(), Some("EtaBeyondVisibilityTimeout"));
+    let text = check_broker(&args, &[]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert_eq!(table_row(&text, "sched"), ["sched", "0", "0", "5", "5", "0", "0", "-", "0s"], "{text}");
+    // A fresh operator (its first poll is now; the one above would write depths at most every
+    // DEPTH_WRITE_INTERVAL) writes the same numbers.
+    let op = operator();
+    let task_queue = json!({"metadata": {"name": "sched"}, "spec": {"broker": {
+        "url": url, "transportOptions": {"visibilityTimeoutSeconds": 600}}}});
+    create_in_prod::<TaskQueue>(&op.client, task_queue).await;
+    assert_eq!(op.broker_safe("sched").await.as_deref(), Some("EtaBeyondVisibilityTimeout"));
+    let status = op.reconcile("sched").await.0.status.unwrap();
+    assert_eq!((status.ready, status.unacked, status.waiting, status.scheduled), (Some(0), Some(5), Some(0), Some(5)));
+}
+
+/// Declares native delayed delivery on the vhost of `BROKER` as a Celery (>= 5.5) worker does on
+/// start-up, with queue `Q` a quorum queue on a topic exchange of its name, then sends one task per
+/// `COUNTDOWNS` entry (null: none) to it: those with a countdown go to the delayed-delivery levels.
+const SEND_DELAYED: &str = r#"
+import json, os
+from celery import Celery
+from kombu import Exchange, Queue
+from kombu.transport.native_delayed_delivery import (
+    bind_queue_to_native_delayed_delivery_exchange, declare_native_delayed_delivery_exchanges_and_queues)
+q = os.environ["Q"]
+app = Celery("app", broker=os.environ["BROKER"])
+app.conf.task_queues = [Queue(q, Exchange(q, type="topic"), routing_key=q, queue_arguments={"x-queue-type": "quorum"})]
+app.conf.broker_transport_options = {"confirm_publish": True}
+with app.connection_for_write() as connection:
+    declare_native_delayed_delivery_exchanges_and_queues(connection, "quorum")
+    queue = app.amqp.queues[q]
+    queue.bind(connection).declare()
+    bind_queue_to_native_delayed_delivery_exchange(connection, queue)
+for countdown in json.loads(os.environ["COUNTDOWNS"]):
+    app.send_task("app.noop", queue=q, countdown=countdown)
+"#;
+
+/// RabbitMQ with a quorum queue: Celery sends countdown tasks through native delayed delivery,
+/// where they wait in the level queues, invisible in their queue. check-broker counts them as the
+/// queue's scheduled tasks (its only target) as the TaskQueue's status does, and says what RabbitMQ
+/// cannot tell: which ready task is due (waiting), and how long one probe says the oldest waited.
+#[tokio::test]
+async fn delayed_delivery_tasks_are_scheduled_alike_from_the_cli_and_a_task_queue() {
+    let rabbit = RabbitServer::shared().expect("private RabbitMQ node");
+    let vhost = "ba-delayed";
+    rabbit.add_vhost(vhost).unwrap();
+    let (amqp, management) = (rabbit.amqp_url_for_vhost(vhost), rabbit.management_url());
+    let countdowns = serde_json::to_string(&[None, None, Some(3600), Some(3600), Some(3600), Some(3600)]).unwrap();
+    python::run_script(SEND_DELAYED, &[("BROKER", &amqp), ("Q", "rq"), ("COUNTDOWNS", &countdowns)]).unwrap();
+
+    let args = ["-q", "rq", "--management-url", &management];
+    let json_args = [&args[..], &["-o", "json"]].concat();
+    // The management API's statistics lag the broker by its statistics interval.
+    let env = [("CELERY_BROKER_URL", amqp.as_str())];
+    let report = check_broker_until(&json_args, &env, "the tasks to be counted", |r| {
+        let rq = queue_of(r, "rq");
+        rq["ready"] == 2 && rq["scheduled"] == 4
+    })
+    .await;
+    let rq = queue_of(&report, "rq");
+    assert_eq!(
+        (&rq["waiting"], &rq["reservedDue"], &rq["scheduledDetail"]["delayed"]),
+        (&Value::Null, &Value::Null, &json!(4))
+    );
+    assert!(rq["latencySeconds"].is_null() && rq["latencyUnknownReason"].is_string(), "{rq:#}");
+    let delayed = &report["brokers"][0]["broker"]["delayedDelivery"];
+    assert_eq!((&delayed["messages"], &delayed["targets"]), (&json!(4), &json!(["rq"])), "{delayed:#}");
+    let text = check_broker(&args, &env);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert_eq!(table_row(&text, "rq")[..4], ["rq", "2", "-", "4"], "{text}");
+    assert!(
+        text.contains("native delayed delivery: 4 task(s) waiting in the celery_delayed_* queues, all for queue rq"),
+        "{text}"
+    );
+
+    let op = operator();
+    op.secret("rabbit-delayed", json!({"url": amqp, "management": management})).await;
+    create_in_prod::<TaskQueue>(
+        &op.client,
+        json!({"metadata": {"name": "rq"}, "spec": {"broker": {
+            "urlFrom": {"secretKeyRef": {"name": "rabbit-delayed", "key": "url"}},
+            "managementUrlFrom": {"secretKeyRef": {"name": "rabbit-delayed", "key": "management"}},
+        }}}),
+    )
+    .await;
+    let status = op.reconcile("rq").await.0.status.unwrap();
+    assert_eq!((status.ready, status.waiting, status.scheduled), (Some(2), None, Some(4)), "{status:?}");
+}

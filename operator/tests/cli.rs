@@ -2,6 +2,8 @@
 
 use std::process::Command;
 
+mod common;
+
 fn operator(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_celery-operator")).args(args).output().expect("binary runs")
 }
@@ -67,19 +69,6 @@ fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// Parses check-broker's JSON output and validates it against docs/check-broker.schema.json.
-fn json_report(out: &std::process::Output) -> serde_json::Value {
-    let schema_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/check-broker.schema.json");
-    let schema: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(schema_path).unwrap()).unwrap();
-    let report: serde_json::Value =
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}{}", stdout(out), stderr(out)));
-    let validator = jsonschema::validator_for(&schema).expect("the documented schema compiles");
-    let errors: Vec<String> =
-        validator.iter_errors(&report).map(|e| format!("{} at {}", e, e.instance_path())).collect();
-    assert!(errors.is_empty(), "output breaks docs/check-broker.schema.json: {errors:?}\n{report:#}");
-    report
-}
-
 #[test]
 fn check_broker_exit_codes_tell_safe_unsafe_unreachable_and_usage_apart() {
     let safe = e2e_harness::RedisServer::builder().config("maxmemory 64mb").start().unwrap();
@@ -120,7 +109,7 @@ fn check_broker_json_output_follows_the_documented_schema() {
         operator_with_env(&["check-broker", "-q", "emails", "-o", "json"], &[("CELERY_BROKER_URL", &evicting.url())]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(!stdout(&out).contains("pw-json-3k"), "password printed: {}", stdout(&out));
-    let report = json_report(&out);
+    let report = common::check_broker_json(&out);
     assert_eq!(report["apiVersion"], "celery-operator.dev/check-broker/v1");
     assert_eq!((report["verdict"].as_str(), report["exitCode"].as_u64()), (Some("unsafe"), Some(1)));
     let broker = &report["brokers"][0];
@@ -139,7 +128,7 @@ fn check_broker_json_output_follows_the_documented_schema() {
     let out = operator_with_env(&["check-broker", &down, "-o", "json"], &[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(!stdout(&out).contains("pw-json-3k"), "password printed: {}", stdout(&out));
-    let report = json_report(&out);
+    let report = common::check_broker_json(&out);
     assert_eq!(report["verdict"], "unreachable");
     assert_eq!(report["brokers"][0]["error"]["kind"], "connect");
     assert!(report["brokers"][0]["broker"].is_null());
@@ -188,7 +177,7 @@ fn check_broker_reads_task_queue_yaml_as_the_operator_would() {
 
     let out = operator_with_env(&["check-broker", "-f", file, "-o", "json"], &[]);
     assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
-    let report = json_report(&out);
+    let report = common::check_broker_json(&out);
     let broker = &report["brokers"][0];
     assert_eq!(broker["taskQueues"], serde_json::json!(["prod/emails", "prod/reports"]));
     let ready: Vec<(String, u64)> = broker["queues"]
@@ -268,14 +257,14 @@ async fn check_broker_reads_referenced_secrets_from_the_cluster() {
         .await
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
-    assert_eq!(json_report(&out)["brokers"][0]["queues"][0]["ready"], 2);
+    assert_eq!(common::check_broker_json(&out)["brokers"][0]["queues"][0]["ready"], 2);
     assert!(!stdout(&out).contains("pw-cluster-5t"));
 
     let target = "secret/prod/app-redis:url";
     let args = ["check-broker", target, "-q", "mail", "--global-keyprefix", "app:", "-o", "json"];
     let out = run(args.iter().map(|a| a.to_string()).collect()).await.unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(json_report(&out)["brokers"][0]["queues"][0]["ready"], 2);
+    assert_eq!(common::check_broker_json(&out)["brokers"][0]["queues"][0]["ready"], 2);
 
     let out = run(vec!["check-broker".into(), "secret/prod/app-redis:nokey".into()]).await.unwrap();
     assert_eq!(out.status.code(), Some(64));

@@ -49,3 +49,19 @@ where
     let obj: K = serde_json::from_value(doc).expect("fixture matches the type");
     kube::Api::<K>::namespaced(client.clone(), "prod").create(&Default::default(), &obj).await.expect("created")
 }
+
+/// Parses `celery-operator check-broker -o json` output and validates it against the schema it
+/// documents, docs/check-broker.schema.json.
+#[allow(dead_code)]
+pub fn check_broker_json(out: &std::process::Output) -> serde_json::Value {
+    let schema_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/check-broker.schema.json");
+    let schema: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(schema_path).unwrap()).unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    });
+    let validator = jsonschema::validator_for(&schema).expect("the documented schema compiles");
+    let errors: Vec<String> =
+        validator.iter_errors(&report).map(|e| format!("{} at {}", e, e.instance_path())).collect();
+    assert!(errors.is_empty(), "output breaks docs/check-broker.schema.json: {errors:?}\n{report:#}");
+    report
+}
