@@ -49,6 +49,26 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+/// Python (the example app's client) that waits, up to `BENCH_TIMEOUT` seconds, until every task
+/// of `BENCH_IDS` has a result; leaves the ids in `ids` and those without one in `pending`. The
+/// start of scripts that then read the results (a macro, so `concat!` can take it).
+macro_rules! wait_ready_py {
+    () => {
+        r#"
+import json, os, time
+from celery.result import AsyncResult
+from celery_example.app import app
+ids = json.loads(os.environ["BENCH_IDS"])
+deadline = time.monotonic() + float(os.environ["BENCH_TIMEOUT"])
+pending = list(ids)
+while pending and time.monotonic() < deadline:
+    pending = [i for i in pending if not AsyncResult(i, app=app).ready()]
+    if pending:
+        time.sleep(0.2)
+"#
+    };
+}
+
 #[path = "autoscale/mixed.rs"]
 mod mixed;
 
@@ -773,18 +793,9 @@ struct BurstOutcome {
     capped_at: Option<Duration>,
 }
 
-const WAIT_DONE: &str = r#"
-import json, os, time
-from datetime import timezone
-from celery.result import AsyncResult
-from celery_example.app import app
-ids = json.loads(os.environ["BENCH_IDS"])
-deadline = time.monotonic() + float(os.environ["BENCH_TIMEOUT"])
-pending = list(ids)
-while pending and time.monotonic() < deadline:
-    pending = [i for i in pending if not AsyncResult(i, app=app).ready()]
-    if pending:
-        time.sleep(0.2)
+const WAIT_DONE: &str = concat!(
+    wait_ready_py!(),
+    r#"from datetime import timezone
 done, failed = [], 0
 for i in ids:
     r = AsyncResult(i, app=app)
@@ -795,7 +806,8 @@ for i in ids:
         done.append(d.timestamp())
         failed += 0 if r.successful() else 1
 print(json.dumps({"pending": len(pending), "failed": failed, "last": max(done, default=0.0)}))
-"#;
+"#
+);
 
 /// Sends the burst to `queue` at `t0`, waits for every result and for `timeline`'s Deployment to
 /// scale up and come back to zero (until `cap` after `t0`: then the outcome says where it stopped),

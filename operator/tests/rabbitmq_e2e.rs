@@ -16,94 +16,23 @@
 //! Skipped (with a NOTICE) against a real cluster, without the Celery venv, or without
 //! rabbitmq-server.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+mod common;
 
-use celery_e2e::stack::{Stack, StackConfig, StackError, TaskResult, examples_dir};
+use std::collections::BTreeSet;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use celery_e2e::stack::Stack;
 use celery_operator::autoscale::scaler::FIELD_MANAGER;
+use common::e2e::*;
 use e2e_harness::RabbitServer;
-use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DynamicObject};
-use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-const OPERATOR: &str = env!("CARGO_BIN_EXE_celery-operator");
-/// Generous: CI has 2 cores and runs tests in parallel, and every worker is a Python process.
-const DEADLINE: Duration = Duration::from_secs(180);
-const POD_DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
 /// The two queue types every scenario runs on, as `(suffix, quorum)`.
 const QUEUE_TYPES: [(&str, bool); 2] = [("classic", false), ("quorum", true)];
 
 // ------------------------------------------------------------------------------------ helpers
-
-async fn start() -> Option<Stack> {
-    if std::env::var_os("E2E_KUBECONFIG").is_some() {
-        eprintln!("NOTICE: skipping: these scenarios need the pod runner and the double's request log");
-        return None;
-    }
-    match Stack::start(StackConfig::with_operator(OPERATOR)).await {
-        Ok(stack) => {
-            stack.apply_file(examples_dir().join("redis-queues.yaml")).await.expect("queues apply");
-            Some(stack)
-        }
-        Err(StackError::Runner(e)) => {
-            eprintln!("NOTICE: skipping the scenario: {e}");
-            None
-        }
-        Err(e) => panic!("the e2e stack did not start: {e}"),
-    }
-}
-
-/// The private RabbitMQ node shared by this binary's tests, or `None` (with a NOTICE).
-fn rabbit_node() -> Option<&'static RabbitServer> {
-    match RabbitServer::shared() {
-        Ok(rabbit) => Some(rabbit),
-        Err(e) => {
-            eprintln!("NOTICE: skipping: no private RabbitMQ node: {e}");
-            None
-        }
-    }
-}
-
-/// Prints the end of the operator's log when a test fails.
-struct LogOnPanic(std::path::PathBuf);
-
-impl Drop for LogOnPanic {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.0).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(60).collect();
-            eprintln!("--- operator log (last 60 lines) ---");
-            for line in tail.into_iter().rev() {
-                eprintln!("{line}");
-            }
-        }
-    }
-}
-
-/// Polls `check` (every 100 ms) until it returns `Some`, failing after [`DEADLINE`] with `what`.
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {DEADLINE:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
-}
 
 /// One RabbitMQ-backed pool of a scenario: its vhost, TaskQueue and WorkerPool all named `name`,
 /// consuming the queue `name`.
@@ -208,286 +137,6 @@ print(json.dumps({"ids": ids, "before": before, "after": after}))
     }
 }
 
-#[derive(Debug, serde::Deserialize)]
-struct Sent {
-    ids: Vec<String>,
-    before: f64,
-    after: f64,
-}
-
-/// Every change of a projection of one object (or of a set of objects), recorded from a watch
-/// with the wall-clock time it was seen.
-struct Recorder<T> {
-    seen: Arc<Mutex<Vec<(f64, T)>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl<T: Clone + PartialEq + Send + 'static> Recorder<T> {
-    fn start<K>(api: Api<K>, config: watcher::Config, project: impl Fn(&K) -> T + Send + 'static) -> Self
-    where
-        K: kube::Resource<DynamicType = ()>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug
-            + Send
-            + Sync
-            + 'static,
-    {
-        let seen: Arc<Mutex<Vec<(f64, T)>>> = Arc::default();
-        let out = seen.clone();
-        let task = tokio::spawn(async move {
-            let mut stream = watcher(api, config).default_backoff().applied_objects().boxed();
-            while let Some(item) = stream.next().await {
-                let Ok(obj) = item else { continue };
-                let value = project(&obj);
-                let mut seen = out.lock().unwrap();
-                if seen.last().is_none_or(|(_, last)| *last != value) {
-                    seen.push((unix_now(), value));
-                }
-            }
-        });
-        Recorder { seen, task }
-    }
-
-    fn all(&self) -> Vec<(f64, T)> {
-        self.seen.lock().unwrap().clone()
-    }
-
-    fn values(&self) -> Vec<T> {
-        self.all().into_iter().map(|(_, v)| v).collect()
-    }
-
-    fn last(&self) -> Option<T> {
-        self.seen.lock().unwrap().last().map(|(_, v)| v.clone())
-    }
-}
-
-impl<T> Drop for Recorder<T> {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Records every `spec.replicas` of the pool's worker Deployment.
-fn record_replicas(stack: &Stack, pool: &str) -> Recorder<i32> {
-    let api: Api<Deployment> = Api::namespaced(stack.client(), stack.namespace());
-    let config = watcher::Config::default().fields(&format!("metadata.name={pool}-worker"));
-    Recorder::start(api, config, |d: &Deployment| d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1))
-}
-
-/// What a pod looked like at one moment: name, pod-deletion-cost, whether it was being deleted.
-type PodState = (String, Option<String>, bool);
-
-fn record_pods(stack: &Stack, pool: &str) -> Recorder<PodState> {
-    let api: Api<Pod> = Api::namespaced(stack.client(), stack.namespace());
-    let config = watcher::Config::default().labels(&worker_selector(pool));
-    Recorder::start(api, config, |p: &Pod| {
-        let cost = p.metadata.annotations.as_ref().and_then(|a| a.get(POD_DELETION_COST).cloned());
-        (p.metadata.name.clone().unwrap_or_default(), cost, p.metadata.deletion_timestamp.is_some())
-    })
-}
-
-fn worker_selector(pool: &str) -> String {
-    format!("app.kubernetes.io/name=celery,app.kubernetes.io/instance={pool},app.kubernetes.io/component=worker")
-}
-
-/// Moves up and down in a sequence of replica counts.
-fn steps(values: &[i32]) -> (usize, usize) {
-    let ups = values.windows(2).filter(|w| w[1] > w[0]).count();
-    let downs = values.windows(2).filter(|w| w[1] < w[0]).count();
-    (ups, downs)
-}
-
-async fn replicas(stack: &Stack, pool: &str) -> Option<i32> {
-    let api: Api<Deployment> = Api::namespaced(stack.client(), stack.namespace());
-    api.get_opt(&format!("{pool}-worker")).await.unwrap().and_then(|d| d.spec?.replicas)
-}
-
-async fn worker_pods(stack: &Stack, pool: &str) -> Vec<Pod> {
-    stack.pods(&worker_selector(pool)).await.unwrap()
-}
-
-async fn pool_object(stack: &Stack, name: &str) -> Value {
-    let (resource, _) =
-        stack.resource_of(&json!({"apiVersion": "celery-operator.dev/v1alpha1", "kind": "WorkerPool"})).await.unwrap();
-    let api: Api<DynamicObject> = Api::namespaced_with(stack.client(), stack.namespace(), &resource);
-    serde_json::to_value(api.get(name).await.unwrap()).unwrap()
-}
-
-async fn pool_status(stack: &Stack, name: &str) -> Value {
-    pool_object(stack, name).await["status"].clone()
-}
-
-/// `(status, reason, message)` of a condition of the pool.
-async fn condition(stack: &Stack, pool: &str, type_: &str) -> Option<(String, String, String)> {
-    let p = pool_object(stack, pool).await;
-    let c = p["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == type_)?.clone();
-    let text = |k: &str| c[k].as_str().unwrap_or_default().to_string();
-    Some((text("status"), text("reason"), text("message")))
-}
-
-/// Successful writes by the autoscaler's field manager to `resource` (`subresource`) since the
-/// request log was last cleared.
-fn autoscaler_writes(stack: &Stack, resource: &str, subresource: Option<&str>) -> usize {
-    let server = stack.server().expect("the double");
-    server
-        .writes()
-        .iter()
-        .filter(|r| r.field_manager.as_deref() == Some(FIELD_MANAGER) && r.is_successful_write())
-        .filter(|r| r.resource == resource && r.subresource.as_deref() == subresource)
-        .count()
-}
-
-/// Broker polls the autoscaler has decided on so far (one decision-latency sample per poll).
-async fn polls(stack: &Stack) -> u64 {
-    eventually("the decision metric", || stack.metric("celery_operator_autoscaler_decision_seconds_count", &[])).await
-        as u64
-}
-
-/// Lets `windows` stabilization windows of `window` pass, counted by the operator's own polls (at
-/// least one per second) as well as by the clock.
-async fn stabilization_windows(stack: &Stack, windows: u64, window: u64) {
-    let span = Duration::from_secs(windows * window);
-    let since = Instant::now();
-    let polled = polls(stack).await;
-    eventually("stabilization windows of autoscaler polls", || async {
-        let polls_now = polls(stack).await;
-        (since.elapsed() >= span && polls_now >= polled + span.as_secs()).then_some(())
-    })
-    .await;
-}
-
-/// How often one task id was delivered to and completed by the pool's workers, and by which pods.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-struct Runs {
-    received: u32,
-    succeeded: u32,
-    received_on: Vec<String>,
-    pods: BTreeSet<String>,
-}
-
-/// [`Runs`] of every task id in the logs of every pod the runner ever ran for `pool`.
-fn runs_by_task(stack: &Stack, pool: &str) -> BTreeMap<String, Runs> {
-    let mut runs: BTreeMap<String, Runs> = BTreeMap::new();
-    for (pod, log) in worker_logs(stack, pool) {
-        for line in log.lines() {
-            let Some((_, rest)) = line.split_once("Task celery_example.") else { continue };
-            let Some((_, rest)) = rest.split_once('[') else { continue };
-            let Some((id, what)) = rest.split_once(']') else { continue };
-            let entry = runs.entry(id.to_string()).or_default();
-            if what.starts_with(" received") {
-                entry.received += 1;
-                entry.received_on.push(pod.clone());
-            } else if what.starts_with(" succeeded in") {
-                entry.succeeded += 1;
-                entry.pods.insert(pod.clone());
-            }
-        }
-    }
-    runs
-}
-
-/// `(pod, log)` of every worker pod of `pool` the runner ran, terminated ones included.
-fn worker_logs(stack: &Stack, pool: &str) -> Vec<(String, String)> {
-    let runner = stack.runner().expect("the pod runner");
-    let dir = runner.pods_dir().join(stack.namespace());
-    let prefix = format!("{pool}-worker-");
-    let mut logs = Vec::new();
-    for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with(&prefix)
-            && let Some(log) = runner.pod_log(stack.namespace(), &name)
-        {
-            logs.push((name, log));
-        }
-    }
-    logs
-}
-
-/// A plain Redis connection to db `db` of the stack's Redis (the result backend is db 1).
-async fn redis_db(stack: &Stack, db: u32) -> redis::aio::MultiplexedConnection {
-    let mut url = url::Url::parse(stack.broker_url()).unwrap();
-    url.set_path(&format!("/{db}"));
-    let client = redis::Client::open(url.as_str()).unwrap();
-    let patient = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(30)))
-        .set_response_timeout(Some(Duration::from_secs(30)));
-    client.get_multiplexed_async_connection_with_config(&patient).await.unwrap()
-}
-
-/// The result backend's state of each task (`None`: no result stored).
-async fn states(stack: &Stack, ids: &[String]) -> Vec<Option<String>> {
-    let mut conn = redis_db(stack, 1).await;
-    let keys: Vec<String> = ids.iter().map(|id| format!("celery-task-meta-{id}")).collect();
-    let metas: Vec<Option<String>> = redis::cmd("MGET").arg(keys).query_async(&mut conn).await.unwrap();
-    metas
-        .into_iter()
-        .map(|m| {
-            m.and_then(|m| serde_json::from_str::<Value>(&m).ok()).and_then(|m| m["status"].as_str().map(Into::into))
-        })
-        .collect()
-}
-
-async fn all_succeeded(stack: &Stack, ids: &[String]) -> bool {
-    states(stack, ids).await.iter().all(|s| s.as_deref() == Some("SUCCESS"))
-}
-
-async fn wait_results(stack: &Stack, ids: &[String]) -> Vec<TaskResult> {
-    let results = stack.wait_results(ids, DEADLINE).await.expect("every task finishes");
-    let failed: Vec<&TaskResult> = results.iter().filter(|r| r.state != "SUCCESS").collect();
-    assert!(failed.is_empty(), "tasks failed: {failed:?}");
-    results
-}
-
-/// Lets the example app's `hold(name)` tasks return (they watch a key in the result backend).
-async fn release(stack: &Stack, names: &[&str]) {
-    let mut conn = redis_db(stack, 1).await;
-    for name in names {
-        let _: () = redis::cmd("SET")
-            .arg(format!("celery-example:release:{name}"))
-            .arg(1)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
-}
-
-/// Waits (inside Python) until every task is STARTED; returns `(state, meta)` per id (the
-/// STARTED meta holds the worker's `hostname` and `pid`).
-async fn wait_started(stack: &Stack, ids: &[String]) -> Vec<(String, Value)> {
-    const WAIT_STARTED: &str = r#"
-import json, os, time
-from celery.result import AsyncResult
-from celery_example.app import app
-ids = json.loads(os.environ["E2E_TASK_IDS"])
-deadline = time.monotonic() + float(os.environ["E2E_TIMEOUT"])
-while True:
-    results = [AsyncResult(i, app=app) for i in ids]
-    if all(r.state == "STARTED" for r in results) or time.monotonic() > deadline:
-        break
-    time.sleep(0.1)
-print(json.dumps([[r.state, r.info if isinstance(r.info, dict) else None] for r in results]))
-"#;
-    let env = [("E2E_TASK_IDS", json!(ids).to_string()), ("E2E_TIMEOUT", DEADLINE.as_secs().to_string())];
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let out = stack.python(WAIT_STARTED, &env).await.unwrap();
-    let states: Vec<(String, Value)> = serde_json::from_str(out.trim()).unwrap();
-    assert!(states.iter().all(|(s, _)| s == "STARTED"), "tasks did not all start: {states:?}");
-    states
-}
-
-fn pod_of<'a>(pool: &str, hostname: &'a str) -> &'a str {
-    hostname.strip_prefix(pool).and_then(|h| h.strip_prefix('@')).unwrap_or(hostname)
-}
-
-/// Messages in native delayed delivery's level queues of `vhost` (management API).
-async fn delayed_messages(management: &str, vhost: &str) -> Option<u64> {
-    let url = format!("{management}/api/queues/{vhost}?columns=name,messages");
-    let queues: Vec<Value> = reqwest::get(&url).await.ok()?.json().await.ok()?;
-    let levels = queues.iter().filter(|q| q["name"].as_str().is_some_and(|n| n.starts_with("celery_delayed_")));
-    Some(levels.map(|q| q["messages"].as_u64().unwrap_or(0)).sum())
-}
-
 /// Declares native delayed delivery on the pool's vhost and binds its quorum queue to it, exactly
 /// as a Celery worker's `DelayedDelivery` bootstep does on start-up — what a vhost where the
 /// pool's workers once ran holds, so a pool at zero can be sent countdown tasks.
@@ -519,7 +168,7 @@ with app.connection_for_write() as connection:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_rabbitmq_acks_late_loses_no_task_over_scale_cycles() {
     const CYCLES: usize = 5;
-    let Some(stack) = start().await else { return };
+    let Some(stack) = start("the pod runner and the double's request log").await else { return };
     let Some(rabbit) = rabbit_node() else { return };
     let _log = LogOnPanic(stack.operator_log_path());
     for (suffix, quorum) in QUEUE_TYPES {
@@ -595,7 +244,7 @@ async fn on_rabbitmq_acks_late_loses_no_task_over_scale_cycles() {
 /// its task completes there, in the same process, delivered once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_rabbitmq_scale_in_removes_idle_workers_and_the_busy_one_finishes() {
-    let Some(stack) = start().await else { return };
+    let Some(stack) = start("the pod runner and the double's request log").await else { return };
     let Some(rabbit) = rabbit_node() else { return };
     let _log = LogOnPanic(stack.operator_log_path());
     for (suffix, quorum) in QUEUE_TYPES {
@@ -704,7 +353,7 @@ async fn on_rabbitmq_scale_in_removes_idle_workers_and_the_busy_one_finishes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_rabbitmq_an_outage_holds_replicas_and_scaling_recovers_after_restart() {
     const WINDOW: u64 = 5;
-    let Some(stack) = start().await else { return };
+    let Some(stack) = start("the pod runner and the double's request log").await else { return };
     let rabbit = match tokio::task::spawn_blocking(RabbitServer::start).await.unwrap() {
         Ok(rabbit) => rabbit,
         Err(e) => {
@@ -831,7 +480,7 @@ async fn on_rabbitmq_tasks_due_in_twenty_seconds_are_sized_for_by_their_due_time
     const LEAD: f64 = 10.0;
     const COUNTDOWN: u64 = 20;
     const TARGET_LATENCY: f64 = 10.0;
-    let Some(stack) = start().await else { return };
+    let Some(stack) = start("the pod runner and the double's request log").await else { return };
     let Some(rabbit) = rabbit_node() else { return };
     let _log = LogOnPanic(stack.operator_log_path());
     for (suffix, quorum) in QUEUE_TYPES {
@@ -926,7 +575,7 @@ async fn on_rabbitmq_tasks_due_in_twenty_seconds_are_sized_for_by_their_due_time
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_rabbitmq_tasks_backing_off_between_retries_keep_the_pool_small() {
     const WINDOW: u64 = 5;
-    let Some(stack) = start().await else { return };
+    let Some(stack) = start("the pod runner and the double's request log").await else { return };
     let Some(rabbit) = rabbit_node() else { return };
     let _log = LogOnPanic(stack.operator_log_path());
     for (suffix, quorum) in QUEUE_TYPES {

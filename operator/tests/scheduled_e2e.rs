@@ -11,79 +11,19 @@
 //! real password-protected Redis. Every Deployment `spec.replicas` value is recorded by a watch.
 //! Skipped (with a NOTICE) against a real cluster and when the Celery venv cannot be built.
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use celery_e2e::stack::{Stack, StackConfig, StackError, examples_dir};
-use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
+use celery_e2e::stack::Stack;
+use common::e2e::*;
 use kube::api::{Api, DynamicObject};
-use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::{Value, json};
-use tokio::time::Instant;
 
-const OPERATOR: &str = env!("CARGO_BIN_EXE_celery-operator");
-/// Generous: CI has 2 cores and runs tests in parallel, and every worker is a Python process.
-const DEADLINE: Duration = Duration::from_secs(180);
 /// `scaleDownStabilizationSeconds` of the pools: short, so three windows pass quickly.
 const STABILIZATION: u64 = 5;
 
 // ------------------------------------------------------------------------------------ helpers
-
-async fn start() -> Option<Stack> {
-    if std::env::var_os("E2E_KUBECONFIG").is_some() {
-        eprintln!("NOTICE: skipping: these scenarios need the pod runner");
-        return None;
-    }
-    match Stack::start(StackConfig::with_operator(OPERATOR)).await {
-        Ok(stack) => {
-            stack.apply_file(examples_dir().join("redis-queues.yaml")).await.expect("queues apply");
-            Some(stack)
-        }
-        Err(StackError::Runner(e)) => {
-            eprintln!("NOTICE: skipping the scenario: {e}");
-            None
-        }
-        Err(e) => panic!("the e2e stack did not start: {e}"),
-    }
-}
-
-/// Prints the end of the operator's log when a test fails.
-struct LogOnPanic(std::path::PathBuf);
-
-impl Drop for LogOnPanic {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.0).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(60).collect();
-            eprintln!("--- operator log (last 60 lines) ---");
-            for line in tail.into_iter().rev() {
-                eprintln!("{line}");
-            }
-        }
-    }
-}
-
-/// Polls `check` (every 100 ms) until it returns `Some`, failing after [`DEADLINE`] with `what`.
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {DEADLINE:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
-}
 
 /// An autoscaled WorkerPool of the example app on the `emails` TaskQueue: `threads` pool of
 /// concurrency 2, targetPerReplica 4, minReplicas 0, maxReplicas 10, 1 s polls and a short
@@ -106,77 +46,10 @@ fn pool_yaml(name: &str, extra: Value) -> String {
     .to_string()
 }
 
-/// Every `spec.replicas` of a pool's worker Deployment, with the wall-clock time it was seen
-/// (compared with task ETAs, which are wall-clock times).
-struct Replicas {
-    seen: Arc<Mutex<Vec<(f64, i32)>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Replicas {
-    fn record(stack: &Stack, pool: &str) -> Self {
-        let api: Api<Deployment> = Api::namespaced(stack.client(), stack.namespace());
-        let config = watcher::Config::default().fields(&format!("metadata.name={pool}-worker"));
-        let seen: Arc<Mutex<Vec<(f64, i32)>>> = Arc::default();
-        let out = seen.clone();
-        let task = tokio::spawn(async move {
-            let mut stream = watcher(api, config).default_backoff().applied_objects().boxed();
-            while let Some(item) = stream.next().await {
-                let Ok(d) = item else { continue };
-                let value = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-                let mut seen = out.lock().unwrap();
-                if seen.last().is_none_or(|&(_, last)| last != value) {
-                    seen.push((unix_now(), value));
-                }
-            }
-        });
-        Self { seen, task }
-    }
-
-    fn all(&self) -> Vec<(f64, i32)> {
-        self.seen.lock().unwrap().clone()
-    }
-
-    fn values(&self) -> Vec<i32> {
-        self.all().into_iter().map(|(_, v)| v).collect()
-    }
-
-    fn last(&self) -> Option<i32> {
-        self.all().last().map(|&(_, v)| v)
-    }
-}
-
-impl Drop for Replicas {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// The pool's status, as the API holds it.
-async fn pool_status(stack: &Stack, name: &str) -> Value {
-    let (resource, _) =
-        stack.resource_of(&json!({"apiVersion": "celery-operator.dev/v1alpha1", "kind": "WorkerPool"})).await.unwrap();
-    let api: Api<DynamicObject> = Api::namespaced_with(stack.client(), stack.namespace(), &resource);
-    serde_json::to_value(api.get(name).await.unwrap()).unwrap()["status"].clone()
-}
-
-/// Broker polls the autoscaler has decided on so far.
-async fn polls(stack: &Stack) -> u64 {
-    eventually("the decision metric", || stack.metric("celery_operator_autoscaler_decision_seconds_count", &[])).await
-        as u64
-}
-
 /// Lets three stabilization windows pass, counted by the operator's own polls (at least one per
 /// second per window second) as well as by the clock.
 async fn three_stabilization_windows(stack: &Stack) {
-    let span = Duration::from_secs(3 * STABILIZATION);
-    let since = Instant::now();
-    let polled = polls(stack).await;
-    eventually("three stabilization windows of autoscaler polls", || async {
-        let polls_now = polls(stack).await;
-        (since.elapsed() >= span && polls_now >= polled + span.as_secs()).then_some(())
-    })
-    .await;
+    stabilization_windows(stack, 3, STABILIZATION).await;
 }
 
 /// Sends `(task name, args, countdown)` to the `emails` queue; returns the ids and the Unix times
@@ -190,28 +63,10 @@ ids = [app.send_task(name, args=args, queue="emails", countdown=countdown).id
 print(json.dumps({"ids": ids, "before": before, "after": time.time()}))
 "#;
 
-#[derive(serde::Deserialize)]
-struct Sent {
-    ids: Vec<String>,
-    before: f64,
-    after: f64,
-}
-
 async fn send_later(stack: &Stack, tasks: &[(&str, Value, Option<u64>)]) -> Sent {
     let docs: Vec<Value> = tasks.iter().map(|(name, args, countdown)| json!([name, args, countdown])).collect();
     let out = stack.python(SEND_LATER, &[("E2E_TASKS", &Value::Array(docs).to_string())]).await.unwrap();
     serde_json::from_str(out.trim()).unwrap()
-}
-
-/// A plain Redis connection to db `db` of the stack's Redis, patient on a loaded machine.
-async fn redis_db(stack: &Stack, db: u32) -> redis::aio::MultiplexedConnection {
-    let mut url = url::Url::parse(stack.broker_url()).unwrap();
-    url.set_path(&format!("/{db}"));
-    let client = redis::Client::open(url.as_str()).unwrap();
-    let patient = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(30)))
-        .set_response_timeout(Some(Duration::from_secs(30)));
-    client.get_multiplexed_async_connection_with_config(&patient).await.unwrap()
 }
 
 /// Task ids of the messages the broker holds for the `emails` queue: on its list, or in kombu's
@@ -229,19 +84,6 @@ async fn held_task_ids(stack: &Stack) -> BTreeSet<String> {
     listed.iter().chain(&unacked).filter_map(|m| id_of(m)).collect()
 }
 
-/// The result backend's state of each task (`None`: no result stored).
-async fn states(stack: &Stack, ids: &[String]) -> Vec<Option<String>> {
-    let mut conn = redis_db(stack, 1).await;
-    let keys: Vec<String> = ids.iter().map(|id| format!("celery-task-meta-{id}")).collect();
-    let metas: Vec<Option<String>> = redis::cmd("MGET").arg(keys).query_async(&mut conn).await.unwrap();
-    metas
-        .into_iter()
-        .map(|m| {
-            m.and_then(|m| serde_json::from_str::<Value>(&m).ok()).and_then(|m| m["status"].as_str().map(Into::into))
-        })
-        .collect()
-}
-
 // ----------------------------------------------------------------------------------- scenarios
 
 /// 200 tasks sent with `countdown=3600` to an autoscaled pool (targetPerReplica 4, minReplicas 0,
@@ -251,10 +93,10 @@ async fn states(stack: &Stack, ids: &[String]) -> Vec<Option<String>> {
 /// (someone must hold them) over three stabilization windows, and no task is lost or run early.
 #[tokio::test(flavor = "multi_thread")]
 async fn tasks_scheduled_an_hour_ahead_keep_the_pool_at_one_replica() {
-    let Some(stack) = start().await else { return };
+    let Some(stack) = start("the pod runner").await else { return };
     let _log = LogOnPanic(stack.operator_log_path());
     stack.apply_yaml(&pool_yaml("later", json!({}))).await.unwrap();
-    let replicas = Replicas::record(&stack, "later");
+    let replicas = record_replicas(&stack, "later");
 
     let later: Vec<(&str, Value, Option<u64>)> =
         (0..200).map(|_| ("celery_example.tick", json!([]), Some(3600))).collect();
@@ -307,7 +149,7 @@ async fn tasks_scheduled_an_hour_ahead_keep_the_pool_at_one_replica() {
 /// `targetLatencySeconds` of their ETA.
 #[tokio::test(flavor = "multi_thread")]
 async fn tasks_due_in_twenty_seconds_are_sized_for_by_their_due_time() {
-    let Some(stack) = start().await else { return };
+    let Some(stack) = start("the pod runner").await else { return };
     let _log = LogOnPanic(stack.operator_log_path());
     const LEAD: f64 = 10.0;
     const COUNTDOWN: u64 = 20;
@@ -319,7 +161,7 @@ async fn tasks_due_in_twenty_seconds_are_sized_for_by_their_due_time() {
         ))
         .await
         .unwrap();
-    let replicas = Replicas::record(&stack, "soon");
+    let replicas = record_replicas(&stack, "soon");
     // The pool is created at minReplicas 0 and the autoscaler has looked at it.
     eventually("the autoscaler to decide for the pool", || async {
         (pool_status(&stack, "soon").await["desiredReplicas"] == 0).then_some(())
@@ -372,10 +214,10 @@ async fn tasks_due_in_twenty_seconds_are_sized_for_by_their_due_time() {
 /// replica and stays there while they back off, instead of holding a replica per four retries.
 #[tokio::test(flavor = "multi_thread")]
 async fn tasks_backing_off_between_retries_keep_the_pool_small() {
-    let Some(stack) = start().await else { return };
+    let Some(stack) = start("the pod runner").await else { return };
     let _log = LogOnPanic(stack.operator_log_path());
     stack.apply_yaml(&pool_yaml("retrying", json!({"leadTimeSeconds": 5}))).await.unwrap();
-    let replicas = Replicas::record(&stack, "retrying");
+    let replicas = record_replicas(&stack, "retrying");
 
     let tasks: Vec<(&str, Value, Option<u64>)> = (0..12).map(|_| ("celery_example.flaky", json!([]), None)).collect();
     let sent = send_later(&stack, &tasks).await;
@@ -415,7 +257,7 @@ async fn tasks_backing_off_between_retries_keep_the_pool_small() {
 /// publish stamp, only the probe's sightings.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_waiting_tasks_age_reaches_the_taskqueue_metric_and_status() {
-    let Some(stack) = start().await else { return };
+    let Some(stack) = start("the pod runner").await else { return };
     let _log = LogOnPanic(stack.operator_log_path());
     /// How often the endpoint's poller polls a queue no autoscaled pool needs sooner
     /// (`brokers::TASK_QUEUE_INTERVAL`).
@@ -484,29 +326,18 @@ async fn rabbit_pool(
     (url, management)
 }
 
-/// The private RabbitMQ node, or `None` (with a NOTICE) where it cannot start.
-fn rabbit_node() -> Option<&'static e2e_harness::RabbitServer> {
-    match e2e_harness::RabbitServer::shared() {
-        Ok(rabbit) => Some(rabbit),
-        Err(e) => {
-            eprintln!("NOTICE: skipping: no private RabbitMQ node: {e}");
-            None
-        }
-    }
-}
-
 /// Bursts on RabbitMQ, classic and quorum queues: 30 tasks of 1 s wake a pool at zero
 /// (targetPerReplica 10 → 3 replicas), every task runs once and succeeds, and the pool returns to
 /// zero once they are done. The autoscaler reads RabbitMQ through the management API, whose
 /// counts lag by up to its statistics interval (5 s).
 #[tokio::test(flavor = "multi_thread")]
 async fn on_rabbitmq_a_burst_wakes_the_pool_from_zero_and_it_returns_to_zero() {
-    let Some(stack) = start().await else { return };
+    let Some(stack) = start("the pod runner").await else { return };
     let Some(rabbit) = rabbit_node() else { return };
     let _log = LogOnPanic(stack.operator_log_path());
     for (queue, quorum) in [("burst-classic", false), ("burst-quorum", true)] {
         let (url, _) = rabbit_pool(&stack, rabbit, queue, queue, quorum, json!({"targetPerReplica": 10})).await;
-        let replicas = Replicas::record(&stack, queue);
+        let replicas = record_replicas(&stack, queue);
         eventually("the pool to sit at zero", || async {
             (pool_status(&stack, queue).await["desiredReplicas"] == 0).then_some(())
         })
@@ -532,14 +363,6 @@ print(json.dumps(ids))
     }
 }
 
-/// Messages in Celery's native delayed-delivery level queues of `vhost` (management API).
-async fn delayed_messages(management: &str, vhost: &str) -> Option<u64> {
-    let url = format!("{management}/api/queues/{}?columns=name,messages", vhost.replace('/', "%2F"));
-    let queues: Vec<Value> = reqwest::get(&url).await.ok()?.json().await.ok()?;
-    let levels = queues.iter().filter(|q| q["name"].as_str().is_some_and(|n| n.starts_with("celery_delayed_")));
-    Some(levels.map(|q| q["messages"].as_u64().unwrap_or(0)).sum())
-}
-
 /// RabbitMQ with a quorum queue (a private node): Celery ≥ 5.5 sends countdown tasks through
 /// native delayed delivery, where they wait in the level queues, invisible in the target queue.
 /// 200 tasks with `countdown=3600` on an autoscaled pool with minReplicas 1 (its worker declares
@@ -548,12 +371,12 @@ async fn delayed_messages(management: &str, vhost: &str) -> Option<u64> {
 /// or run early.
 #[tokio::test(flavor = "multi_thread")]
 async fn on_rabbitmq_delayed_tasks_of_a_quorum_queue_keep_the_pool_at_one_replica() {
-    let Some(stack) = start().await else { return };
+    let Some(stack) = start("the pod runner").await else { return };
     let Some(rabbit) = rabbit_node() else { return };
     let _log = LogOnPanic(stack.operator_log_path());
     let vhost = "scheduled-e2e";
     let (url, management) = rabbit_pool(&stack, rabbit, vhost, "rq", true, json!({"minReplicas": 1})).await;
-    let replicas = Replicas::record(&stack, "rq");
+    let replicas = record_replicas(&stack, "rq");
     // The worker has declared the level queues (and consumes the quorum queue).
     eventually("the worker to declare native delayed delivery", || async {
         (delayed_messages(&management, vhost).await.is_some_and(|n| n == 0)

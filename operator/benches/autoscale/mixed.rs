@@ -119,18 +119,9 @@ print(json.dumps(out))
 
 /// Waits for every task's result and prints `{id: [state, started, eta, done]}` (epoch seconds;
 /// `eta` is the final attempt's ETA for a retried task).
-const COLLECT: &str = r#"
-import json, os, time
-from datetime import datetime, timezone
-from celery.result import AsyncResult
-from celery_example.app import app
-ids = json.loads(os.environ["BENCH_IDS"])
-deadline = time.monotonic() + float(os.environ["BENCH_TIMEOUT"])
-pending = list(ids)
-while pending and time.monotonic() < deadline:
-    pending = [i for i in pending if not AsyncResult(i, app=app).ready()]
-    if pending:
-        time.sleep(0.2)
+const COLLECT: &str = concat!(
+    wait_ready_py!(),
+    r#"from datetime import datetime, timezone
 def epoch(d):
     if d is None:
         return None
@@ -146,7 +137,8 @@ for i in ids:
     out[i] = [r.state, value.get("started"), epoch(value.get("eta")), epoch(r.date_done) if r.ready() else None,
               value.get("error"), value.get("hostname")]
 print(json.dumps(out))
-"#;
+"#
+);
 
 /// One policy's run.
 #[derive(Debug)]

@@ -1,5 +1,7 @@
 //! Helpers shared by the operator's integration tests.
 
+pub mod e2e;
+
 use std::time::Duration;
 
 /// Polls `check` until it holds, failing with `what` after a generous deadline (no fixed sleeps).
