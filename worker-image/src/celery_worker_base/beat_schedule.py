@@ -25,8 +25,10 @@ Open while in use (:class:`ScheduleMarker`)
     Every beat started through the entrypoint, with or without a lock, keeps its schedule
     file open from ``beat_init`` until the scheduler has stopped: with every dbm backend, an
     open descriptor on the schedule file marks a running scheduler (Celery's shelve keeps
-    one with gdbm or ndbm, but not with the ``dbm.dumb`` fallback). The lock file's name
-    does not start with the schedule's, so a beat waiting for it is not counted.
+    one with gdbm or ndbm, but not with the ``dbm.dumb`` fallback). A scheduler that keeps
+    no file (RedBeat, the default on Redis brokers) holds an empty ``celerybeat-schedule.running``
+    open instead. The lock file's name does not start with the schedule's, so a beat waiting
+    for it is not counted.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import fcntl
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,6 +48,8 @@ from .beat_lock import log
 
 #: Celery's default schedule file (``beat_schedule_filename``), relative to the working directory.
 DEFAULT_SCHEDULE = "celerybeat-schedule"
+#: The marker a scheduler without a schedule file holds open instead (``celerybeat-schedule.running``).
+RUNNING_SUFFIX = ".running"
 #: Pause between two attempts to take the schedule file from a beat that still has it.
 RETRY_EVERY = 0.2
 
@@ -74,6 +79,13 @@ class ScheduleMarker:
                 return
             except OSError:
                 continue
+        if path:
+            # A scheduler that keeps no file (RedBeat, django-celery-beat): an empty marker beside
+            # where the file would be, so "holds celerybeat-schedule* open" still means "schedules".
+            try:
+                self.file = open(path + RUNNING_SUFFIX, "ab")  # noqa: SIM115 - held until the scheduler stopped
+            except OSError as err:
+                log(f"cannot open the scheduler marker {path}{RUNNING_SUFFIX} ({err})")
 
     def close(self) -> None:
         if self.file is not None:
@@ -86,6 +98,9 @@ def save_after_every_send(sender: Any = None, **_: Any) -> None:
     scheduler = getattr(sender, "scheduler", None)  # created by Service.start before beat_init
     if scheduler is None or scheduler.sync_every_tasks:
         return
+    redbeat = sys.modules.get("redbeat.schedulers")
+    if redbeat is not None and isinstance(scheduler, redbeat.RedBeatScheduler):
+        return  # RedBeat writes each entry's last run to Redis as it sends it; its sync() does nothing
     scheduler.sync_every_tasks = 1
     log(f"beat: {type(scheduler).__name__} saves its schedule after every task sent (beat_sync_every=1)")
 
