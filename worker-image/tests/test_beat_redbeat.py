@@ -142,11 +142,11 @@ def test_two_pools_on_one_redis_keep_separate_schedules(spawn: Spawner, redis_se
     wait_until(lambda: len(redis_sends(client, f"{fast_queue}.every")) >= 4, 60, "the fast pool to tick")
 
     def stored(prefix: str) -> tuple[float, int]:
-        definition = json.loads(client.hget(f"{prefix}every", "definition"))
+        """The ``every`` entry RedBeat keeps under a prefix: its period and how often it was sent."""
+        schedule = json.loads(client.hget(f"{prefix}every", "definition"))["schedule"]
+        assert schedule["__type__"] == "interval", schedule
         meta = json.loads(client.hget(f"{prefix}every", "meta") or "{}")
-        return float(definition["schedule"]["__type__"] == "interval" and definition["schedule"]["every"]), int(
-            meta.get("total_run_count", 0)
-        )
+        return float(schedule["every"]), int(meta.get("total_run_count", 0))
 
     fast_every, fast_runs = stored(fast_prefix)
     slow_every, slow_runs = stored(slow_prefix)
@@ -181,7 +181,9 @@ def test_without_redbeat_in_the_image_beat_falls_back_to_the_file(
 def test_without_a_beat_lock_redbeat_is_not_the_default(spawn: Spawner, redis_server: RedisServer) -> None:
     """RedBeat's own lock stays off only behind the beat lock: with no lock, the file scheduler."""
     _, prefix, queue = names()
-    beat = start_beat(spawn, redis_server.url, None, "no-lock", app="beat_app", BEAT_QUEUE=queue, **{PREFIX_ENV: prefix})
+    beat = start_beat(
+        spawn, redis_server.url, None, "no-lock", app="beat_app", BEAT_QUEUE=queue, **{PREFIX_ENV: prefix}
+    )
     beat.wait_ready()
     assert f"{CHOSE_FILE}: no beat lock is held" in beat.output(), beat.output()
     assert not redis_server.client().keys(f"{prefix}*")
@@ -193,7 +195,17 @@ def test_without_a_beat_lock_redbeat_is_not_the_default(spawn: Spawner, redis_se
 def test_the_factory_goes_after_beat_unless_something_chose_a_scheduler() -> None:
     env = {PREFIX_ENV: "p:"}
     args = ["-A", "proj", "beat", "--schedule", "/s", "--loglevel", "INFO"]
-    assert with_default_scheduler(args, env) == ["-A", "proj", "beat", "-S", FACTORY, "--schedule", "/s", "--loglevel", "INFO"]
+    assert with_default_scheduler(args, env) == [
+        "-A",
+        "proj",
+        "beat",
+        "-S",
+        FACTORY,
+        "--schedule",
+        "/s",
+        "--loglevel",
+        "INFO",
+    ]
     assert with_default_scheduler(["--app", "proj", "beat"], env) == ["--app", "proj", "beat", "-S", FACTORY]
     for chosen in (["-S", "x.Y"], ["--scheduler", "x.Y"], ["--scheduler=x.Y"], ["-Sx.Y"]):
         assert with_default_scheduler([*args, *chosen], env) == [*args, *chosen]
