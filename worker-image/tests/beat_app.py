@@ -3,6 +3,7 @@
 ``BEAT_QUEUE``        prefix of the queues the entries send to: ``<prefix>.every``, ``<prefix>.minutely``
 ``BEAT_EVERY``        period of the ``every`` entry, in seconds (default 1)
 ``BEAT_MINUTELY=1``   adds ``minutely``, a crontab entry due at the start of every minute
+``BEAT_GLOBAL_KEYPREFIX`` the broker's ``global_keyprefix`` (kombu prefixes its Redis keys with it)
 
 Each message carries who published it and when (headers ``beat_pid``, ``beat_sent_at``), so a
 test counts sends at the broker and tells which beat sent each one.
@@ -19,6 +20,8 @@ from celery.schedules import crontab
 
 app = Celery("beat_app", broker=os.environ["CELERY_BROKER_URL"])
 app.conf.timezone = "UTC"
+if os.environ.get("BEAT_GLOBAL_KEYPREFIX"):
+    app.conf.broker_transport_options = {"global_keyprefix": os.environ["BEAT_GLOBAL_KEYPREFIX"]}
 _queue = os.environ["BEAT_QUEUE"]
 app.conf.beat_schedule = {
     "every": {

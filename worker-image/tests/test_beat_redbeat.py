@@ -9,13 +9,17 @@ schedule from one beat to the next is Redis alone. Sends are counted at the brok
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import ssl
+import subprocess
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
+import redis
 from conftest import RedisServer, Spawner, Worker, holds_schedule_open, redis_sends, start_beat, wait_until
 from test_beat_lock import FENCE_EVERY, LOST, assert_one_scheduler_at_a_time, waiting
 from test_beat_schedule import first_pass
@@ -187,6 +191,82 @@ def test_without_a_beat_lock_redbeat_is_not_the_default(spawn: Spawner, redis_se
     beat.wait_ready()
     assert f"{CHOSE_FILE}: no beat lock is held" in beat.output(), beat.output()
     assert not redis_server.client().keys(f"{prefix}*")
+
+
+class SecureRedis(RedisServer):
+    """TLS only (certificates from a throw-away CA), the default user off, one ACL user with a
+    password: a broker as a managed Redis offers it. Its URL names database 3."""
+
+    USER, PASSWORD = "beat", "s3cr@t:pw"
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        if shutil.which("openssl") is None:
+            pytest.skip("openssl is not installed")
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.ca = workdir / "ca.crt"
+        ext = workdir / "server.ext"
+        ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
+        ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        for cmd in (
+            ["req", "-x509", "-days", "2", *ec, "-subj", "/CN=test CA", "-keyout", "ca.key", "-out", "ca.crt"],
+            ["req", *ec, "-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.csr"],
+            ["x509", "-req", "-days", "2", "-set_serial", "2", "-in", "server.csr", "-CA", "ca.crt"]
+            + ["-CAkey", "ca.key", "-extfile", "server.ext", "-out", "server.crt"],
+        ):
+            subprocess.run(["openssl", *cmd], cwd=workdir, check=True, capture_output=True)
+
+    @property
+    def url(self) -> str:
+        auth = f"{self.USER}:{quote(self.PASSWORD, safe='')}"
+        return f"rediss://{auth}@127.0.0.1:{self.port}/3?ssl_cert_reqs=required&ssl_ca_certs={self.ca}"
+
+    def server_args(self) -> list[str]:
+        d = self.workdir
+        return [
+            *["--port", "0", "--tls-port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            *["--tls-cert-file", str(d / "server.crt"), "--tls-key-file", str(d / "server.key")],
+            *["--tls-ca-cert-file", str(self.ca), "--tls-auth-clients", "no"],
+            *["--user", "default", "off", "--user", self.USER, "on", f">{self.PASSWORD}", "~*", "&*", "+@all"],
+        ]
+
+    def ping_client(self, db: int = 0) -> redis.Redis:
+        return redis.Redis(
+            port=self.port,
+            db=db,
+            username=self.USER,
+            password=self.PASSWORD,
+            ssl=True,
+            ssl_ca_certs=str(self.ca),
+            socket_connect_timeout=0.2,
+        )
+
+
+def test_redbeat_follows_a_tls_broker_with_an_acl_user_a_database_and_a_global_keyprefix(
+    spawn: Spawner, tmp_path: Path
+) -> None:
+    """``rediss://user:password@host/3?ssl_cert_reqs=required&ssl_ca_certs=...`` and
+    ``global_keyprefix``: RedBeat's state goes where the broker's keys go (database 3, behind the
+    prefix), over TLS with the certificate checked, as the ACL user; the password is in no log line."""
+    server = SecureRedis(tmp_path / "redis-tls").start()
+    try:
+        lock, prefix, queue = names()
+        beat = redbeat_beat(spawn, server.url, lock, prefix, "tls", BEAT_QUEUE=queue, BEAT_GLOBAL_KEYPREFIX="tenant:")
+        beat.wait_ready()
+        db3, db0 = server.ping_client(3), server.ping_client(0)
+        wait_until(lambda: len(redis_sends(db3, f"tenant:{queue}.every")) >= 2, 60, "ticks on database 3")
+        out = beat.output()
+        assert CHOSE_REDBEAT in out and "keys tenant:celery-operator:redbeat:" in out, out
+        keys = {k.decode() for k in db3.keys(f"tenant:{prefix}*")}
+        assert {f"tenant:{prefix}every", f"tenant:{prefix}:schedule"} <= keys, keys
+        stored = json.loads(db3.hget(f"tenant:{prefix}every", "meta"))
+        assert stored["total_run_count"] >= 2, stored
+        assert not db3.keys(f"{prefix}*") and not db0.keys("*celery-operator:redbeat:*")
+        assert SecureRedis.PASSWORD not in out and quote(SecureRedis.PASSWORD, safe="") not in out
+        beat.proc.send_signal(signal.SIGTERM)
+        assert beat.proc.wait(timeout=60) == 0, beat.output()
+    finally:
+        server.stop()
 
 
 # ------------------------------------------------------------------------------- the choice, in-process
