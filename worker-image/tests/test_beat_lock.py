@@ -153,7 +153,9 @@ FENCE_TRIALS = 4
 AMQP_FENCE_TRIALS = 3
 
 
-def test_a_deleted_lock_key_never_lets_two_beats_send_the_same_tick(spawn: Spawner, redis_server: RedisServer) -> None:
+def test_a_deleted_lock_key_never_lets_two_beats_send_the_same_tick(
+    spawn: Spawner, redis_server: RedisServer
+) -> None:
     """The key vanishes (FLUSHDB, a Redis restarted without persistence, eviction) while another beat waits.
 
     The waiter takes the key within a second. With a ttl of 30 s the holder's next renewal is
