@@ -20,7 +20,16 @@ from urllib.parse import quote
 
 import pytest
 import redis
-from conftest import RedisServer, Spawner, Worker, holds_schedule_open, redis_sends, start_beat, wait_until
+from conftest import (
+    RabbitServer,
+    RedisServer,
+    Spawner,
+    Worker,
+    holds_schedule_open,
+    redis_sends,
+    start_beat,
+    wait_until,
+)
 from test_beat_lock import FENCE_EVERY, LOST, assert_one_scheduler_at_a_time, waiting
 from test_beat_schedule import first_pass
 
@@ -180,6 +189,23 @@ def test_without_redbeat_in_the_image_beat_falls_back_to_the_file(
     assert f"{CHOSE_FILE}: celery-redbeat is not installed in this image" in out, out
     assert "PersistentScheduler" in out and holds_schedule_open(beat.proc.pid)
     assert not redis_server.client().keys(f"{prefix}*")
+
+
+def test_on_rabbitmq_the_default_is_the_schedule_file(spawn: Spawner, rabbit_server: RabbitServer) -> None:
+    """A RabbitMQ pool gets the same environment from the operator: beat takes the lock (an
+    exclusive queue), keeps Celery's file scheduler, says why, and schedules."""
+    lock, prefix, _ = names()
+    # No result backend: the example app would otherwise use the broker URL for results too.
+    beat = start_beat(spawn, rabbit_server.url, lock, "amqp", CELERY_RESULT_BACKEND="", **{PREFIX_ENV: prefix})
+    beat.wait_ready()
+    out = beat.output()
+    assert f"{CHOSE_FILE}: the broker is amqp://" in out and "acquired beat lock" in out, out
+    assert "PersistentScheduler" in out and holds_schedule_open(beat.proc.pid)
+    assert any(
+        p.name == "celerybeat-schedule" or p.name.startswith("celerybeat-schedule.")
+        for p in beat.schedule_dir.iterdir()
+    )  # type: ignore[attr-defined]
+    assert not (beat.schedule_dir / "celerybeat-schedule.running").exists()  # type: ignore[attr-defined]
 
 
 def test_without_a_beat_lock_redbeat_is_not_the_default(spawn: Spawner, redis_server: RedisServer) -> None:

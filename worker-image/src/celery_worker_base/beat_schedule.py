@@ -105,6 +105,40 @@ def save_after_every_send(sender: Any = None, **_: Any) -> None:
     log(f"beat: {type(scheduler).__name__} saves its schedule after every task sent (beat_sync_every=1)")
 
 
+def stop_between_ticks(sender: Any = None, **_: Any) -> None:
+    """``beat_init`` receiver: SIGTERM/SIGINT stop beat between two ticks, and never leave it ticking.
+
+    Celery's handler (``Beat.install_sync_handler``) closes the scheduler inside the signal
+    handler, then raises SystemExit. A signal that lands in a ``__del__`` (a result backend's
+    ``AsyncResult.__del__`` unsubscribing right after a send) has its SystemExit swallowed
+    ("Exception ignored in"): the tick goes on with a closed store (Celery's file scheduler
+    dies with "invalid operation on closed shelf", exit 1) or, with a store that needs no
+    opening (RedBeat), beat keeps ticking until SIGKILL. Instead the signal marks the shutdown
+    and raises; a tick that swallowed it raises again when it returns; Celery's ``Service.start``
+    then closes the scheduler in its ``finally``, as after any other SystemExit.
+    """
+    service = sender
+    scheduler = getattr(service, "scheduler", None)
+    shutdown = getattr(service, "_is_shutdown", None)
+    if scheduler is None or shutdown is None:
+        return
+    tick = scheduler.tick
+
+    def tick_then_maybe_stop(*args: Any, **kwargs: Any) -> Any:
+        interval = tick(*args, **kwargs)
+        if shutdown.is_set():
+            raise SystemExit(0)
+        return interval
+
+    def stop(_signum: int, _frame: Any) -> None:
+        shutdown.set()
+        raise SystemExit(0)
+
+    scheduler.tick = tick_then_maybe_stop
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+
+
 def schedule_option(beat_args: Sequence[str]) -> str:
     """The schedule file of a ``celery ... beat`` command line (``-s``/``--schedule``, else Celery's default)."""
     for i, arg in enumerate(beat_args):
@@ -140,6 +174,7 @@ class ScheduleFile:
         from celery import signals
 
         signals.beat_init.connect(save_after_every_send, weak=False)
+        signals.beat_init.connect(stop_between_ticks, weak=False)
         self.marker.install()
 
     def try_take(self) -> bool:
