@@ -22,7 +22,8 @@ pub const PROBE_COMMAND: &str = "celery-probe";
 /// Where the worker writes its heartbeat and readiness files (an emptyDir).
 pub const PROBE_DIR: &str = "/var/run/celery";
 /// Where beat keeps its schedule file (the root filesystem is read-only): an emptyDir, or the pool's
-/// `beat.scheduleClaimName`.
+/// `beat.scheduleClaimName`. With RedBeat (the default on Redis brokers) only the entrypoint's
+/// marker and lock files are there.
 pub const BEAT_SCHEDULE_DIR: &str = "/var/run/celery-beat";
 /// The worker image's group (`worker-image/Dockerfile`): a claimed schedule volume is made writable
 /// for it with fsGroup.
@@ -171,6 +172,20 @@ pub fn beat_lock_name(namespace: &str, app: &str) -> String {
     format!("celery-operator:beat:{namespace}:{app}")
 }
 
+/// The environment variable that asks the worker image's entrypoint to keep beat's schedule (each
+/// entry's last run) in the broker's Redis with RedBeat, under this key prefix. Set when the pool
+/// chooses neither `beat.scheduler` nor `beat.scheduleClaimName`; the entrypoint falls back to
+/// Celery's schedule file (and says why) on a RabbitMQ or Sentinel broker, when the app configures
+/// its own `beat_scheduler`, or in an image without celery-redbeat.
+pub const BEAT_REDBEAT_PREFIX_ENV: &str = "CELERY_BEAT_REDBEAT_KEY_PREFIX";
+
+/// RedBeat's key prefix for a pool: one schedule per pool. Namespace and pool names are DNS
+/// labels (no `:`), so no pool's prefix is the beginning of another's keys. The broker's
+/// `global_keyprefix`, if any, goes in front (the entrypoint adds it).
+pub fn beat_redbeat_key_prefix(namespace: &str, pool: &str) -> String {
+    format!("celery-operator:redbeat:{namespace}:{pool}:")
+}
+
 /// The beat Deployment `<pool>-beat`: exactly one replica, and Recreate, because a RollingUpdate
 /// would run the old and the new beat side by side and fire every periodic task twice.
 ///
@@ -180,18 +195,29 @@ pub fn beat_lock_name(namespace: &str, app: &str) -> String {
 /// wait (alive, not Ready: beat's readiness probe passes from `beat_init` on) instead of
 /// scheduling. The pool's template cannot override the lock's name.
 ///
-/// The schedule directory is the pool's `beat.scheduleClaimName` when set, so a new beat pod
-/// carries on the schedule of the one before (see [`beat_schedule_volume`]).
+/// A new beat pod carries on the schedule of the one before: in the broker's Redis by default
+/// ([`BEAT_REDBEAT_PREFIX_ENV`]), or in the pool's `beat.scheduleClaimName` (see
+/// [`beat_schedule_volume`]), or wherever the pool's `beat.scheduler` keeps it. The template
+/// cannot override the prefix either.
 pub fn beat_deployment(pool: &WorkerPool, inputs: &PoolInputs) -> Deployment {
     let mut container = base_container(pool, "beat", beat_args(pool), &inputs.broker);
     let namespace = pool.meta().namespace.as_deref().unwrap_or("default");
     let env = container.env.get_or_insert_with(Vec::new);
-    env.retain(|e| e.name != BEAT_LOCK_ENV);
+    env.retain(|e| e.name != BEAT_LOCK_ENV && e.name != BEAT_REDBEAT_PREFIX_ENV);
     env.push(EnvVar {
         name: BEAT_LOCK_ENV.into(),
         value: Some(beat_lock_name(namespace, &pool.spec.app)),
         value_from: None,
     });
+    let beat = &pool.spec.beat;
+    if beat.scheduler.is_none() && beat.schedule_claim_name.is_none() {
+        let name = pool.meta().name.as_deref().unwrap_or_default();
+        env.push(EnvVar {
+            name: BEAT_REDBEAT_PREFIX_ENV.into(),
+            value: Some(beat_redbeat_key_prefix(namespace, name)),
+            value_from: None,
+        });
+    }
     // Ready from `beat_init` on: a beat waiting for the lock is alive but not Ready.
     container.liveness_probe = Some(exec_probe("liveness", 10, 3));
     container.readiness_probe = Some(exec_probe("readiness", 5, 1));
@@ -213,14 +239,15 @@ pub fn beat_deployment(pool: &WorkerPool, inputs: &PoolInputs) -> Deployment {
     deployment(pool, labels::BEAT, pool.beat_deployment_name(), Some(1), strategy, pod)
 }
 
-/// The volume behind [`BEAT_SCHEDULE_DIR`]: the pool's claim, so the schedule (each entry's last
-/// run) outlives the pod, or else an emptyDir that dies with it.
+/// The volume behind [`BEAT_SCHEDULE_DIR`]: the pool's claim, so Celery's schedule file (each
+/// entry's last run) outlives the pod, or else an emptyDir that dies with it.
 ///
-/// Why a claim and not a broker-side store: it serves Redis and RabbitMQ brokers alike, keeps
-/// Celery's default scheduler and its file exactly as on a VM, and needs no new dependency; users
-/// who want the state elsewhere already choose redbeat or django-celery-beat with
-/// `beat.scheduler`. Only the beat lock's holder opens the file, and the image's file lock keeps
-/// the next beat off it until the previous one has gone.
+/// Without a claim (and without `beat.scheduler`) the schedule still outlives the pod on a Redis
+/// broker: the entrypoint runs RedBeat with its state in the broker ([`BEAT_REDBEAT_PREFIX_ENV`]),
+/// and the emptyDir only holds the entrypoint's marker and lock files. On a RabbitMQ broker the
+/// file on the emptyDir is all there is; the claim serves both brokers and keeps Celery's default
+/// scheduler exactly as on a VM. Only the beat lock's holder opens the file, and the image's file
+/// lock keeps the next beat off it until the previous one has gone.
 pub fn beat_schedule_volume(pool: &WorkerPool) -> Volume {
     match &pool.spec.beat.schedule_claim_name {
         Some(claim) => Volume {

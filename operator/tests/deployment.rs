@@ -2,8 +2,8 @@
 
 use celery_operator::crd::{SecretKeyRef, WorkerPool};
 use celery_operator::deployment::{
-    BrokerUrlSource, PoolInputs, beat_args, beat_deployment, beat_lock_name, termination_grace_period, worker_args,
-    worker_deployment,
+    BEAT_REDBEAT_PREFIX_ENV, BrokerUrlSource, PoolInputs, beat_args, beat_deployment, beat_lock_name,
+    beat_redbeat_key_prefix, termination_grace_period, worker_args, worker_deployment,
 };
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Container;
@@ -324,4 +324,45 @@ fn beat_takes_the_broker_lock_of_its_app_and_namespace_and_workers_do_not() {
     let d = beat_deployment(&pool(&spec), &inputs(None));
     assert_eq!(env_value(&d, "CELERY_BEAT_LOCK"), vec![Some("celery-operator:beat:prod:proj.celery_app".into())]);
     assert_eq!(env_value(&d, "CELERY_BEAT_LOCK_TTL_SECONDS"), vec![Some("30".into())]);
+}
+
+#[test]
+fn beat_keeps_its_schedule_in_the_brokers_redis_unless_the_pool_chose_a_store() {
+    // Neither scheduler nor claim: the entrypoint runs RedBeat under the pool's own prefix (it falls
+    // back to the file on a RabbitMQ broker); the args stay Celery's defaults, with no -S.
+    let p = pool(&format!("{MINIMAL}beat: {{enabled: true}}\n"));
+    let d = beat_deployment(&p, &inputs(None));
+    assert_eq!(env_value(&d, BEAT_REDBEAT_PREFIX_ENV), vec![Some("celery-operator:redbeat:prod:mail:".into())]);
+    assert!(!all_args(&d).iter().any(|a| a == "-S"), "{:?}", all_args(&d));
+    assert!(env_value(&worker_deployment(&p, &inputs(Some(1))), BEAT_REDBEAT_PREFIX_ENV).is_empty());
+    // A chosen scheduler or a claim for the schedule file: no RedBeat default.
+    for beat in [
+        "{enabled: true, scheduler: django_celery_beat.schedulers:DatabaseScheduler}",
+        "{enabled: true, scheduleClaimName: s}",
+    ] {
+        let d = beat_deployment(&pool(&format!("{MINIMAL}beat: {beat}\n")), &inputs(None));
+        assert!(env_value(&d, BEAT_REDBEAT_PREFIX_ENV).is_empty(), "{beat}");
+    }
+    // The template cannot move the state to another pool's keys.
+    let spec = format!(
+        "{MINIMAL}beat: {{enabled: true}}\ntemplate:\n  env: [{{name: {BEAT_REDBEAT_PREFIX_ENV}, value: 'celery-operator:redbeat:prod:other:'}}]\n"
+    );
+    let d = beat_deployment(&pool(&spec), &inputs(None));
+    assert_eq!(env_value(&d, BEAT_REDBEAT_PREFIX_ENV), vec![Some("celery-operator:redbeat:prod:mail:".into())]);
+}
+
+#[test]
+fn redbeat_prefixes_of_two_pools_never_overlap() {
+    // Names are DNS labels (no ':'): no pool's prefix starts another pool's keys.
+    let prefixes = [
+        beat_redbeat_key_prefix("prod", "mail"),
+        beat_redbeat_key_prefix("prod", "mail-2"),
+        beat_redbeat_key_prefix("prod-2", "mail"),
+        beat_redbeat_key_prefix("staging", "mail"),
+    ];
+    for (i, a) in prefixes.iter().enumerate() {
+        for (j, b) in prefixes.iter().enumerate() {
+            assert!(i == j || !b.starts_with(a.as_str()), "{a} is a prefix of {b}");
+        }
+    }
 }

@@ -396,26 +396,41 @@ fn minute(t: Timestamp) -> i64 {
 /// directory shared by the pods; a cluster would need a storage class the scenario cannot assume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn beat_sends_the_minute_due_during_a_rollout_once() {
+    minute_due_during_a_rollout(Some("clock-beat-schedule")).await;
+}
+
+/// The same rollout with neither `beat.scheduler` nor `beat.scheduleClaimName` (the default): each
+/// beat pod has a fresh emptyDir, and the schedule outlives the pod in the broker's Redis, kept by
+/// RedBeat under the pool's prefix `celery-operator:redbeat:<namespace>:clock:`. Runner only, like
+/// the claimed variant (not tried on a cluster).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beat_sends_the_minute_due_during_a_rollout_once_by_default_on_redis() {
+    minute_due_during_a_rollout(None).await;
+}
+
+async fn minute_due_during_a_rollout(claim: Option<&str>) {
     let Some(stack) = start(config(Pods::Celery)).await else { return };
     if stack.runner().is_none() {
-        eprintln!("NOTICE: skipping the claimed-schedule rollout on a cluster (no storage class assumed)");
+        eprintln!("NOTICE: skipping the beat rollout scenario on a cluster");
         return;
     }
     apply_queues(&stack).await;
     let pool = fixed_pool("clock", &["default"], 0, true);
-    let claimed = |doc: &mut Value| {
-        doc["spec"]["beat"]["scheduleClaimName"] = json!("clock-beat-schedule");
+    let configure = |doc: &mut Value| {
+        if let Some(claim) = claim {
+            doc["spec"]["beat"]["scheduleClaimName"] = json!(claim);
+        }
         let env = doc["spec"]["template"]["env"].as_array_mut().unwrap();
         env.push(json!({"name": "CELERY_EXAMPLE_MINUTELY_QUEUE", "value": "minutely"}));
         env.push(json!({"name": "CELERY_EXAMPLE_TICK_SECONDS", "value": "1"}));
     };
-    stack.apply_yaml_with(&pool, claimed).await.expect("pool applies");
+    stack.apply_yaml_with(&pool, configure).await.expect("pool applies");
     let old = eventually("a Ready beat pod", || async { ready_pods(&stack, "clock", "beat").await.pop() }).await;
     let old_name = old.metadata.name.clone().unwrap();
 
     stack
         .apply_yaml_with(&pool, |doc| {
-            claimed(doc);
+            configure(doc);
             let gate = json!({"secretKeyRef": {"name": "rollout-gate", "key": "open"}});
             doc["spec"]["template"]["env"].as_array_mut().unwrap().push(json!({"name": "E2E_GATE", "valueFrom": gate}));
         })
@@ -458,6 +473,11 @@ async fn beat_sends_the_minute_due_during_a_rollout_once() {
         assert_eq!(log.matches("Sending due task minutely").count(), 1, "{log}");
     }
     assert!(log.contains("acquired beat lock"), "{log}");
+    let redbeat = format!("keys celery-operator:redbeat:{}:clock:*", stack.namespace());
+    match claim {
+        None => assert!(log.contains("beat: schedule kept in Redis by RedBeat") && log.contains(&redbeat), "{log}"),
+        Some(_) => assert!(!log.contains("RedBeat"), "a claimed schedule stays Celery's file:\n{log}"),
+    }
 }
 
 /// Deleting a pool removes its Deployments (garbage collection through the ownerReference) and its

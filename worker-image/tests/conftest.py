@@ -82,26 +82,22 @@ class RedisServer:
                 self.port = free_port()
         raise AssertionError(f"redis-server did not start:\n{(self.workdir / 'redis.log').read_text()}")
 
+    def server_args(self) -> list[str]:
+        """redis-server's options (a subclass serves TLS, adds users, ...)."""
+        return ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+
+    def ping_client(self) -> redis.Redis:
+        """A client that can ask the server for its pid while it starts."""
+        return redis.Redis(port=self.port, socket_connect_timeout=0.2)
+
     def _start_once(self, binary: str) -> bool:
         with open(self.workdir / "redis.log", "ab") as log:
             self.proc = subprocess.Popen(
-                [
-                    binary,
-                    "--port",
-                    str(self.port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    str(self.workdir),
-                ],
+                [binary, *self.server_args(), "--dir", str(self.workdir)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        client = self.ping_client()
         try:
             return wait_until(lambda: self._pings(client), 30, f"redis-server on port {self.port}")
         except ServerExited:

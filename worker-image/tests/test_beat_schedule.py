@@ -14,9 +14,11 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 from conftest import RedisServer, Spawner, Worker, holds_schedule_open, redis_sends, start_beat, wait_until
 
 from celery_worker_base.beat_schedule import schedule_option
+from celery_worker_base.beat_store import PREFIX_ENV
 
 
 def new_lock() -> str:
@@ -155,3 +157,30 @@ def test_the_schedule_file_is_found_on_the_beat_command_line() -> None:
     assert schedule_option(["-A", "proj", "beat", "-s", "/v/s"]) == "/v/s"
     assert schedule_option(["-A", "proj", "beat", "-s/v/s"]) == "/v/s"
     assert schedule_option(["-A", "proj", "beat", "-S", "redbeat.RedBeatScheduler"]) == "celerybeat-schedule"
+
+
+@pytest.mark.parametrize("store", ["file", "redbeat"])
+def test_sigterm_inside_a_del_still_stops_beat_cleanly(spawn: Spawner, redis_server: RedisServer, store: str) -> None:
+    """SIGTERM lands while beat runs a ``__del__`` right after a send (as Celery's
+    ``AsyncResult.__del__`` does, unsubscribing from the result backend): Python swallows the
+    SystemExit raised there. Beat still stops at the end of that tick, exits 0, closes its store
+    once and sends nothing more (Celery's own handler left the file scheduler on a closed shelf,
+    exit 1, and RedBeat ticking until SIGKILL)."""
+    client = redis_server.client()
+    queue = f"del-{uuid.uuid4().hex[:8]}"
+    hold = spawn.tmp_path / f"hold-{store}"
+    hold.mkdir()
+    env = {"BEAT_QUEUE": queue, "BEAT_EVERY": "0.5", "BEAT_HOLD_IN_DEL": str(hold)}
+    if store == "redbeat":
+        env[PREFIX_ENV] = f"celery-operator:redbeat:test:{uuid.uuid4().hex[:8]}:"
+    beat = start_beat(spawn, redis_server.url, new_lock(), f"del-{store}", app="beat_app", **env)
+    wait_until(lambda: (hold / "in-del").exists(), 60, "beat to hold inside __del__ after its first send")
+    beat.proc.send_signal(signal.SIGTERM)
+    sent = len(redis_sends(client, f"{queue}.every"))
+    (hold / "go").touch()
+    assert beat.proc.wait(timeout=60) == 0, beat.output()
+    out = beat.output()
+    assert "Exception ignored in" in out, "the SIGTERM did not land inside __del__:\n" + out
+    assert "closed shelf" not in out and "released beat lock" in out, out
+    assert len(redis_sends(client, f"{queue}.every")) == sent, out
+    assert ("schedule kept in Redis by RedBeat" in out) == (store == "redbeat"), out

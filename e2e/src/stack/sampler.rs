@@ -18,8 +18,10 @@ impl Stack {
     /// directory) that hold the beat schedule file (`celerybeat-schedule*` in that pod's
     /// directory) open, from `/proc` every 5 ms. A beat runs its scheduler exactly while it holds
     /// the schedule open (the worker image's entrypoint keeps it open from `beat_init` until the
-    /// scheduler has stopped, whatever dbm backend the shelve uses); a beat entrypoint waiting for
-    /// the beat lock has none open and is not counted. On a real cluster: Ready beat pods (beat is
+    /// scheduler has stopped, whatever dbm backend the shelve uses; a scheduler without a schedule
+    /// file, such as RedBeat, the default on the stack's Redis, holds the entrypoint's empty
+    /// `celerybeat-schedule.running` marker open instead); a beat entrypoint waiting for the beat
+    /// lock has none open and is not counted. On a real cluster: Ready beat pods (beat is
     /// ready from `beat_init` on), listed every 50 ms. [`Stack::sample_beat_processes`] counts
     /// every beat process instead.
     pub fn sample_beat(&self, pool: &str) -> Sampler {

@@ -292,9 +292,15 @@ pub struct BeatSpec {
     #[serde(default)]
     pub enabled: bool,
 
-    /// Scheduler class (`beat -S`), e.g. `redbeat.RedBeatScheduler` or
-    /// `django_celery_beat.schedulers:DatabaseScheduler`. Default: Celery's file scheduler, with its
-    /// schedule file in the beat pod's schedule volume (see scheduleClaimName).
+    /// Scheduler class (`beat -S`), e.g. `django_celery_beat.schedulers:DatabaseScheduler`, or
+    /// `celery.beat:PersistentScheduler` for Celery's file scheduler. Default (with neither this
+    /// nor scheduleClaimName): on a Redis broker the worker image's entrypoint runs RedBeat with
+    /// the schedule in the broker's Redis under `celery-operator:redbeat:<namespace>:<pool>:`
+    /// (after the broker's global_keyprefix), RedBeat's own lock off behind the beat lock, so
+    /// beat remembers when each entry last ran across rollouts and restarts; unless the app
+    /// configures its own beat_scheduler. On a RabbitMQ or Sentinel broker, or in an image
+    /// without celery-redbeat: Celery's file scheduler on an emptyDir, which every new beat pod
+    /// starts from nothing (see scheduleClaimName).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253), regex(pattern = r"^[A-Za-z_][A-Za-z0-9_.:]*$"))]
     pub scheduler: Option<String>,
@@ -304,9 +310,11 @@ pub struct BeatSpec {
     /// rescheduling: an entry that fell due while no beat ran (a Recreate rollout, a node drain) is
     /// sent once when the next beat pod starts, and nothing is sent twice. ReadWriteOnce is enough
     /// (one beat pod, Recreate) and a few MiB hold thousands of entries; the beat pod gets
-    /// fsGroup 10001 (the worker image's group) unless template.securityContext is set. Unset:
-    /// an emptyDir, and every new beat pod starts its schedule from nothing. Not needed with a
-    /// scheduler that keeps its own state (redbeat in Redis, django-celery-beat in a database).
+    /// fsGroup 10001 (the worker image's group) unless template.securityContext is set. Set, it
+    /// keeps Celery's file scheduler (no RedBeat default). Unset: the schedule is kept in the
+    /// broker's Redis by RedBeat (see scheduler), or, on a RabbitMQ broker, in a file on an
+    /// emptyDir that every new beat pod starts from nothing. Not needed with a scheduler that
+    /// keeps its own state (RedBeat, django-celery-beat in a database).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
     pub schedule_claim_name: Option<String>,

@@ -412,6 +412,25 @@ def _lost(message: str) -> None:
     os._exit(LOST_EXIT_CODE)
 
 
+#: The held lock's fence (:meth:`HeldLock.on_before_publish`), once beat runs under the lock.
+_fence: Callable[[], None] | None = None
+
+
+def held() -> bool:
+    """This process holds the beat lock (and fences its sends)."""
+    return _fence is not None
+
+
+def fence() -> None:
+    """Proves on the broker that the beat lock is still ours, or exits the process; a no-op without a lock.
+
+    Before every publish anyway (``before_task_publish``); a scheduler that records a send
+    elsewhere first (RedBeat writes ``last_run_at`` before it publishes) calls it before that too.
+    """
+    if _fence is not None:
+        _fence()
+
+
 class HeldLock:
     """The lock while beat runs: renewal thread, publish guard, schedule marker, release."""
 
@@ -480,7 +499,9 @@ class HeldLock:
         # sends this signal right before producer.publish.
         from celery import signals
 
+        global _fence
         signals.before_task_publish.connect(self.on_before_publish, weak=False)
+        _fence = self.on_before_publish
 
     def release(self) -> None:
         """After the scheduler stopped (and its schedule was closed): stop renewing, give the lock back."""

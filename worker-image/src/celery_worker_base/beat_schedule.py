@@ -25,8 +25,10 @@ Open while in use (:class:`ScheduleMarker`)
     Every beat started through the entrypoint, with or without a lock, keeps its schedule
     file open from ``beat_init`` until the scheduler has stopped: with every dbm backend, an
     open descriptor on the schedule file marks a running scheduler (Celery's shelve keeps
-    one with gdbm or ndbm, but not with the ``dbm.dumb`` fallback). The lock file's name
-    does not start with the schedule's, so a beat waiting for it is not counted.
+    one with gdbm or ndbm, but not with the ``dbm.dumb`` fallback). A scheduler that keeps
+    no file (RedBeat, the default on Redis brokers) holds an empty ``celerybeat-schedule.running``
+    open instead. The lock file's name does not start with the schedule's, so a beat waiting
+    for it is not counted.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import fcntl
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,6 +48,8 @@ from .beat_lock import log
 
 #: Celery's default schedule file (``beat_schedule_filename``), relative to the working directory.
 DEFAULT_SCHEDULE = "celerybeat-schedule"
+#: The marker a scheduler without a schedule file holds open instead (``celerybeat-schedule.running``).
+RUNNING_SUFFIX = ".running"
 #: Pause between two attempts to take the schedule file from a beat that still has it.
 RETRY_EVERY = 0.2
 
@@ -74,6 +79,13 @@ class ScheduleMarker:
                 return
             except OSError:
                 continue
+        if path:
+            # A scheduler that keeps no file (RedBeat, django-celery-beat): an empty marker beside
+            # where the file would be, so "holds celerybeat-schedule* open" still means "schedules".
+            try:
+                self.file = open(path + RUNNING_SUFFIX, "ab")  # noqa: SIM115 - held until the scheduler stopped
+            except OSError as err:
+                log(f"cannot open the scheduler marker {path}{RUNNING_SUFFIX} ({err})")
 
     def close(self) -> None:
         if self.file is not None:
@@ -86,8 +98,45 @@ def save_after_every_send(sender: Any = None, **_: Any) -> None:
     scheduler = getattr(sender, "scheduler", None)  # created by Service.start before beat_init
     if scheduler is None or scheduler.sync_every_tasks:
         return
+    redbeat = sys.modules.get("redbeat.schedulers")
+    if redbeat is not None and isinstance(scheduler, redbeat.RedBeatScheduler):
+        return  # RedBeat writes each entry's last run to Redis as it sends it; its sync() does nothing
     scheduler.sync_every_tasks = 1
     log(f"beat: {type(scheduler).__name__} saves its schedule after every task sent (beat_sync_every=1)")
+
+
+def stop_between_ticks(sender: Any = None, **_: Any) -> None:
+    """``beat_init`` receiver: SIGTERM/SIGINT stop beat between two ticks, and never leave it ticking.
+
+    Celery's handler (``Beat.install_sync_handler``) closes the scheduler inside the signal
+    handler, then raises SystemExit. A signal that lands in a ``__del__`` (a result backend's
+    ``AsyncResult.__del__`` unsubscribing right after a send) has its SystemExit swallowed
+    ("Exception ignored in"): the tick goes on with a closed store (Celery's file scheduler
+    dies with "invalid operation on closed shelf", exit 1) or, with a store that needs no
+    opening (RedBeat), beat keeps ticking until SIGKILL. Instead the signal marks the shutdown
+    and raises; a tick that swallowed it raises again when it returns; Celery's ``Service.start``
+    then closes the scheduler in its ``finally``, as after any other SystemExit.
+    """
+    service = sender
+    scheduler = getattr(service, "scheduler", None)
+    shutdown = getattr(service, "_is_shutdown", None)
+    if scheduler is None or shutdown is None:
+        return
+    tick = scheduler.tick
+
+    def tick_then_maybe_stop(*args: Any, **kwargs: Any) -> Any:
+        interval = tick(*args, **kwargs)
+        if shutdown.is_set():
+            raise SystemExit(0)
+        return interval
+
+    def stop(_signum: int, _frame: Any) -> None:
+        shutdown.set()
+        raise SystemExit(0)
+
+    scheduler.tick = tick_then_maybe_stop
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
 
 
 def schedule_option(beat_args: Sequence[str]) -> str:
@@ -125,6 +174,7 @@ class ScheduleFile:
         from celery import signals
 
         signals.beat_init.connect(save_after_every_send, weak=False)
+        signals.beat_init.connect(stop_between_ticks, weak=False)
         self.marker.install()
 
     def try_take(self) -> bool:

@@ -6,7 +6,9 @@ process, whose handler starts a warm shutdown. Before Celery loads the app it
 installs the probe hooks and the serialization policy.
 
 ``celery ... beat`` with ``CELERY_BEAT_LOCK`` set first waits for that lock
-on the broker and holds it while beat runs (see ``beat_lock``).
+on the broker and holds it while beat runs (see ``beat_lock``). With
+``CELERY_BEAT_REDBEAT_KEY_PREFIX`` set and no scheduler chosen, beat keeps its
+schedule in the broker's Redis with RedBeat where it can (see ``beat_store``).
 
 Anything else is exec'd as-is, so ``kubectl debug``-style commands and
 one-off scripts work through the same image.
@@ -93,7 +95,10 @@ def run_celery(celery_args: list[str]) -> int:
         )
     schedule = None
     if beat_lock.celery_subcommand(celery_args) == "beat":
-        from . import beat_schedule
+        from . import beat_schedule, beat_store
+
+        # CELERY_BEAT_REDBEAT_KEY_PREFIX: the scheduler is chosen once the app is loaded.
+        celery_args = beat_store.with_default_scheduler(celery_args)
 
         schedule = beat_schedule.ScheduleFile.from_args(celery_args)
         schedule.install()
