@@ -409,6 +409,11 @@ client() {
 sum=$(client 'from celery_example.app import app; print(app.send_task("celery_example.add", (2, 3)).get(timeout=120))')
 [ "$sum" = 5 ] || fail "celery_example.add(2, 3) returned '$sum'"
 echo "task: celery_example.add(2, 3) = $sum"
+# Beat's default schedule store on Redis (worker-image/README.md "Beat schedule") needs redbeat in
+# the image; without it beat falls back to the file and forgets its schedule on every rollout.
+store=$(client 'import importlib.metadata as m, celery_worker_base.beat_redbeat; print("celery-redbeat", m.version("celery-redbeat"))') \
+  || fail "redbeat does not import in $worker_image"
+echo "beat store: $store importable"
 task_id=$(client 'from celery_example.app import app; print(app.send_task("celery_example.hold", ("smoke",)).id)')
 task_state() { client "from celery_example.app import app; print(app.AsyncResult('$1').state)"; }
 task_is() { [ "$(task_state "$1")" = "$2" ]; }
