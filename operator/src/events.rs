@@ -23,6 +23,8 @@ pub use kube::runtime::events::{Event, EventType, Reporter};
 
 /// How long a published Event can still become a series (kube's recorder uses the same).
 pub const CACHE_TTL: SignedDuration = SignedDuration::from_mins(6);
+/// How often expired entries are dropped from the cache.
+const PRUNE_INTERVAL: SignedDuration = SignedDuration::from_secs(10);
 
 /// What the cache keeps of a published Event.
 struct Published {
@@ -39,7 +41,19 @@ struct Published {
 pub struct Recorder {
     client: Client,
     reporter: Reporter,
-    cache: std::sync::Arc<Mutex<HashMap<String, Published>>>,
+    cache: std::sync::Arc<Mutex<Cache>>,
+}
+
+/// Published Events by key, and when expired ones were last dropped.
+struct Cache {
+    entries: HashMap<String, Published>,
+    pruned: Timestamp,
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Self { entries: HashMap::new(), pruned: Timestamp::UNIX_EPOCH }
+    }
 }
 
 impl Recorder {
@@ -111,8 +125,18 @@ impl Recorder {
         let key = self.key(ev, reference);
         let earlier = {
             let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            cache.retain(|_, p| p.last + CACHE_TTL > now);
-            cache.get(&key).map(|p| (p.name.clone(), p.namespace.clone(), p.count))
+            // Expired entries are dropped at most every PRUNE_INTERVAL (kube's recorder walked the
+            // whole cache on every publish: quadratic in a start-up's Events); until then one is
+            // simply not used.
+            if cache.pruned + PRUNE_INTERVAL <= now {
+                cache.entries.retain(|_, p| p.last + CACHE_TTL > now);
+                cache.pruned = now;
+            }
+            cache
+                .entries
+                .get(&key)
+                .filter(|p| p.last + CACHE_TTL > now)
+                .map(|p| (p.name.clone(), p.namespace.clone(), p.count))
         };
         let published = match earlier {
             Some((name, namespace, count)) => {
@@ -134,7 +158,7 @@ impl Recorder {
                 Published { name, namespace, count: 1, last: now }
             }
         };
-        self.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(key, published);
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).entries.insert(key, published);
         Ok(())
     }
 }
