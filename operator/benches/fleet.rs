@@ -8,7 +8,7 @@
 //!
 //! For each size: one TaskQueue and one autoscaled pool per queue (min 0, max 3, targetPerReplica 1,
 //! pollIntervalSeconds 1), created straight in the double's store; then, once every worker
-//! Deployment exists and the API has been quiet for 10 s:
+//! Deployment exists (it prints how long that took) and nothing has been stored for 10 s:
 //! - **steady** (`BENCH_STEADY` seconds, default 60): the operator's RSS (`VmRSS`, and the peak
 //!   `VmHWM` of the whole run), its CPU (user + system time over the window, in millicores) and the
 //!   API requests it made per second (the double's request log; open watches count once);
