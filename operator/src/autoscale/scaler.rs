@@ -68,7 +68,7 @@ const RESOLVE_INTERVAL: Duration = Duration::from_secs(60);
 /// Pools are grouped by endpoint again at least this often even when no pool or TaskQueue
 /// changed: to re-resolve brokers (see [`RESOLVE_INTERVAL`]), retry a broker that could not be
 /// resolved and renew a registration that lapsed.
-const REGROUP_INTERVAL: Duration = Duration::from_secs(5);
+const REGROUP_INTERVAL: Duration = Duration::from_secs(15);
 /// After a grouping that took `t`, the next one (for a change) waits at least `t` times this: while
 /// a fleet starts, pools and TaskQueues change all the time, and grouping on every tick took more
 /// than half the operator's CPU at 5,000 pools. Grouping thus takes at most 1/20 of a core, and a
@@ -754,9 +754,13 @@ impl Poll {
 
     /// Sends what the member's decision held back: its Events, then its status.
     async fn deliver(&self, m: &mut Member, unchecked: Option<&str>) -> Result<(), crate::api::ApiError> {
-        let reference = m.c.pool.object_ref(&());
-        for (type_, reason, note) in std::mem::take(&mut m.state.outbox.events) {
-            self.ctx.publish(&reference, type_, reason, &note, "Scale").await;
+        let events = std::mem::take(&mut m.state.outbox.events);
+        if !events.is_empty() {
+            // Built only when there is something to send: most rounds send nothing.
+            let reference = m.c.pool.object_ref(&());
+            for (type_, reason, note) in events {
+                self.ctx.publish(&reference, type_, reason, &note, "Scale").await;
+            }
         }
         match m.state.outbox.status.take() {
             Some(mut status) => {
