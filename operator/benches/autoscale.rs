@@ -69,8 +69,12 @@ while pending and time.monotonic() < deadline:
     };
 }
 
+#[path = "autoscale/kombu.rs"]
+mod kombu;
 #[path = "autoscale/mixed.rs"]
 mod mixed;
+
+use kombu::kombu_message;
 
 const OPERATOR: &str = env!("CARGO_BIN_EXE_celery-operator");
 /// Deadline for anything the benchmark waits for (scale-downs after the KEDA model's 300 s included).
@@ -313,22 +317,6 @@ fn show_steps(steps: &[(Duration, u32)]) -> String {
 /// The e2e stack (operator binary, double over HTTP, Redis, pod runner) plus what the parts share.
 struct Bench {
     stack: Stack,
-}
-
-/// A Celery message as kombu's Redis transport stores it (a task `add(1, 1)`); the autoscaler counts
-/// list entries, the content only has to look real.
-fn kombu_message(queue: &str, n: usize) -> String {
-    json!({
-        "body": "W1sxLCAxXSwge30sIHsiY2FsbGJhY2tzIjogbnVsbCwgImVycmJhY2tzIjogbnVsbCwgImNoYWluIjogbnVsbCwgImNob3JkIjogbnVsbH1d",
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": {"lang": "py", "task": "celery_example.add", "id": format!("bench-{n:08}"), "retries": 0,
-                    "root_id": format!("bench-{n:08}"), "parent_id": null, "argsrepr": "(1, 1)", "kwargsrepr": "{}"},
-        "properties": {"correlation_id": format!("bench-{n:08}"), "reply_to": "", "delivery_mode": 2,
-                       "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
-                       "body_encoding": "base64", "delivery_tag": format!("bench-tag-{n:08}")},
-    })
-    .to_string()
 }
 
 impl Bench {

@@ -8,7 +8,7 @@
 //!
 //! For each size: one TaskQueue and one autoscaled pool per queue (min 0, max 3, targetPerReplica 1,
 //! pollIntervalSeconds 1), created straight in the double's store; then, once every worker
-//! Deployment exists and the API has been quiet for 10 s:
+//! Deployment exists (it prints how long that took) and nothing has been stored for 10 s:
 //! - **steady** (`BENCH_STEADY` seconds, default 60): the operator's RSS (`VmRSS`, and the peak
 //!   `VmHWM` of the whole run), its CPU (user + system time over the window, in millicores) and the
 //!   API requests it made per second (the double's request log; open watches count once);
@@ -16,7 +16,8 @@
 //!   until its worker Deployment's `spec.replicas` leaves 0 (seen through the double's change
 //!   notifications). p50, p99 and max.
 //!
-//! The operator binary is the bench profile's (release) build. Results are written up in README.md.
+//! The operator binary is the bench profile's (release) build, or `BENCH_OPERATOR` (say, a script
+//! that runs it under a profiler). Results are written up in README.md.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -25,6 +26,11 @@ use celery_e2e::ApiServer;
 use celery_e2e::stack::{Pods, Stack, StackConfig};
 use serde_json::json;
 use tokio::time::Instant;
+
+#[path = "autoscale/kombu.rs"]
+mod kombu;
+
+use kombu::kombu_message;
 
 const OPERATOR: &str = env!("CARGO_BIN_EXE_celery-operator");
 /// Deadline for anything the benchmark waits for.
@@ -110,21 +116,6 @@ fn spec_replicas(server: &ApiServer, ns: &str, deployment: &str) -> Option<u64> 
     d["spec"]["replicas"].as_u64()
 }
 
-/// A Celery message as kombu's Redis transport stores it; the autoscaler counts list entries.
-fn kombu_message(queue: &str, n: usize) -> String {
-    json!({
-        "body": "W1sxLCAxXSwge30sIHt9XQ==",
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": {"lang": "py", "task": "celery_example.add", "id": format!("fleet-{queue}-{n}"), "retries": 0,
-                    "argsrepr": "(1, 1)", "kwargsrepr": "{}"},
-        "properties": {"correlation_id": format!("fleet-{queue}-{n}"), "reply_to": "", "delivery_mode": 2,
-                       "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
-                       "body_encoding": "base64", "delivery_tag": format!("fleet-tag-{queue}-{n}")},
-    })
-    .to_string()
-}
-
 async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + DEADLINE;
     while !done() {
@@ -135,15 +126,22 @@ async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 
 async fn fleet(n: usize, steady: Duration) -> String {
     eprintln!("\n== {n} pools + queues");
-    let stack = Stack::start(StackConfig { pods: Pods::Simulated, ..StackConfig::with_operator(OPERATOR) })
+    // BENCH_OPERATOR: another binary or a wrapper (a profiler running the operator) to start.
+    let operator = std::env::var("BENCH_OPERATOR").unwrap_or_else(|_| OPERATOR.to_string());
+    let stack = Stack::start(StackConfig { pods: Pods::Simulated, ..StackConfig::with_operator(operator) })
         .await
         .unwrap_or_else(|e| panic!("the e2e stack did not start: {e}"));
     let server = stack.server().expect("the double").clone();
     let ns = stack.namespace().to_string();
     let pid = stack.operator_pid().expect("the operator runs");
+    eprintln!("{n}: operator pid {pid}");
     let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fleet-redis", "namespace": ns},
         "stringData": {"url": stack.broker_url()}});
     server.create(secret).expect("Secret");
+    // Followed through an in-process observer: listing (or cloning the request log) every few
+    // hundred milliseconds costs the double, in this process, O(fleet) each time, which at 5,000
+    // pools slowed the start-up being measured.
+    let mut deployments = server.observe("apps/v1", "Deployment", Some(&ns)).expect("observe Deployments");
     let created = Instant::now();
     for i in 0..n {
         let name = format!("fleet-{i}");
@@ -159,15 +157,30 @@ async fn fleet(n: usize, steady: Duration) -> String {
                     "pollIntervalSeconds": 1, "scaleDownStabilizationSeconds": 0}}});
         server.create(pool).expect("WorkerPool");
     }
-    wait_for("every worker Deployment", || {
-        server.list("apps/v1", "Deployment", Some(&ns)).map(|d| d.len()).unwrap_or(0) >= n
-    })
-    .await;
+    eprintln!("{n}: {} objects created in {}", 2 * n, secs(created.elapsed()));
+    let mut workers = std::collections::HashSet::new();
+    let mut progress = Instant::now();
+    while workers.len() < n {
+        match tokio::time::timeout_at(created + DEADLINE, deployments.next()).await {
+            Ok(Some(("ADDED", d))) => {
+                if let Some(name) = d["metadata"]["name"].as_str().filter(|d| d.ends_with("-worker")) {
+                    workers.insert(name.to_string());
+                }
+            }
+            Ok(Some(_)) => {}
+            _ => panic!("{n}: only {} of the worker Deployments after {DEADLINE:?}", workers.len()),
+        }
+        if progress.elapsed() >= Duration::from_secs(30) {
+            eprintln!("{n}: {} worker Deployments after {}", workers.len(), secs(created.elapsed()));
+            progress = Instant::now();
+        }
+    }
+    drop(deployments);
     eprintln!("{n}: all worker Deployments after {}", secs(created.elapsed()));
-    // Quiet: no write for 10 s (status writes follow the Deployments).
-    let mut last = (server.write_count(), Instant::now());
+    // Quiet: nothing stored for 10 s (status writes follow the Deployments).
+    let mut last = (server.resource_version(), Instant::now());
     wait_for("a quiet API", || {
-        let now = server.write_count();
+        let now = server.resource_version();
         if now != last.0 {
             last = (now, Instant::now());
         }

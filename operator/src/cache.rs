@@ -51,6 +51,7 @@ where
 {
     store: Store<K>,
     fanout: Arc<Fanout<K>>,
+    changes: Changes,
 }
 
 impl<K: Lookup + Clone + 'static> Clone for Watched<K>
@@ -58,7 +59,23 @@ where
     K::DynamicType: Eq + Hash + Clone,
 {
     fn clone(&self) -> Self {
-        Self { store: self.store.clone(), fanout: self.fanout.clone() }
+        Self { store: self.store.clone(), fanout: self.fanout.clone(), changes: self.changes.clone() }
+    }
+}
+
+/// Counts the changes a watch wrote into its store (each applied or deleted object, each
+/// re-list), so a reader can tell in one load whether anything changed since it last looked.
+#[derive(Clone, Debug, Default)]
+pub struct Changes(Arc<std::sync::atomic::AtomicU64>);
+
+impl Changes {
+    /// Changes so far; a different number than last time means the store changed in between.
+    pub fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn bump(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Release);
     }
 }
 
@@ -69,6 +86,11 @@ where
     /// The cache.
     pub fn store(&self) -> &Store<K> {
         &self.store
+    }
+
+    /// The store's change count (counted after each change is in the store).
+    pub fn changes(&self) -> Changes {
+        self.changes.clone()
     }
 
     /// Every object in the store now, then every change from here on (the last known object of a
@@ -517,7 +539,8 @@ where
     let mut writer: Writer<K> = Writer::new(dyntype.clone());
     let store = writer.as_reader();
     let fanout: Arc<Fanout<K>> = Arc::default();
-    let watched = Watched { store: store.clone(), fanout: fanout.clone() };
+    let changes = Changes::default();
+    let watched = Watched { store: store.clone(), fanout: fanout.clone(), changes: changes.clone() };
     tasks.spawn(async move {
         let mut stream = std::pin::pin!(stream.default_backoff());
         let mut relisted: Option<HashSet<ObjectRef<K>>> = None;
@@ -552,6 +575,9 @@ where
                 Event::Apply(_) | Event::Delete(_) => {}
             }
             writer.apply_watcher_event(&event);
+            if matches!(event, Event::Apply(_) | Event::Delete(_) | Event::InitDone) {
+                changes.bump();
+            }
             match event {
                 Event::Apply(o) => {
                     let o = store.get(&key(&o)).unwrap_or_else(|| Arc::new(o));

@@ -11,6 +11,7 @@ pub mod conditions;
 pub mod controller;
 pub mod crd;
 pub mod deployment;
+pub mod events;
 pub mod http;
 pub mod labels;
 pub mod leader;

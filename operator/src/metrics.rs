@@ -333,13 +333,15 @@ impl Metrics {
         self.failures.with_label_values(&[kind, error]).inc();
     }
 
-    /// Records a broker probe for a queue (`[namespace, taskqueue]`), with its error label if it failed.
-    pub fn probe_finished(&self, queue: &[String; 2], took: Duration, error: Option<&str>) {
-        let labels = [queue[0].as_str(), queue[1].as_str()];
-        self.probe_duration.with_label_values(&labels).observe(took.as_secs_f64());
-        if let Some(error) = error {
-            self.probe_errors.with_label_values(&[labels[0], labels[1], error]).inc();
-        }
+    /// The probe duration series of a queue (`[namespace, taskqueue]`): the poller keeps it, so a
+    /// poll records each queue's probe without looking the series up again.
+    pub fn probe_duration(&self, queue: &[String; 2]) -> prometheus::Histogram {
+        self.probe_duration.with_label_values(&[queue[0].as_str(), queue[1].as_str()])
+    }
+
+    /// Counts a failed broker probe for a queue (`[namespace, taskqueue]`), by its error label.
+    pub fn probe_failed(&self, queue: &[String; 2], error: &str) {
+        self.probe_errors.with_label_values(&[queue[0].as_str(), queue[1].as_str(), error]).inc();
     }
 
     /// Counts an incident (e.g. `KeysEvicted`) on the broker of a queue (`[namespace, taskqueue]`).

@@ -149,6 +149,9 @@ struct Endpoint {
     last_incident: u64,
     /// What the poller polls for since it last looked at the consumers.
     polled: poller::Plan,
+    /// The plan of the current consumers, until one joins, leaves or changes its interest (a
+    /// renewal changes nothing): a poll of an unchanged fleet rebuilds nothing.
+    plan: Option<poller::Plan>,
     snapshots: Snapshots,
     /// Wakes the poller before its interval is up (a new queue, a shorter interval).
     wake: Arc<Notify>,
@@ -156,18 +159,22 @@ struct Endpoint {
 }
 
 impl Endpoint {
-    /// What the poller must do next: the union of every consumer's interest.
-    fn plan(&self) -> poller::Plan {
-        let mut plan = poller::Plan::default();
+    /// What the poller must do next: the union of every consumer's interest (built again only
+    /// after the consumers changed).
+    fn plan(&mut self, metrics: &Metrics) -> poller::Plan {
+        if let Some(plan) = &self.plan {
+            return plan.clone();
+        }
+        let mut interval: Option<Duration> = None;
+        let mut worker_events = false;
         let mut queues = BTreeSet::new();
         for r in self.consumers.values() {
             let i = &r.interest;
-            plan.interval = Some(plan.interval.map_or(i.interval, |p: Duration| p.min(i.interval)));
-            plan.worker_events |= i.worker_events;
+            interval = Some(interval.map_or(i.interval, |p| p.min(i.interval)));
+            worker_events |= i.worker_events;
             queues.extend(i.queues.iter().map(|(_, queue)| queue.clone()));
         }
-        plan.queues = queues.into_iter().collect();
-        plan.triggered = self
+        let triggered = self
             .consumers
             .iter()
             .filter_map(|(c, r)| match c {
@@ -175,6 +182,23 @@ impl Endpoint {
                 Consumer::Pool(_) => None,
             })
             .collect();
+        let reported = self
+            .task_queues()
+            .into_iter()
+            .map(|(tq, queue)| {
+                let probe_duration = metrics.probe_duration(&tq.labels());
+                poller::Reported { tq, queue, probe_duration }
+            })
+            .collect();
+        let plan = poller::Plan {
+            list: Arc::new(queues.iter().cloned().collect()),
+            queues: Arc::new(queues),
+            interval,
+            worker_events,
+            triggered: Arc::new(triggered),
+            reported: Arc::new(reported),
+        };
+        self.plan = Some(plan.clone());
         plan
     }
 
@@ -202,6 +226,7 @@ impl Endpoint {
             keep
         });
         if !gone.is_empty() {
+            self.plan = None;
             self.sync_cursors();
         }
         gone
@@ -318,6 +343,7 @@ impl Brokers {
                 cursors: HashMap::new(),
                 last_incident: 0,
                 polled: poller::Plan::default(),
+                plan: None,
                 snapshots: rx,
                 wake,
                 task,
@@ -330,7 +356,7 @@ impl Brokers {
         // old interval (a new poller polls at once anyway).
         let polled = &endpoint.polled;
         if !fresh
-            && (interest.queues.iter().any(|(_, q)| polled.queues.binary_search(q).is_err())
+            && (interest.queues.iter().any(|(_, q)| !polled.queues.contains(q))
                 || polled.interval.is_none_or(|p| interest.interval < p)
                 || (interest.worker_events && !polled.worker_events))
         {
@@ -340,7 +366,14 @@ impl Brokers {
             endpoint.cursors.entry(tq.clone()).or_insert(endpoint.last_incident);
         }
         let requeued = endpoint.consumers.get(&consumer).is_some_and(|r| r.interest.queues != interest.queues);
-        endpoint.consumers.insert(consumer, Registration { interest, renewed: Instant::now() });
+        match endpoint.consumers.get_mut(&consumer) {
+            // A renewal: the plan stands.
+            Some(r) if r.interest == interest => r.renewed = Instant::now(),
+            _ => {
+                endpoint.plan = None;
+                endpoint.consumers.insert(consumer, Registration { interest, renewed: Instant::now() });
+            }
+        }
         if requeued {
             // Its queues changed: forget the cursors of TaskQueues nobody reads any more.
             endpoint.sync_cursors();
@@ -371,6 +404,7 @@ impl Brokers {
         let Some(key) = state.consumers.remove(consumer) else { return };
         let Some(endpoint) = state.endpoints.get_mut(&key) else { return };
         endpoint.consumers.remove(consumer);
+        endpoint.plan = None;
         endpoint.sync_cursors();
         if endpoint.consumers.is_empty() {
             close(state, &key);
@@ -503,7 +537,7 @@ mod tests {
             started: now,
             at: Timestamp::now(),
             took: Duration::ZERO,
-            queues: BTreeSet::new(),
+            queues: Default::default(),
             probe: Err(ProbeError::Timeout { endpoint: "redis://127.0.0.1:1/0".into(), after: Duration::ZERO }),
             incidents: incidents.held(),
             last_incident: incidents.last_id(),

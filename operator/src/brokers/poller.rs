@@ -19,16 +19,31 @@ use crate::broker_config::EndpointKey;
 /// heartbeat every 2 s, so after this every live worker has been heard.
 const EVENTS_WARM_UP: Duration = Duration::from_secs(5);
 
-/// The union of the consumers' interests, for one poll.
-#[derive(Debug, Default)]
+/// The union of the consumers' interests, for one poll. Cheap to clone: it is kept by the
+/// registry until the consumers change, and every poll in between reuses it.
+#[derive(Clone, Debug, Default)]
 pub(super) struct Plan {
-    /// Every Celery queue, sorted, once.
-    pub queues: Vec<String>,
+    /// Every Celery queue, once.
+    pub queues: Arc<BTreeSet<String>>,
+    /// The same, sorted, as the probe takes them.
+    pub list: Arc<Vec<String>>,
     /// The shortest interval asked for.
     pub interval: Option<Duration>,
     pub worker_events: bool,
     /// TaskQueue consumers (whose reconciles are triggered) and their intervals.
-    pub triggered: BTreeMap<QueueRef, Duration>,
+    pub triggered: Arc<BTreeMap<QueueRef, Duration>>,
+    /// Every TaskQueue the endpoint reports for (see `Endpoint::task_queues`), with its probe
+    /// duration series.
+    pub reported: Arc<Vec<Reported>>,
+}
+
+/// A TaskQueue the endpoint reports for.
+#[derive(Debug)]
+pub(super) struct Reported {
+    pub tq: QueueRef,
+    /// Its Celery queue name.
+    pub queue: String,
+    pub probe_duration: prometheus::Histogram,
 }
 
 pub(super) struct Poller {
@@ -89,7 +104,7 @@ pub(super) async fn run(p: Poller) {
         }
         let started = Instant::now();
         let at = Timestamp::now();
-        let result = p.broker.probe_with(&plan.queues, &tracker.hints()).await;
+        let result = p.broker.probe_with(&plan.list, &tracker.hints()).await;
         let took = started.elapsed();
         seq += 1;
         incidents.expire(started);
@@ -111,8 +126,8 @@ pub(super) async fn run(p: Poller) {
             started,
             at,
             took,
-            latency: plan.queues.iter().filter_map(|q| Some((q.clone(), tracker.latency(q)?))).collect(),
-            queues: plan.queues.into_iter().collect(),
+            latency: plan.list.iter().filter_map(|q| Some((q.clone(), tracker.latency(q)?))).collect(),
+            queues: plan.queues.clone(),
             probe,
             incidents: incidents.held(),
             last_incident: incidents.last_id(),
@@ -157,14 +172,9 @@ impl Poller {
         let endpoint = state.endpoints.get_mut(&self.key).filter(|e| e.id == self.id)?;
         let now = Instant::now();
         let gone = endpoint.expire(now);
-        let plan = (!endpoint.consumers.is_empty()).then(|| endpoint.plan());
+        let plan = (!endpoint.consumers.is_empty()).then(|| endpoint.plan(&self.shared.metrics));
         if let Some(plan) = &plan {
-            endpoint.polled = Plan {
-                queues: plan.queues.clone(),
-                interval: plan.interval,
-                worker_events: plan.worker_events,
-                triggered: BTreeMap::new(),
-            };
+            endpoint.polled = plan.clone();
         }
         for c in gone {
             state.consumers.remove(&c);
@@ -179,22 +189,29 @@ impl Poller {
     /// endpoint reports for, with its Celery queue name — under the registry's lock, so a
     /// TaskQueue gets the metric for exactly the incidents its reconcile will report. `None` when
     /// the registry closed this poller.
-    fn account(&self, snapshot: &Snapshot) -> Option<BTreeMap<QueueRef, String>> {
+    fn account(&self, snapshot: &Snapshot) -> Option<Arc<Vec<Reported>>> {
         let mut state = self.shared.state();
         let endpoint = state.endpoints.get_mut(&self.key).filter(|e| e.id == self.id)?;
         endpoint.last_incident = snapshot.last_incident;
-        Some(endpoint.task_queues())
+        Some(endpoint.plan(&self.shared.metrics).reported)
     }
 
     /// Probe duration and errors, and new incidents, once per TaskQueue concerned.
-    fn record(&self, snapshot: &Snapshot, new: &[HeldIncident], task_queues: &BTreeMap<QueueRef, String>) {
+    fn record(&self, snapshot: &Snapshot, new: &[HeldIncident], reported: &[Reported]) {
         let metrics = &self.shared.metrics;
         let error = snapshot.probe.as_ref().err().map(|e| e.metric_label());
-        for (tq, queue) in task_queues {
-            let labels = tq.labels();
-            metrics.probe_finished(&labels, snapshot.took, error);
+        let took = snapshot.took.as_secs_f64();
+        for r in reported {
+            r.probe_duration.observe(took);
+            if error.is_none() && new.is_empty() {
+                continue;
+            }
+            let labels = r.tq.labels();
+            if let Some(error) = error {
+                metrics.probe_failed(&labels, error);
+            }
             for incident in new {
-                if incident.finding.queue.as_deref().is_none_or(|q| q == queue) {
+                if incident.finding.queue.as_deref().is_none_or(|q| q == r.queue) {
                     metrics.broker_incident(&labels, incident.finding.reason.as_str());
                 }
             }

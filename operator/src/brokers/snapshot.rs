@@ -40,8 +40,8 @@ pub struct Snapshot {
     pub at: Timestamp,
     /// How long the probe took.
     pub took: Duration,
-    /// Every Celery queue asked for in this poll.
-    pub queues: BTreeSet<String>,
+    /// Every Celery queue asked for in this poll (shared by the polls of an unchanged plan).
+    pub queues: Arc<BTreeSet<String>>,
     /// The observation, without incident findings (they are in `incidents`), or why the probe
     /// failed (the error text carries no password).
     pub probe: Result<Arc<BrokerObservation>, ProbeError>,
