@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -173,12 +174,22 @@ def test_a_deleted_lock_key_never_lets_two_beats_send_the_same_tick(
         env = {"BEAT_QUEUE": queue, "BEAT_EVERY": str(FENCE_EVERY)}
         return start_beat(spawn, redis_server.url, lock, name, app="beat_app", ttl="30", **env)
 
+    holders = take_over_after_deleted_keys(client, lock, f"{queue}.every", beat, FENCE_TRIALS)
+    assert_one_scheduler_at_a_time(redis_sends(client, f"{queue}.every"), holders)
+
+
+def take_over_after_deleted_keys(
+    client, lock: str, ticks: str, beat: Callable[[str], Worker], trials: int
+) -> list[Worker]:
+    """``trials`` times: a new beat waits, the holder ticks twice, the lock key is deleted; the
+    holder must exit with LOST and the waiter take over and tick twice. The holders, in order."""
+
     def sent_by(beat: Worker) -> int:
-        return sum(1 for s in redis_sends(client, f"{queue}.every") if s.pid == beat.proc.pid)
+        return sum(1 for s in redis_sends(client, ticks) if s.pid == beat.proc.pid)
 
     holders = [beat("fence-0")]
     holders[0].wait_ready()
-    for trial in range(1, FENCE_TRIALS + 1):
+    for trial in range(1, trials + 1):
         holder, waiter = holders[-1], beat(f"fence-{trial}")
         wait_until(lambda: waiting(waiter, lock), 60, f"trial {trial}: the next beat to wait")  # noqa: B023
         wait_until(lambda: sent_by(holder) >= 2, 60, f"trial {trial}: the holder to tick")  # noqa: B023
@@ -187,8 +198,7 @@ def test_a_deleted_lock_key_never_lets_two_beats_send_the_same_tick(
         waiter.wait_ready()
         wait_until(lambda: sent_by(waiter) >= 2, 60, f"trial {trial}: the new holder to tick")  # noqa: B023
         holders.append(waiter)
-
-    assert_one_scheduler_at_a_time(redis_sends(client, f"{queue}.every"), holders)
+    return holders
 
 
 def assert_one_scheduler_at_a_time(sends: list[Send], holders: list[Worker]) -> None:

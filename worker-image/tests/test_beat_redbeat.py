@@ -30,7 +30,7 @@ from conftest import (
     start_beat,
     wait_until,
 )
-from test_beat_lock import FENCE_EVERY, LOST, assert_one_scheduler_at_a_time, waiting
+from test_beat_lock import FENCE_EVERY, assert_one_scheduler_at_a_time, take_over_after_deleted_keys
 from test_beat_schedule import first_pass
 
 from celery_worker_base import beat_store
@@ -117,20 +117,7 @@ def test_a_deleted_lock_key_never_lets_two_redbeat_beats_send_the_same_tick(
         env = {"BEAT_QUEUE": queue, "BEAT_EVERY": str(FENCE_EVERY)}
         return redbeat_beat(spawn, redis_server.url, lock, prefix, name, ttl="30", **env)
 
-    def sent_by(beat: Worker) -> int:
-        return sum(1 for s in redis_sends(client, f"{queue}.every") if s.pid == beat.proc.pid)
-
-    holders = [beat("fence-0")]
-    holders[0].wait_ready()
-    for trial in range(1, 4):
-        holder, waiter = holders[-1], beat(f"fence-{trial}")
-        wait_until(lambda: waiting(waiter, lock), 60, f"trial {trial}: the next beat to wait")  # noqa: B023
-        wait_until(lambda: sent_by(holder) >= 2, 60, f"trial {trial}: the holder to tick")  # noqa: B023
-        client.delete(lock)
-        assert holder.proc.wait(timeout=60) == LOST, holder.output()
-        waiter.wait_ready()
-        wait_until(lambda: sent_by(waiter) >= 2, 60, f"trial {trial}: the new holder to tick")  # noqa: B023
-        holders.append(waiter)
+    holders = take_over_after_deleted_keys(client, lock, f"{queue}.every", beat, 3)
 
     assert all(CHOSE_REDBEAT in b.output() for b in holders)
     assert_one_scheduler_at_a_time(redis_sends(client, f"{queue}.every"), holders)
