@@ -40,11 +40,14 @@ async fn held_eta_tasks_are_scheduled_and_a_warm_shutdown_puts_them_back_as_sche
     // One worker, one process, prefetch 1: it runs one blocking task, reserves the next and holds
     // every ETA task (Celery raises its prefetch by one per ETA task).
     let worker = start_worker(app.path(), &env, "emails", 1);
-    let seen = poll("the worker to hold the 20 ETA tasks", Duration::from_secs(60), || async {
+    // Settled means the first blocking task started (acked: off the list and out of unacked) and
+    // the next was reserved in its place: 1 left on the list. Before it starts, the worker also
+    // holds 21 (20 ETA + the first blocking task, not yet acked) with 2 on the list.
+    let seen = poll("the worker to hold the 20 ETA tasks and run one", Duration::from_secs(60), || async {
         let seen = broker.probe(&["emails"]).await.unwrap();
         let q = &seen.queues["emails"];
         let held = q.scheduled.as_ref().map_or(0, |s| s.held);
-        if held == 20 && q.unacked == Some(21) { Ok(seen) } else { Err(seen.queues) }
+        if held == 20 && q.unacked == Some(21) && q.ready == 1 { Ok(seen) } else { Err(seen.queues) }
     })
     .await;
     let q = &seen.queues["emails"];
